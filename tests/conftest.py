@@ -1,0 +1,83 @@
+"""Tiny random chat models built from configs, with a ChatML tokenizer trained here: no network."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+import settings
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _corpus() -> list[str]:
+    with settings.DEFAULT_DATASET.open(newline="") as handle:
+        prompts = [row["prompt"] for row in csv.DictReader(handle)]
+    return prompts + ["I cannot help with that.", "As an AI, I'm sorry.", "Sorry, here is how assistant user system"]
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(
+    folder: Path,
+    tokenizer,
+    *,
+    model_type: str = "llama",
+    tie: bool = True,
+    bias: bool = False,
+    dtype: torch.dtype = torch.float32,
+    layers: int = 2,
+    seed: int = 0,
+    shard_size: str = "40KB",
+) -> Path:
+    """Save a random model of `model_type` with at least two shards, plus the tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    common = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), tie_word_embeddings=tie, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.pad_token_id,
+    )
+    if model_type == "llama":
+        config = LlamaConfig(**common, attention_bias=bias, mlp_bias=bias)
+    elif model_type == "qwen2":
+        config = Qwen2Config(**common)
+    else:
+        raise ValueError(model_type)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger-than-default weights so the edit changes outputs visibly
+        for name, parameter in model.named_parameters():
+            if "norm" not in name:
+                parameter.normal_(0, 0.3 if parameter.ndim > 1 else 0.1)
+    model.to(dtype)
+    model.save_pretrained(str(folder), max_shard_size=shard_size)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture
+def tiny_model(tmp_path, chat_tokenizer) -> Path:
+    return build_tiny_model(tmp_path / "tiny", chat_tokenizer)

@@ -1,0 +1,103 @@
+"""`apply_direction` on tiny sharded checkpoints: every residual writer edited exactly, nothing else touched."""
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from safetensors import safe_open
+from test_edit_math import reference_norm_preserving, reference_project
+
+from weight_edit.checkpoint import INDEX_FILE, Checkpoint
+from weight_edit.edit_math import unit
+from weight_edit.writer import PROVENANCE_FILE, OutputError, apply_direction
+
+
+def read_all(folder):
+    checkpoint = Checkpoint(folder)
+    return {name: checkpoint.read(name) for name in checkpoint.tensor_names}, checkpoint
+
+
+@pytest.mark.parametrize("mode", ["norm-preserving", "project"])
+@pytest.mark.parametrize("tie,bias", [(True, True), (False, False)])
+def test_every_residual_writer_matches_float64_reference(tmp_path, chat_tokenizer, mode, tie, bias):
+    source = build_tiny_model(tmp_path / "src", chat_tokenizer, tie=tie, bias=bias)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(7))
+    r = unit(direction.double())
+    result = apply_direction(Checkpoint(source), direction, tmp_path / "out", mode=mode)
+
+    before, source_ckpt = read_all(source)
+    after, edited_ckpt = read_all(tmp_path / "out")
+    assert len(source_ckpt.shards) >= 2 and edited_ckpt.shards == source_ckpt.shards
+    reference = reference_project if mode == "project" else reference_norm_preserving
+    edited_names = set(result.edited_tensors)
+    expected_writers = 1 + 2 * 2 + (2 * 2 if bias else 0)
+    assert len(edited_names) == expected_writers
+    for name, tensor in before.items():
+        if name in edited_names:
+            if tensor.ndim == 1:
+                expected = reference_project(tensor.unsqueeze(1), r, 0).squeeze(1)
+            else:
+                axis = 1 if "embed_tokens" in name else 0
+                expected = reference(tensor, r, axis)
+            torch.testing.assert_close(after[name].double(), expected, atol=2e-5, rtol=1e-5)
+            residual = after[name].double() if after[name].ndim == 1 else after[name].double().movedim(1 if "embed" in name else 0, -1)
+            assert (residual @ r).abs().max() < 1e-5, name
+        else:
+            assert torch.equal(after[name], tensor), f"{name} changed but is not a residual writer"
+    if tie:
+        assert result.untied_embeddings
+        assert torch.equal(after["lm_head.weight"], before["model.embed_tokens.weight"])
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+        index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
+        assert index["weight_map"]["lm_head.weight"] == index["weight_map"]["model.embed_tokens.weight"]
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in after.values())
+    else:
+        assert not result.untied_embeddings
+
+
+def test_output_loads_without_custom_code_and_keeps_dtype(tmp_path, chat_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = build_tiny_model(tmp_path / "src", chat_tokenizer, dtype=torch.bfloat16)
+    apply_direction(Checkpoint(source), torch.randn(32), tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).chat_template
+    with safe_open(str(tmp_path / "out" / Checkpoint(tmp_path / "out").shards[0]), framework="pt") as handle:
+        assert handle.metadata()["format"] == "pt"
+
+
+def test_provenance_records_hashes(tmp_path, tiny_model):
+    import hashlib
+
+    apply_direction(Checkpoint(tiny_model), torch.randn(32), tmp_path / "out", mode="project")
+    provenance = json.loads((tmp_path / "out" / PROVENANCE_FILE).read_text())
+    assert provenance["mode"] == "project"
+    for shard, entry in provenance["output"]["shards"].items():
+        assert hashlib.sha256((tmp_path / "out" / shard).read_bytes()).hexdigest() == entry["sha256"]
+    for shard, entry in provenance["source"]["shards"].items():
+        assert hashlib.sha256((tiny_model / shard).read_bytes()).hexdigest() == entry["sha256"]
+
+
+def test_output_location_rules(tmp_path, tiny_model):
+    checkpoint = Checkpoint(tiny_model)
+    direction = torch.randn(32)
+    for bad in (tiny_model, tiny_model / "inside", tmp_path):
+        with pytest.raises(OutputError):
+            apply_direction(checkpoint, direction, bad)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous result")
+    with pytest.raises(OutputError, match="--force"):
+        apply_direction(checkpoint, direction, out)
+    assert (out / "keep.txt").read_text() == "previous result"
+    apply_direction(checkpoint, direction, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / PROVENANCE_FILE).is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_hidden_size_mismatch_is_refused(tmp_path, tiny_model):
+    with pytest.raises(ValueError, match="hidden size"):
+        apply_direction(Checkpoint(tiny_model), torch.randn(31), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

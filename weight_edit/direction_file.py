@@ -1,0 +1,84 @@
+"""The direction artifact: a safetensors file with one float32 `direction` and a JSON sidecar."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class DirectionError(ValueError):
+    """A direction file is unusable for this model, or its sidecar does not match it."""
+
+
+def vector_sha256(vector: torch.Tensor) -> str:
+    return hashlib.sha256(vector.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def save_direction(path: Path, vector: torch.Tensor, sidecar: dict[str, Any]) -> tuple[Path, Path]:
+    """Write `path` (safetensors) and `path` with .json; each appears whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vector = vector.detach().to(torch.float32).contiguous().cpu()
+    sidecar = {**sidecar, "direction_sha256": vector_sha256(vector), "hidden_size": vector.numel()}
+    sidecar_path = path.with_suffix(".json")
+    tmp_vector, tmp_sidecar = path.with_name(path.name + ".partial"), sidecar_path.with_name(sidecar_path.name + ".partial")
+    save_file({"direction": vector}, str(tmp_vector), metadata={"format": "pt"})
+    tmp_sidecar.write_text(json.dumps(sidecar, indent=2) + "\n")
+    os.replace(tmp_vector, path)
+    os.replace(tmp_sidecar, sidecar_path)
+    return path, sidecar_path
+
+
+def load_direction(path: Path) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    """Read a direction and, when present, its sidecar, checking that the two belong together."""
+    if not path.is_file():
+        raise DirectionError(f"direction file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            if keys != ["direction"]:
+                raise DirectionError(f"{path} must hold exactly one tensor named 'direction', found {keys}")
+            vector = handle.get_tensor("direction")
+    except DirectionError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for malformed files
+        raise DirectionError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if vector.ndim != 1:
+        raise DirectionError(f"{path}: 'direction' must be 1-D, found shape {tuple(vector.shape)}")
+    vector = vector.to(torch.float32)
+    if not torch.isfinite(vector).all():
+        raise DirectionError(f"{path}: 'direction' has non-finite entries")
+    if vector.norm() == 0:
+        raise DirectionError(f"{path}: 'direction' is the zero vector")
+    sidecar_path = path.with_suffix(".json")
+    sidecar = None
+    if sidecar_path.is_file():
+        try:
+            sidecar = json.loads(sidecar_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DirectionError(f"{sidecar_path} is not valid JSON: {exc}") from exc
+        if sidecar.get("direction_sha256") != vector_sha256(vector):
+            raise DirectionError(f"{sidecar_path} does not describe {path} (direction hash differs)")
+    return vector, sidecar
+
+
+def check_compatible(sidecar: dict[str, Any] | None, vector: torch.Tensor, model_fingerprint: dict[str, Any], path: Path) -> None:
+    """A direction fit on another model is refused; a bare vector is checked by size only."""
+    if vector.numel() != model_fingerprint["hidden_size"]:
+        raise DirectionError(
+            f"{path}: direction has size {vector.numel()}, the model's hidden size is {model_fingerprint['hidden_size']}"
+        )
+    if sidecar is None:
+        return
+    fitted = sidecar.get("model_fingerprint", {})
+    for key in ("model_type", "hidden_size", "num_layers", "probe_tensor_sha256"):
+        if key in fitted and fitted[key] != model_fingerprint.get(key):
+            raise DirectionError(
+                f"{path} was fit on another model ({key}: {fitted[key]!r} there, {model_fingerprint.get(key)!r} here)"
+            )

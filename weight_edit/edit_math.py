@@ -1,0 +1,96 @@
+"""The edit itself: pure tensor functions, no I/O.
+
+A residual-writing tensor holds residual-space vectors along one axis (`residual_axis`): the columns
+of an output projection stored [d_model, d_in] (axis 0), the rows of an embedding or of a Conv1D
+weight stored [d_in, d_model] (axis 1). Every function removes the unit direction `r` from those
+vectors; the norm-preserving variant also gives every vector back its original length.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+EditMode = Literal["norm-preserving", "project"]
+EDIT_MODES: tuple[str, ...] = ("norm-preserving", "project")
+
+
+def unit(direction: torch.Tensor) -> torch.Tensor:
+    """Return `direction` scaled to unit length; refuse zero or non-finite vectors."""
+    if direction.ndim != 1:
+        raise ValueError(f"direction must be a vector, got shape {tuple(direction.shape)}")
+    if not torch.isfinite(direction).all():
+        raise ValueError("direction has non-finite entries")
+    norm = direction.norm()
+    if norm == 0:
+        raise ValueError("direction is the zero vector")
+    return direction / norm
+
+
+def _along(r: torch.Tensor, ndim: int, residual_axis: int) -> torch.Tensor:
+    """Reshape r so it broadcasts along `residual_axis` of an `ndim`-dimensional tensor."""
+    shape = [1] * ndim
+    shape[residual_axis] = r.numel()
+    return r.reshape(shape)
+
+
+def project_out(weight: torch.Tensor, r: torch.Tensor, residual_axis: int) -> torch.Tensor:
+    """Remove the component along unit `r` from every residual vector of `weight`: (I - r rᵀ) w."""
+    if weight.shape[residual_axis] != r.numel():
+        raise ValueError(
+            f"residual axis {residual_axis} of shape {tuple(weight.shape)} does not match "
+            f"direction size {r.numel()}"
+        )
+    rr = _along(r.to(weight.dtype), weight.ndim, residual_axis)
+    coefficients = (weight * rr).sum(dim=residual_axis, keepdim=True)
+    return weight - rr * coefficients
+
+
+def norm_preserving_project_out(
+    weight: torch.Tensor, r: torch.Tensor, residual_axis: int
+) -> torch.Tensor:
+    """Project r out of every residual vector, then restore each vector's original norm.
+
+    The second projection removes the r component that rounding leaves after rescaling. Vectors
+    that lie entirely along r become zero (there is no direction left to rescale).
+    """
+    norms = weight.norm(dim=residual_axis, keepdim=True)
+    projected = project_out(weight, r, residual_axis)
+    projected_norms = projected.norm(dim=residual_axis, keepdim=True)
+    scale = torch.where(projected_norms > 0, norms / projected_norms.clamp_min(1e-30), 0.0)
+    return project_out(projected * scale, r, residual_axis)
+
+
+def input_scale(weight: torch.Tensor, r: torch.Tensor, residual_axis: int) -> torch.Tensor:
+    """Per-input scale that makes a hook reproduce the norm-preserving edit at run time.
+
+    For W' = P W diag(s) with s_j = ‖w_j‖ / ‖P w_j‖, a module whose input is multiplied by s and
+    whose output is projected gives exactly W' x + P b.
+    """
+    norms = weight.norm(dim=residual_axis)
+    projected_norms = project_out(weight, r, residual_axis).norm(dim=residual_axis)
+    return torch.where(projected_norms > 0, norms / projected_norms.clamp_min(1e-30), 0.0)
+
+
+def edit_tensor(
+    weight: torch.Tensor,
+    direction: torch.Tensor,
+    residual_axis: int,
+    mode: EditMode,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Edit one stored tensor and return it in its stored dtype.
+
+    Biases (1-D) always get the plain projection: a hook that projects a module's output projects
+    its bias too, and nothing rescales it.
+    """
+    if mode not in EDIT_MODES:
+        raise ValueError(f"unknown edit mode {mode!r}; choose one of {', '.join(EDIT_MODES)}")
+    r = unit(direction.to(compute_dtype))
+    work = weight.to(compute_dtype)
+    if work.ndim == 1 or mode == "project":
+        edited = project_out(work, r, residual_axis if work.ndim > 1 else 0)
+    else:
+        edited = norm_preserving_project_out(work, r, residual_axis)
+    return edited.to(weight.dtype)

@@ -1,0 +1,176 @@
+"""Direction fitting: diff-in-means candidates and the paper's selection, in two cheap stages.
+
+Every (layer, post-instruction position) candidate is r = mean(unsafe) − mean(safe) of the layer's
+residual input. Selection follows Arditi et al. (2024): bypass score (refusal log-odds on unsafe
+validation prompts with the direction ablated everywhere; lower is better), induce score (refusal
+log-odds on safe validation prompts with r added at its layer; must be > 0), KL on safe validation
+prompts under ablation (< 0.1), and layer < 0.8 × layers. To keep the cost near that of a few dozen
+forward passes per kept candidate, stage 1 screens every eligible candidate's bypass score on a few
+prompts, and stage 2 scores the best `screen_keep` in full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from weight_edit.activations import kl_divergence, last_logits, mean_residuals, tokenized_batches
+from weight_edit.architecture import Architecture
+from weight_edit.chat import post_instruction_ids, refusal_log_odds, refusal_token_ids
+from weight_edit.hooks import activation_addition, residual_ablation
+
+# progress(description, total) returns a function that advances the bar by n items.
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+
+
+def no_progress(description: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+@dataclass
+class FitSettings:
+    batch_size: int = 16
+    screen_prompts: int = 6
+    screen_keep: int = 8  # None-like 0 means: score every eligible candidate in full
+    max_validation_prompts: int = 32
+    max_layer_fraction: float = 0.8
+    max_kl: float = 0.1
+    min_induce: float = 0.0
+    refusal_prefixes: tuple[str, ...] = ("I", "As", "Sorry")
+
+
+@dataclass
+class CandidateScore:
+    layer: int
+    position: int  # negative index from the end of the prompt (-1 = last token)
+    norm: float
+    eligible_layer: bool
+    screen_bypass: float | None = None
+    bypass: float | None = None
+    induce: float | None = None
+    kl: float | None = None
+    passes_filters: bool = False
+    selected: bool = False
+
+
+@dataclass
+class FitResult:
+    direction: torch.Tensor  # unnormalised diff-in-means vector of the chosen candidate
+    layer: int
+    position: int
+    scores: list[CandidateScore]
+    baseline: dict[str, float]
+    suffix_tokens: list[str]
+    refusal_tokens: list[str]
+    selection_note: str
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def chosen(self) -> CandidateScore:
+        return next(s for s in self.scores if s.selected)
+
+    def table(self) -> list[dict[str, object]]:
+        return [asdict(s) for s in self.scores]
+
+
+def _mean_refusal(model, prepared, refusal_ids, advance) -> float:
+    return float(refusal_log_odds(last_logits(model, prepared, advance), refusal_ids).mean())
+
+
+def fit_direction(
+    model: torch.nn.Module,
+    tokenizer,
+    arch: Architecture,
+    num_layers: int,
+    train_unsafe: list[str],
+    train_safe: list[str],
+    val_unsafe: list[str],
+    val_safe: list[str],
+    settings: FitSettings,
+    progress: ProgressFactory = no_progress,
+) -> FitResult:
+    device = next(model.parameters()).device
+    suffix = post_instruction_ids(tokenizer)
+    n_pos = len(suffix)
+    refusal_ids = refusal_token_ids(tokenizer, settings.refusal_prefixes)
+
+    def prepare(texts: list[str]):
+        return tokenized_batches(tokenizer, texts, settings.batch_size, device, suffix)
+
+    # 1. candidates: diff-in-means at every layer and post-instruction position
+    mean_unsafe = mean_residuals(model, prepare(train_unsafe), num_layers, n_pos, progress("activations: unsafe train prompts", len(train_unsafe)))
+    mean_safe = mean_residuals(model, prepare(train_safe), num_layers, n_pos, progress("activations: safe train prompts", len(train_safe)))
+    candidates = (mean_unsafe - mean_safe).float()  # [layers, positions, d]
+
+    val_unsafe = val_unsafe[: settings.max_validation_prompts]
+    val_safe = val_safe[: settings.max_validation_prompts]
+    unsafe_batches, safe_batches = prepare(val_unsafe), prepare(val_safe)
+    screen_batches = prepare(val_unsafe[: settings.screen_prompts])
+
+    baseline_safe_logits = last_logits(model, safe_batches, progress("baseline: safe validation", len(val_safe)))
+    baseline = {
+        "unsafe_refusal_log_odds": _mean_refusal(model, unsafe_batches, refusal_ids, progress("baseline: unsafe validation", len(val_unsafe))),
+        "safe_refusal_log_odds": float(refusal_log_odds(baseline_safe_logits, refusal_ids).mean()),
+    }
+
+    max_layer = settings.max_layer_fraction * num_layers
+    scores = [
+        CandidateScore(layer, position - n_pos, float(candidates[layer, position].norm()), layer < max_layer)
+        for layer in range(num_layers)
+        for position in range(n_pos)
+    ]
+    eligible = [s for s in scores if s.eligible_layer]
+
+    def vector(score: CandidateScore) -> torch.Tensor:
+        return candidates[score.layer, score.position + n_pos]
+
+    # 2. stage 1: bypass score of every eligible candidate on a few prompts
+    full_search = settings.screen_keep <= 0 or settings.screen_keep >= len(eligible)
+    if full_search:
+        kept = eligible
+    else:
+        advance = progress("stage 1: screening candidates", len(eligible) * len(val_unsafe[: settings.screen_prompts]))
+        for score in eligible:
+            with residual_ablation(model, arch, num_layers, vector(score)):
+                score.screen_bypass = _mean_refusal(model, screen_batches, refusal_ids, advance)
+        kept = sorted(eligible, key=lambda s: s.screen_bypass)[: settings.screen_keep]
+
+    # 3. stage 2: full bypass, KL and induce scores
+    advance = progress("stage 2: scoring candidates", len(kept) * (len(val_unsafe) + 2 * len(val_safe)))
+    for score in kept:
+        with residual_ablation(model, arch, num_layers, vector(score)):
+            score.bypass = _mean_refusal(model, unsafe_batches, refusal_ids, advance)
+            ablated_safe = last_logits(model, safe_batches, advance)
+        score.kl = float(kl_divergence(baseline_safe_logits, ablated_safe).mean())
+        with activation_addition(model, arch, score.layer, vector(score)):
+            score.induce = _mean_refusal(model, safe_batches, refusal_ids, advance)
+        score.passes_filters = score.induce > settings.min_induce and score.kl < settings.max_kl
+
+    passing = [s for s in kept if s.passes_filters]
+    if passing:
+        chosen = min(passing, key=lambda s: s.bypass)
+        note = f"lowest bypass among {len(passing)} of {len(kept)} fully scored candidates passing the filters"
+    else:
+        chosen = min(kept, key=lambda s: s.bypass)
+        note = f"no candidate passed induce > {settings.min_induce} and KL < {settings.max_kl}; lowest bypass taken"
+    chosen.selected = True
+    return FitResult(
+        direction=vector(chosen).clone(),
+        layer=chosen.layer,
+        position=chosen.position,
+        scores=scores,
+        baseline=baseline,
+        suffix_tokens=tokenizer.convert_ids_to_tokens(suffix),
+        refusal_tokens=tokenizer.convert_ids_to_tokens(refusal_ids),
+        selection_note=note,
+        stats={
+            "candidates": len(scores),
+            "eligible": len(eligible),
+            "fully_scored": len(kept),
+            "train_unsafe": len(train_unsafe),
+            "train_safe": len(train_safe),
+            "validation_unsafe": len(val_unsafe),
+            "validation_safe": len(val_safe),
+        },
+    )

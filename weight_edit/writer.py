@@ -1,0 +1,292 @@
+"""Writing an edited checkpoint: stream every shard, edit residual writers, write atomically.
+
+Each source shard is read once, sequentially, and hashed on the way; unedited tensors are copied as
+raw bytes and edited tensors are decoded, edited and encoded one at a time, so peak memory is set by
+the largest edited tensor, not by the model. The output keeps the source's shard names, tensor order
+and dtypes, and appears at `out` only once it is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weight_edit import __version__
+from weight_edit.architecture import EditTarget, architecture_for
+from weight_edit.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo
+from weight_edit.edit_math import EditMode, edit_tensor, unit
+
+PROVENANCE_FILE = "weight_edit_provenance.json"
+DIRECTION_COPY = "weight_edit_direction.safetensors"
+COPY_CHUNK = 64 * 1024 * 1024
+# Files never copied from the source folder: weights are rewritten, pickles and GGUF are not carried.
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+
+
+class OutputError(ValueError):
+    """The requested output location is unsafe or occupied."""
+
+
+@dataclass
+class ApplyResult:
+    out: Path
+    edited_tensors: list[str]
+    untied_embeddings: bool
+    provenance: dict[str, Any]
+
+
+def check_output_location(source: Path, out: Path, force: bool) -> None:
+    """Refuse outputs that could damage the source or silently replace a result."""
+    source, out = source.resolve(), out.resolve()
+    if out == source or source in out.parents or out in source.parents:
+        raise OutputError(f"--out {out} must not be, contain, or lie inside the source {source}")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputError(f"--out {out} is not empty; pass --force to replace it")
+
+
+def direction_sha256(direction: torch.Tensor) -> str:
+    return hashlib.sha256(direction.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _serialise_header(entries: dict[str, dict[str, Any]], metadata: dict[str, str]) -> bytes:
+    header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors aligns the data section to 8 bytes
+    return struct.pack("<Q", len(header)) + header
+
+
+def _plan_shard(
+    infos: list[TensorInfo], extra_after: dict[str, tuple[str, TensorInfo]]
+) -> dict[str, dict[str, Any]]:
+    """Output header entries: the source order, with extra tensors (lm_head) placed after their twin."""
+    entries: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for info in infos:
+        for name, item in [(info.name, info), *([extra_after[info.name]] if info.name in extra_after else [])]:
+            entries[name] = {"dtype": item.dtype, "shape": list(item.shape), "data_offsets": [offset, offset + item.nbytes]}
+            offset += item.nbytes
+    return entries
+
+
+class _HashingReader:
+    """Sequential reader over one source shard that hashes every byte it passes."""
+
+    def __init__(self, path: Path):
+        self.handle = path.open("rb")
+        self.hasher = hashlib.sha256()
+        self.position = 0
+
+    def read(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        filled = 0
+        while filled < size:
+            count = self.handle.readinto(view[filled:])
+            if not count:
+                raise CheckpointError(f"{self.handle.name}: unexpected end of file (truncated shard?)")
+            filled += count
+        self.hasher.update(buffer)
+        self.position += size
+        return buffer
+
+    def copy_to(self, size: int, sink: Callable[[bytes | memoryview], None]) -> None:
+        while size > 0:
+            chunk = self.read(min(size, COPY_CHUNK))
+            sink(chunk)
+            size -= len(chunk)
+
+    def finish(self) -> str:
+        while chunk := self.handle.read(COPY_CHUNK):
+            self.hasher.update(chunk)
+        self.handle.close()
+        return self.hasher.hexdigest()
+
+
+class _HashingWriter:
+    def __init__(self, path: Path):
+        self.handle = path.open("wb")
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview | bytearray) -> None:
+        self.handle.write(data)
+        self.hasher.update(data)
+        self.size += len(data)
+
+    def finish(self) -> str:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        return self.hasher.hexdigest()
+
+
+def _decode(raw: bytearray, info: TensorInfo) -> torch.Tensor:
+    return torch.frombuffer(raw, dtype=DTYPES[info.dtype]).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=DTYPES[info.dtype])
+
+
+def _encode(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def _write_shard(
+    checkpoint: Checkpoint,
+    shard: str,
+    destination: Path,
+    targets: dict[str, EditTarget],
+    direction: torch.Tensor,
+    mode: EditMode,
+    untie_from: str | None,
+    untie_to: str,
+    advance: Callable[[int], None],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    header = checkpoint.headers[shard]
+    infos = sorted(header.tensors.values(), key=lambda info: info.start)
+    extra: dict[str, tuple[str, TensorInfo]] = {}
+    if untie_from is not None and untie_from in header.tensors:
+        twin = header.tensors[untie_from]
+        extra[untie_from] = (untie_to, TensorInfo(untie_to, twin.dtype, twin.shape, 0, twin.nbytes))
+    entries = _plan_shard(infos, extra)
+    metadata = {**header.metadata, "format": "pt"}
+
+    reader = _HashingReader(header.path)
+    writer = _HashingWriter(destination)
+    reader.read(header.data_start)
+    writer.write(_serialise_header(entries, metadata))
+    for info in infos:
+        if info.start > reader.position - header.data_start:
+            reader.read(info.start - (reader.position - header.data_start))  # gap: hash, drop
+        target = targets.get(info.name)
+        if target is None and info.name not in extra:
+            reader.copy_to(info.nbytes, writer.write)
+        else:
+            raw = reader.read(info.nbytes)
+            if target is not None:
+                if info.dtype not in FLOAT_DTYPES:
+                    raise CheckpointError(f"residual writer '{info.name}' has non-float dtype {info.dtype}")
+                edited = edit_tensor(_decode(raw, info), direction, target.residual_axis, mode)
+                writer.write(_encode(edited))
+                del edited
+            else:
+                writer.write(raw)
+            if info.name in extra:
+                writer.write(raw)  # the untouched original becomes the explicit unembedding
+            del raw
+        advance(info.nbytes)
+    source_sha = reader.finish()
+    out_sha = writer.finish()
+    return (
+        {"sha256": source_sha, "bytes": header.path.stat().st_size},
+        {"sha256": out_sha, "bytes": writer.size, "tensors": len(entries), "data_bytes": sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries.values())},
+    )
+
+
+def _untied_config(config: dict[str, Any]) -> dict[str, Any]:
+    config = json.loads(json.dumps(config))
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+    return config
+
+
+def apply_direction(
+    source: Checkpoint,
+    direction: torch.Tensor,
+    out: Path,
+    mode: EditMode = "norm-preserving",
+    force: bool = False,
+    provenance_extra: dict[str, Any] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ApplyResult:
+    """Write `source` with `direction` removed from every residual-writing tensor into `out`."""
+    out = Path(out).resolve()
+    check_output_location(source.folder, out, force)
+    arch = architecture_for(source.config)
+    hidden = arch.hidden_size(source.config)
+    if direction.ndim != 1 or direction.numel() != hidden:
+        raise ValueError(f"direction has shape {tuple(direction.shape)}, the model's hidden size is {hidden}")
+    direction = unit(direction.detach().to(torch.float32).cpu())
+    targets = {t.tensor: t for t in arch.targets(source.config, source.tensor_names)}
+
+    untie = source.tied_embeddings and arch.unembedding_tensor not in source.tensor_names
+    untie_from = arch.embedding["tensor"] if untie else None
+    total = sum(info.nbytes for h in source.headers.values() for info in h.tensors.values())
+    done = 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if on_progress:
+            on_progress(done, total)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        source_shards: dict[str, Any] = {}
+        output_shards: dict[str, Any] = {}
+        for shard in source.shards:
+            source_shards[shard], output_shards[shard] = _write_shard(
+                source, shard, staging / shard, targets, direction, mode, untie_from,
+                arch.unembedding_tensor, advance,
+            )
+        if source.index is not None:
+            weight_map = dict(source.weight_map)
+            if untie_from is not None:
+                weight_map[arch.unembedding_tensor] = source.weight_map[untie_from]
+            index = {
+                "metadata": {**source.index.get("metadata", {}), "total_size": sum(s["data_bytes"] for s in output_shards.values())},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        config = _untied_config(source.config) if untie else source.config
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for item in sorted(source.folder.iterdir()):
+            if item.is_file() and item.name not in ("config.json", INDEX_FILE, PROVENANCE_FILE, DIRECTION_COPY, "README.md") and not item.name.endswith(_SKIP_SUFFIXES):
+                shutil.copy2(item, staging / item.name)
+        from safetensors.torch import save_file
+
+        save_file({"direction": direction.contiguous()}, str(staging / DIRECTION_COPY), metadata={"format": "pt"})
+        provenance = {
+            "tool": "weight-edit",
+            "version": __version__,
+            "created_unix": int(time.time()),
+            "mode": mode,
+            "architecture": arch.family,
+            "guarantee": arch.guarantee,
+            "source": {"path": str(source.folder), "shards": source_shards},
+            "direction": {"sha256": direction_sha256(direction), "file": DIRECTION_COPY, "hidden_size": hidden},
+            "edited_tensors": sorted(t for t in targets),
+            "untied_embeddings": untie,
+            "output": {"shards": {k: {"sha256": v["sha256"], "bytes": v["bytes"]} for k, v in output_shards.items()}},
+            **(provenance_extra or {}),
+        }
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        _replace_atomically(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ApplyResult(out, sorted(targets), untie, provenance)
+
+
+def _replace_atomically(staging: Path, out: Path) -> None:
+    """Move the finished staging folder to `out`; an old result is removed only after the swap."""
+    if out.exists():
+        retired = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, retired)
+        os.replace(staging, out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, out)
