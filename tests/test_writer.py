@@ -41,7 +41,11 @@ def test_every_residual_writer_matches_float64_reference(tmp_path, chat_tokenize
                 axis = 1 if "embed_tokens" in name else 0
                 expected = reference(tensor, r, axis)
             torch.testing.assert_close(after[name].double(), expected, atol=2e-5, rtol=1e-5)
-            residual = after[name].double() if after[name].ndim == 1 else after[name].double().movedim(1 if "embed" in name else 0, -1)
+            residual = (
+                after[name].double()
+                if after[name].ndim == 1
+                else after[name].double().movedim(1 if "embed" in name else 0, -1)
+            )
             assert (residual @ r).abs().max() < 1e-5, name
         else:
             assert torch.equal(after[name], tensor), f"{name} changed but is not a residual writer"

@@ -24,7 +24,13 @@ def mean_residuals(
     total: torch.Tensor | None = None
     count = 0
     for batch in prepared:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=True,
+            use_cache=False,
+            logits_to_keep=1,
+        )
         # hidden_states[l] is the input of layer l for l < num_layers (the last entry is post-norm).
         stacked = torch.stack([h[:, -num_positions:, :] for h in out.hidden_states[:num_layers]], dim=1)
         summed = stacked.double().sum(dim=0).cpu()

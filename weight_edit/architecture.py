@@ -86,9 +86,7 @@ class Architecture:
                 module = self.module_name(writer["module"], layer)
                 if name not in tensor_names:
                     missing.append(name)
-                targets.append(
-                    EditTarget(name, writer["residual_axis"], module, writer["kind"], layer)
-                )
+                targets.append(EditTarget(name, writer["residual_axis"], module, writer["kind"], layer))
                 if writer.get("bias"):
                     bias = self.module_name(writer["bias"], layer)
                     if bias in tensor_names:
@@ -163,7 +161,5 @@ def architecture_for(config: dict[str, Any]) -> Architecture:
     table = load_architectures()
     if model_type not in table:
         supported = ", ".join(sorted(table))
-        raise ArchitectureError(
-            f"model_type '{model_type}' is not supported; supported model types: {supported}"
-        )
+        raise ArchitectureError(f"model_type '{model_type}' is not supported; supported model types: {supported}")
     return table[model_type]

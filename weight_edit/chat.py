@@ -68,7 +68,9 @@ def tokenize_instructions(tokenizer, instructions: Sequence[str], suffix_ids: Se
     return encoded["input_ids"], encoded["attention_mask"]
 
 
-def batches(tokenizer, instructions: Sequence[str], batch_size: int, device: str | torch.device, suffix_ids=None) -> Iterator[Batch]:
+def batches(
+    tokenizer, instructions: Sequence[str], batch_size: int, device: str | torch.device, suffix_ids=None
+) -> Iterator[Batch]:
     for start in range(0, len(instructions), batch_size):
         chunk = list(instructions[start : start + batch_size])
         ids, mask = tokenize_instructions(tokenizer, chunk, suffix_ids)

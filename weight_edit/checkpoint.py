@@ -84,9 +84,7 @@ def read_header(path: Path) -> ShardHeader:
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: malformed header entry for tensor '{name}'") from exc
         if not 0 <= start <= end or data_start + end > size:
-            raise CheckpointError(
-                f"{path}: tensor '{name}' lies outside the file (truncated shard?)"
-            )
+            raise CheckpointError(f"{path}: tensor '{name}' lies outside the file (truncated shard?)")
         tensors[name] = info
     return ShardHeader(path, data_start, tensors, dict(metadata))
 
@@ -125,9 +123,7 @@ class Checkpoint:
             shard_path = (self.folder / shard).resolve()
             if shard_path.parent != self.folder:
                 raise CheckpointError(f"{INDEX_FILE}: shard '{shard}' points outside {self.folder}")
-        self.headers: dict[str, ShardHeader] = {
-            shard: read_header(self.folder / shard) for shard in shard_names
-        }
+        self.headers: dict[str, ShardHeader] = {shard: read_header(self.folder / shard) for shard in shard_names}
         if not self.weight_map:
             self.weight_map = {name: SINGLE_FILE for name in self.headers[SINGLE_FILE].tensors}
         for name, shard in self.weight_map.items():
@@ -178,10 +174,13 @@ def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
     from weight_edit.architecture import architecture_for
 
     arch = architecture_for(checkpoint.config)
-    config_view = {k: v for k, v in checkpoint.config.items() if k not in ("tie_word_embeddings", "transformers_version", "torch_dtype", "dtype")}
+    config_view = {
+        k: v
+        for k, v in checkpoint.config.items()
+        if k not in ("tie_word_embeddings", "transformers_version", "torch_dtype", "dtype")
+    }
     floats = [
-        (info.nbytes, name) for name in checkpoint.tensor_names
-        if (info := checkpoint.info(name)).dtype in FLOAT_DTYPES
+        (info.nbytes, name) for name in checkpoint.tensor_names if (info := checkpoint.info(name)).dtype in FLOAT_DTYPES
     ]
     _, probe = min(floats)
     probe_bytes = checkpoint.read(probe).contiguous().view(torch.uint8).numpy().tobytes()

@@ -96,12 +96,17 @@ def load_dataset(path: Path | str) -> Dataset:
     if tuple(header) != COLUMNS:
         missing = [c for c in COLUMNS if c not in header]
         extra = [c for c in header if c not in COLUMNS]
-        detail = "; ".join(
-            part for part in (
-                f"missing column(s) {', '.join(missing)}" if missing else "",
-                f"unexpected column(s) {', '.join(extra)}" if extra else "",
-            ) if part
-        ) or "columns out of order"
+        detail = (
+            "; ".join(
+                part
+                for part in (
+                    f"missing column(s) {', '.join(missing)}" if missing else "",
+                    f"unexpected column(s) {', '.join(extra)}" if extra else "",
+                )
+                if part
+            )
+            or "columns out of order"
+        )
         raise DatasetError(f"{path}: header must be exactly {','.join(COLUMNS)}: {detail}")
 
     prompts: list[Prompt] = []

@@ -27,7 +27,10 @@ def save_direction(path: Path, vector: torch.Tensor, sidecar: dict[str, Any]) ->
     vector = vector.detach().to(torch.float32).contiguous().cpu()
     sidecar = {**sidecar, "direction_sha256": vector_sha256(vector), "hidden_size": vector.numel()}
     sidecar_path = path.with_suffix(".json")
-    tmp_vector, tmp_sidecar = path.with_name(path.name + ".partial"), sidecar_path.with_name(sidecar_path.name + ".partial")
+    tmp_vector, tmp_sidecar = (
+        path.with_name(path.name + ".partial"),
+        sidecar_path.with_name(sidecar_path.name + ".partial"),
+    )
     save_file({"direction": vector}, str(tmp_vector), metadata={"format": "pt"})
     tmp_sidecar.write_text(json.dumps(sidecar, indent=2) + "\n")
     os.replace(tmp_vector, path)
@@ -68,7 +71,9 @@ def load_direction(path: Path) -> tuple[torch.Tensor, dict[str, Any] | None]:
     return vector, sidecar
 
 
-def check_compatible(sidecar: dict[str, Any] | None, vector: torch.Tensor, model_fingerprint: dict[str, Any], path: Path) -> None:
+def check_compatible(
+    sidecar: dict[str, Any] | None, vector: torch.Tensor, model_fingerprint: dict[str, Any], path: Path
+) -> None:
     """A direction fit on another model is refused; a bare vector is checked by size only."""
     if vector.numel() != model_fingerprint["hidden_size"]:
         raise DirectionError(

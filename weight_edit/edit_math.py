@@ -39,17 +39,14 @@ def project_out(weight: torch.Tensor, r: torch.Tensor, residual_axis: int) -> to
     """Remove the component along unit `r` from every residual vector of `weight`: (I - r rᵀ) w."""
     if weight.shape[residual_axis] != r.numel():
         raise ValueError(
-            f"residual axis {residual_axis} of shape {tuple(weight.shape)} does not match "
-            f"direction size {r.numel()}"
+            f"residual axis {residual_axis} of shape {tuple(weight.shape)} does not match direction size {r.numel()}"
         )
     rr = _along(r.to(weight.dtype), weight.ndim, residual_axis)
     coefficients = (weight * rr).sum(dim=residual_axis, keepdim=True)
     return weight - rr * coefficients
 
 
-def norm_preserving_project_out(
-    weight: torch.Tensor, r: torch.Tensor, residual_axis: int
-) -> torch.Tensor:
+def norm_preserving_project_out(weight: torch.Tensor, r: torch.Tensor, residual_axis: int) -> torch.Tensor:
     """Project r out of every residual vector, then restore each vector's original norm.
 
     The second projection removes the r component that rounding leaves after rescaling. Vectors

@@ -38,8 +38,15 @@ class PromptScore:
 
 @torch.inference_mode()
 def score_model(
-    model, tokenizer, prompts: list[Prompt], refusal_prefixes: Sequence[str], substrings: Sequence[str],
-    max_new_tokens: int, batch_size: int, preview_words: int, progress: ProgressFactory = no_progress,
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    refusal_prefixes: Sequence[str],
+    substrings: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    preview_words: int,
+    progress: ProgressFactory = no_progress,
     description: str = "generating",
 ) -> tuple[list[PromptScore], torch.Tensor]:
     """Greedy completions and first-token logits for every prompt; returns scores and those logits."""
@@ -50,22 +57,32 @@ def score_model(
     first_logits = []
     for batch in batches(tokenizer, [p.text for p in prompts], batch_size, device):
         out = model.generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=False, output_logits=True, return_dict_in_generate=True,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
             pad_token_id=tokenizer.pad_token_id,
         )
         logits = out.logits[0].float().cpu()
         first_logits.append(logits)
         odds = refusal_log_odds(logits, refusal_ids)
-        texts = tokenizer.batch_decode(out.sequences[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(out.sequences[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
         for index, text, score in zip(batch.indices, texts, odds.tolist(), strict=True):
             prompt = prompts[index]
-            scores.append(PromptScore(prompt.category, prompt.label, is_refusal(text, substrings), score, first_words(text, preview_words)))
+            scores.append(
+                PromptScore(
+                    prompt.category, prompt.label, is_refusal(text, substrings), score, first_words(text, preview_words)
+                )
+            )
         advance(len(batch.indices))
     return scores, torch.cat(first_logits)
 
 
-def summarise(source: list[PromptScore], edited: list[PromptScore], source_logits: torch.Tensor, edited_logits: torch.Tensor) -> dict:
+def summarise(
+    source: list[PromptScore], edited: list[PromptScore], source_logits: torch.Tensor, edited_logits: torch.Tensor
+) -> dict:
     """Per area and overall: refusal rates by text and by log-odds (> 0), and first-token KL on safe prompts."""
     kl = kl_divergence(source_logits, edited_logits).tolist()
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)

@@ -46,7 +46,7 @@ class CandidateScore:
     layer: int
     position: int  # negative index from the end of the prompt (-1 = last token)
     norm: float
-    eligible_layer: bool
+    eligible: bool  # layer < max_layer_fraction × layers and a non-zero vector
     screen_bypass: float | None = None
     bypass: float | None = None
     induce: float | None = None
@@ -99,8 +99,16 @@ def fit_direction(
         return tokenized_batches(tokenizer, texts, settings.batch_size, device, suffix)
 
     # 1. candidates: diff-in-means at every layer and post-instruction position
-    mean_unsafe = mean_residuals(model, prepare(train_unsafe), num_layers, n_pos, progress("activations: unsafe train prompts", len(train_unsafe)))
-    mean_safe = mean_residuals(model, prepare(train_safe), num_layers, n_pos, progress("activations: safe train prompts", len(train_safe)))
+    mean_unsafe = mean_residuals(
+        model,
+        prepare(train_unsafe),
+        num_layers,
+        n_pos,
+        progress("activations: unsafe train prompts", len(train_unsafe)),
+    )
+    mean_safe = mean_residuals(
+        model, prepare(train_safe), num_layers, n_pos, progress("activations: safe train prompts", len(train_safe))
+    )
     candidates = (mean_unsafe - mean_safe).float()  # [layers, positions, d]
 
     val_unsafe = val_unsafe[: settings.max_validation_prompts]
@@ -110,17 +118,26 @@ def fit_direction(
 
     baseline_safe_logits = last_logits(model, safe_batches, progress("baseline: safe validation", len(val_safe)))
     baseline = {
-        "unsafe_refusal_log_odds": _mean_refusal(model, unsafe_batches, refusal_ids, progress("baseline: unsafe validation", len(val_unsafe))),
+        "unsafe_refusal_log_odds": _mean_refusal(
+            model, unsafe_batches, refusal_ids, progress("baseline: unsafe validation", len(val_unsafe))
+        ),
         "safe_refusal_log_odds": float(refusal_log_odds(baseline_safe_logits, refusal_ids).mean()),
     }
 
     max_layer = settings.max_layer_fraction * num_layers
     scores = [
-        CandidateScore(layer, position - n_pos, float(candidates[layer, position].norm()), layer < max_layer)
+        # Layer 0 sees only token embeddings: positions holding the same template token for every
+        # prompt give a zero difference, which is no direction at all.
+        CandidateScore(
+            layer,
+            position - n_pos,
+            norm := float(candidates[layer, position].norm()),
+            layer < max_layer and norm > 1e-6,
+        )
         for layer in range(num_layers)
         for position in range(n_pos)
     ]
-    eligible = [s for s in scores if s.eligible_layer]
+    eligible = [s for s in scores if s.eligible]
 
     def vector(score: CandidateScore) -> torch.Tensor:
         return candidates[score.layer, score.position + n_pos]

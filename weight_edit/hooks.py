@@ -68,13 +68,21 @@ def _hooks(registrations: list) -> Iterator[None]:
 
 
 @contextmanager
-def residual_ablation(model: torch.nn.Module, arch: Architecture, num_layers: int, direction: torch.Tensor) -> Iterator[None]:
+def residual_ablation(
+    model: torch.nn.Module, arch: Architecture, num_layers: int, direction: torch.Tensor
+) -> Iterator[None]:
     project = _projector(unit(direction.float()))
     handles = []
     for layer in range(num_layers):
-        handles.append(model.get_submodule(arch.module_name(arch.layer_module, layer)).register_forward_pre_hook(_input_hook(project), with_kwargs=True))
+        handles.append(
+            model.get_submodule(arch.module_name(arch.layer_module, layer)).register_forward_pre_hook(
+                _input_hook(project), with_kwargs=True
+            )
+        )
         for template in (arch.attention_module, arch.mlp_module):
-            handles.append(model.get_submodule(arch.module_name(template, layer)).register_forward_hook(_output_hook(project)))
+            handles.append(
+                model.get_submodule(arch.module_name(template, layer)).register_forward_hook(_output_hook(project))
+            )
     with _hooks(handles):
         yield
 
@@ -88,7 +96,9 @@ def weight_equivalent_ablation(
     project = _projector(r)
     handles = []
     embedding = model.get_submodule(arch.embedding["module"])
-    handles.append(embedding.register_forward_hook(_output_hook(_renormed_projector(r) if mode == "norm-preserving" else project)))
+    handles.append(
+        embedding.register_forward_hook(_output_hook(_renormed_projector(r) if mode == "norm-preserving" else project))
+    )
     for layer in range(num_layers):
         for writer in arch.writers:
             module = model.get_submodule(arch.module_name(writer["module"], layer))

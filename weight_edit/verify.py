@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from weight_edit.architecture import GUARANTEES, architecture_for
-from weight_edit.checkpoint import Checkpoint
 from weight_edit.chat import tokenize_instructions
+from weight_edit.checkpoint import Checkpoint
 from weight_edit.direction_file import load_direction, vector_sha256
 from weight_edit.hooks import residual_ablation, weight_equivalent_ablation
 from weight_edit.models import load_model
@@ -70,13 +70,16 @@ def check_output_files(out: Path, provenance: dict[str, Any]) -> None:
 def _run(model, ids, mask, new_tokens: int) -> dict[str, torch.Tensor]:
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     generated = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        do_sample=False,
         pad_token_id=model.generation_config.pad_token_id or 0,
     )
     return {
         "logits": out.logits.float().cpu(),
         "hidden": [h.float().cpu() for h in out.hidden_states],
-        "continuations": generated[:, ids.shape[1]:].cpu(),
+        "continuations": generated[:, ids.shape[1] :].cpu(),
     }
 
 
@@ -125,7 +128,7 @@ def verify_checkpoint(
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)[valid]
     top1 = (hooked["logits"].argmax(-1) == result["logits"].argmax(-1))[valid].float().mean()
     component = max(
-        float(((h[valid] @ r) .abs() / h[valid].norm(dim=-1).clamp_min(1e-12)).max())
+        float(((h[valid] @ r).abs() / h[valid].norm(dim=-1).clamp_min(1e-12)).max())
         for h in result["hidden"][:num_layers]
     )
     metrics = {

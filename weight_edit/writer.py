@@ -66,15 +66,17 @@ def _serialise_header(entries: dict[str, dict[str, Any]], metadata: dict[str, st
     return struct.pack("<Q", len(header)) + header
 
 
-def _plan_shard(
-    infos: list[TensorInfo], extra_after: dict[str, tuple[str, TensorInfo]]
-) -> dict[str, dict[str, Any]]:
+def _plan_shard(infos: list[TensorInfo], extra_after: dict[str, tuple[str, TensorInfo]]) -> dict[str, dict[str, Any]]:
     """Output header entries: the source order, with extra tensors (lm_head) placed after their twin."""
     entries: dict[str, dict[str, Any]] = {}
     offset = 0
     for info in infos:
         for name, item in [(info.name, info), *([extra_after[info.name]] if info.name in extra_after else [])]:
-            entries[name] = {"dtype": item.dtype, "shape": list(item.shape), "data_offsets": [offset, offset + item.nbytes]}
+            entries[name] = {
+                "dtype": item.dtype,
+                "shape": list(item.shape),
+                "data_offsets": [offset, offset + item.nbytes],
+            }
             offset += item.nbytes
     return entries
 
@@ -132,7 +134,11 @@ class _HashingWriter:
 
 
 def _decode(raw: bytearray, info: TensorInfo) -> torch.Tensor:
-    return torch.frombuffer(raw, dtype=DTYPES[info.dtype]).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=DTYPES[info.dtype])
+    return (
+        torch.frombuffer(raw, dtype=DTYPES[info.dtype]).reshape(info.shape)
+        if info.nbytes
+        else torch.empty(info.shape, dtype=DTYPES[info.dtype])
+    )
 
 
 def _encode(tensor: torch.Tensor) -> memoryview:
@@ -187,7 +193,12 @@ def _write_shard(
     out_sha = writer.finish()
     return (
         {"sha256": source_sha, "bytes": header.path.stat().st_size},
-        {"sha256": out_sha, "bytes": writer.size, "tensors": len(entries), "data_bytes": sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries.values())},
+        {
+            "sha256": out_sha,
+            "bytes": writer.size,
+            "tensors": len(entries),
+            "data_bytes": sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries.values()),
+        },
     )
 
 
@@ -239,22 +250,36 @@ def apply_direction(
         output_shards: dict[str, Any] = {}
         for shard in source.shards:
             source_shards[shard], output_shards[shard] = _write_shard(
-                source, shard, staging / shard, targets, direction, mode, untie_from,
-                arch.unembedding_tensor, advance,
+                source,
+                shard,
+                staging / shard,
+                targets,
+                direction,
+                mode,
+                untie_from,
+                arch.unembedding_tensor,
+                advance,
             )
         if source.index is not None:
             weight_map = dict(source.weight_map)
             if untie_from is not None:
                 weight_map[arch.unembedding_tensor] = source.weight_map[untie_from]
             index = {
-                "metadata": {**source.index.get("metadata", {}), "total_size": sum(s["data_bytes"] for s in output_shards.values())},
+                "metadata": {
+                    **source.index.get("metadata", {}),
+                    "total_size": sum(s["data_bytes"] for s in output_shards.values()),
+                },
                 "weight_map": dict(sorted(weight_map.items())),
             }
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         config = _untied_config(source.config) if untie else source.config
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for item in sorted(source.folder.iterdir()):
-            if item.is_file() and item.name not in ("config.json", INDEX_FILE, PROVENANCE_FILE, DIRECTION_COPY, "README.md") and not item.name.endswith(_SKIP_SUFFIXES):
+            if (
+                item.is_file()
+                and item.name not in ("config.json", INDEX_FILE, PROVENANCE_FILE, DIRECTION_COPY, "README.md")
+                and not item.name.endswith(_SKIP_SUFFIXES)
+            ):
                 shutil.copy2(item, staging / item.name)
         from safetensors.torch import save_file
 

@@ -1,0 +1,122 @@
+"""The command-line contract, end to end on a tiny model: fit → apply → verify → evaluate."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import cli
+
+FAST_FIT = [
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--batch-size",
+    "64",
+    "--screen-prompts",
+    "2",
+    "--screen-keep",
+    "2",
+    "--validation-prompts",
+    "4",
+]
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_fit_apply_verify_evaluate(tmp_path, tiny_model, runner):
+    fit_dir = tmp_path / "fit"
+    result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--out-dir", str(fit_dir), *FAST_FIT])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(fit_dir / "direction.safetensors"), framework="pt") as handle:
+        assert list(handle.keys()) == ["direction"]
+        assert handle.get_tensor("direction").shape == (32,)
+    sidecar = json.loads((fit_dir / "direction.json").read_text())
+    assert {"model_fingerprint", "layer", "position", "scores", "dataset", "split"} <= set(sidecar)
+    assert not set(sidecar["split"]["fit_areas"]) & set(sidecar["split"]["held_out_areas"])
+    suffix = len(sidecar["post_instruction_tokens"])
+    assert suffix >= 3 and (fit_dir / "candidates.csv").read_text().count("\n") == 1 + 2 * suffix
+
+    out = tmp_path / "edited"
+    result = runner.invoke(
+        cli.main, ["apply", "--direction", str(fit_dir / "direction.safetensors"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output  # the source model comes from the sidecar
+    result = runner.invoke(cli.main, ["verify", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "weight_edit_verify.json").read_text())["passed"] is True
+
+    eval_dir = tmp_path / "eval"
+    result = runner.invoke(
+        cli.main,
+        [
+            "evaluate",
+            str(out),
+            "--out-dir",
+            str(eval_dir),
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((eval_dir / "evaluation_summary.json").read_text())
+    assert summary["overall"]["unsafe"]["n"] == 4 and summary["overall"]["safe"]["n"] == 4
+    assert set(summary["held_out_areas"]) == set(sidecar["split"]["held_out_areas"])
+
+
+def test_apply_accepts_a_bare_direction_and_refuses_a_wrong_size(tmp_path, tiny_model, runner):
+    import torch
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({"direction": torch.randn(32)}, str(bare))
+    result = runner.invoke(
+        cli.main, ["apply", "--model", str(tiny_model), "--direction", str(bare), "--out", str(tmp_path / "a")]
+    )
+    assert result.exit_code == 0, result.output
+    provenance = json.loads((tmp_path / "a" / "weight_edit_provenance.json").read_text())
+    assert provenance["direction_source"]["checked"] == "hidden size only"
+    save_file({"direction": torch.randn(16)}, str(bare))
+    result = runner.invoke(
+        cli.main, ["apply", "--model", str(tiny_model), "--direction", str(bare), "--out", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 2 and "hidden size" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_bad_dataset_is_one_clear_line(tmp_path, tiny_model, runner):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,label,category\nHello,maybe,a\n")
+    result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--dataset", str(bad)])
+    assert result.exit_code == 2
+    assert "row 2, column 'label'" in result.output and "Traceback" not in result.output
+
+
+def test_unsupported_architecture_lists_supported_ones(tmp_path, tiny_model, runner):
+    config = json.loads((tiny_model / "config.json").read_text())
+    config["model_type"] = "mystery"
+    (tiny_model / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(
+        cli.main,
+        [
+            "apply",
+            "--model",
+            str(tiny_model),
+            "--direction",
+            str(tmp_path / "none.safetensors"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert result.exit_code == 2 and "does not exist" in result.output
