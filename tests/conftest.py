@@ -55,7 +55,7 @@ def build_tiny_model(
     shard_size: str = "40KB",
 ) -> Path:
     """Save a random model of `model_type` with at least two shards, plus the tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     torch.manual_seed(seed)
     common = dict(
@@ -74,7 +74,11 @@ def build_tiny_model(
     if model_type == "llama":
         config = LlamaConfig(**common, attention_bias=bias, mlp_bias=bias)
     elif model_type == "qwen2":
-        config = Qwen2Config(**common)
+        config = Qwen2Config(**common)  # q/k/v biases: not residual writers, must stay untouched
+    elif model_type == "qwen3":
+        config = Qwen3Config(**common, head_dim=8)
+    elif model_type == "mistral":
+        config = MistralConfig(**common)
     else:
         raise ValueError(model_type)
     model = AutoModelForCausalLM.from_config(config)

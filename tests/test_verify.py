@@ -31,10 +31,15 @@ def test_edited_checkpoint_matches_hooks(tmp_path, chat_tokenizer, mode, tie, bi
         assert report.metrics["paper_ablation_max_abs_logit"] < 1e-3
 
 
-def test_qwen2_with_qkv_biases(tmp_path, chat_tokenizer):
-    source = build_tiny_model(tmp_path / "src", chat_tokenizer, model_type="qwen2")
-    apply_direction(Checkpoint(source), torch.randn(32), tmp_path / "out")
-    assert verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=4).passed
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("mode", ["norm-preserving", "project"])
+def test_other_llama_named_families(tmp_path, chat_tokenizer, model_type, mode):
+    source = build_tiny_model(tmp_path / "src", chat_tokenizer, model_type=model_type, tie=False)
+    result = apply_direction(Checkpoint(source), torch.randn(32), tmp_path / "out", mode=mode)
+    assert not any("q_proj" in name for name in result.edited_tensors)
+    report = verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=4)
+    assert report.passed, report.failures
+    assert report.metrics["max_abs_logit"] < 1e-3
 
 
 def test_bfloat16_checkpoint_passes_its_tolerance(tmp_path, chat_tokenizer):

@@ -5,8 +5,9 @@ residual input. Selection follows Arditi et al. (2024): bypass score (refusal lo
 validation prompts with the direction ablated everywhere; lower is better), induce score (refusal
 log-odds on safe validation prompts with r added at its layer; must be > 0), KL on safe validation
 prompts under ablation (< 0.1), and layer < 0.8 × layers. To keep the cost near that of a few dozen
-forward passes per kept candidate, stage 1 screens every eligible candidate's bypass score on a few
-prompts, and stage 2 scores the best `screen_keep` in full.
+forward passes per kept candidate, stage 1 screens every eligible candidate's bypass score and KL on a
+few prompts, and stage 2 scores in full the `screen_keep` lowest screened bypass scores among the
+candidates whose screened KL passes the filter (topped up from the rest when too few pass).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def no_progress(description: str, total: int) -> Callable[[int], None]:
 class FitSettings:
     batch_size: int = 16
     screen_prompts: int = 6
-    screen_keep: int = 8  # None-like 0 means: score every eligible candidate in full
+    screen_keep: int = 8  # 0 means: score every eligible candidate in full
     max_validation_prompts: int = 32
     max_layer_fraction: float = 0.8
     max_kl: float = 0.1
@@ -48,6 +49,7 @@ class CandidateScore:
     norm: float
     eligible: bool  # layer < max_layer_fraction × layers and a non-zero vector
     screen_bypass: float | None = None
+    screen_kl: float | None = None
     bypass: float | None = None
     induce: float | None = None
     kl: float | None = None
@@ -115,6 +117,7 @@ def fit_direction(
     val_safe = val_safe[: settings.max_validation_prompts]
     unsafe_batches, safe_batches = prepare(val_unsafe), prepare(val_safe)
     screen_batches = prepare(val_unsafe[: settings.screen_prompts])
+    screen_safe_batches = prepare(val_safe[: settings.screen_prompts])
 
     baseline_safe_logits = last_logits(model, safe_batches, progress("baseline: safe validation", len(val_safe)))
     baseline = {
@@ -142,16 +145,22 @@ def fit_direction(
     def vector(score: CandidateScore) -> torch.Tensor:
         return candidates[score.layer, score.position + n_pos]
 
-    # 2. stage 1: bypass score of every eligible candidate on a few prompts
+    # 2. stage 1: bypass score and KL of every eligible candidate on a few prompts
     full_search = settings.screen_keep <= 0 or settings.screen_keep >= len(eligible)
     if full_search:
         kept = eligible
     else:
-        advance = progress("stage 1: screening candidates", len(eligible) * len(val_unsafe[: settings.screen_prompts]))
+        n_screen = len(val_unsafe[: settings.screen_prompts]) + len(val_safe[: settings.screen_prompts])
+        advance = progress("stage 1: screening candidates", len(eligible) * n_screen)
+        screen_reference = baseline_safe_logits[: settings.screen_prompts]
         for score in eligible:
             with residual_ablation(model, arch, num_layers, vector(score)):
                 score.screen_bypass = _mean_refusal(model, screen_batches, refusal_ids, advance)
-        kept = sorted(eligible, key=lambda s: s.screen_bypass)[: settings.screen_keep]
+                screened_safe = last_logits(model, screen_safe_batches, advance)
+            score.screen_kl = float(kl_divergence(screen_reference, screened_safe).mean())
+        by_bypass = sorted(eligible, key=lambda s: s.screen_bypass)
+        low_kl = [s for s in by_bypass if s.screen_kl < settings.max_kl]
+        kept = (low_kl + [s for s in by_bypass if s not in low_kl])[: settings.screen_keep]
 
     # 3. stage 2: full bypass, KL and induce scores
     advance = progress("stage 2: scoring candidates", len(kept) * (len(val_unsafe) + 2 * len(val_safe)))
