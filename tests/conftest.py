@@ -55,7 +55,8 @@ def build_tiny_model(
     shard_size: str = "40KB",
 ) -> Path:
     """Save a random model of `model_type` with at least two shards, plus the tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     common = dict(
@@ -71,16 +72,36 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.pad_token_id,
     )
-    if model_type == "llama":
-        config = LlamaConfig(**common, attention_bias=bias, mlp_bias=bias)
-    elif model_type == "qwen2":
-        config = Qwen2Config(**common)  # q/k/v biases: not residual writers, must stay untouched
-    elif model_type == "qwen3":
-        config = Qwen3Config(**common, head_dim=8)
-    elif model_type == "mistral":
-        config = MistralConfig(**common)
+    moe = dict(num_experts_per_tok=2, moe_intermediate_size=16)
+    extra = {
+        "llama": dict(attention_bias=bias, mlp_bias=bias),
+        "qwen2": {},  # q/k/v biases: not residual writers, must stay untouched
+        "qwen3": dict(head_dim=8),
+        "mistral": {},
+        "phi3": {},
+        "gemma": dict(head_dim=8),
+        "gemma2": dict(head_dim=8),
+        "gemma3_text": dict(head_dim=8, sliding_window=16),
+        "olmo2": {},
+        "mixtral": dict(num_local_experts=3, num_experts_per_tok=2),
+        "qwen2_moe": dict(num_experts=3, shared_expert_intermediate_size=16, **moe),
+        "qwen3_moe": dict(num_experts=3, head_dim=8, **moe),
+        "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, head_dim=8, sliding_window=16),
+    }
+    if model_type == "gpt2":
+        config = transformers.GPT2Config(
+            n_embd=32,
+            n_layer=layers,
+            n_head=4,
+            vocab_size=len(tokenizer),
+            n_positions=256,
+            tie_word_embeddings=tie,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.pad_token_id,
+        )
     else:
-        raise ValueError(model_type)
+        config = transformers.AutoConfig.for_model(model_type, **common, **extra[model_type])
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger-than-default weights so the edit changes outputs visibly
         for name, parameter in model.named_parameters():

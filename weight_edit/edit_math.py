@@ -70,23 +70,38 @@ def input_scale(weight: torch.Tensor, r: torch.Tensor, residual_axis: int) -> to
     return torch.where(projected_norms > 0, norms / projected_norms.clamp_min(1e-30), 0.0)
 
 
+def write_direction(
+    direction: torch.Tensor, norm_weight: torch.Tensor | None = None, offset: float = 0.0
+) -> torch.Tensor:
+    """The direction to remove from a write that passes through an RMSNorm before the residual add.
+
+    The norm multiplies the write elementwise by (offset + γ) after a scalar rescale, so a write
+    orthogonal to û ∝ (offset + γ) ⊙ r̂ lands orthogonal to r̂. Without a norm, û = r̂.
+    """
+    r = unit(direction)
+    if norm_weight is None:
+        return r
+    return unit((offset + norm_weight.to(r.dtype)) * r)
+
+
 def edit_tensor(
     weight: torch.Tensor,
     direction: torch.Tensor,
     residual_axis: int,
     mode: EditMode,
+    is_bias: bool = False,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Edit one stored tensor and return it in its stored dtype.
 
-    Biases (1-D) always get the plain projection: a hook that projects a module's output projects
-    its bias too, and nothing rescales it.
+    Biases always get the plain projection: a hook that projects a module's output projects its
+    bias too, and nothing rescales it.
     """
     if mode not in EDIT_MODES:
         raise ValueError(f"unknown edit mode {mode!r}; choose one of {', '.join(EDIT_MODES)}")
     r = unit(direction.to(compute_dtype))
     work = weight.to(compute_dtype)
-    if work.ndim == 1 or mode == "project":
+    if is_bias or work.ndim == 1 or mode == "project":
         edited = project_out(work, r, residual_axis if work.ndim > 1 else 0)
     else:
         edited = norm_preserving_project_out(work, r, residual_axis)

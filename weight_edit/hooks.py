@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
-from weight_edit.architecture import Architecture
-from weight_edit.edit_math import EditMode, input_scale, unit
+from weight_edit.architecture import Architecture, EditTarget, fill
+from weight_edit.edit_math import EditMode, input_scale, unit, write_direction
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -75,13 +75,13 @@ def residual_ablation(
     handles = []
     for layer in range(num_layers):
         handles.append(
-            model.get_submodule(arch.module_name(arch.layer_module, layer)).register_forward_pre_hook(
+            model.get_submodule(fill(arch.layer_module, layer=layer)).register_forward_pre_hook(
                 _input_hook(project), with_kwargs=True
             )
         )
         for template in (arch.attention_module, arch.mlp_module):
             handles.append(
-                model.get_submodule(arch.module_name(template, layer)).register_forward_hook(_output_hook(project))
+                model.get_submodule(fill(template, layer=layer)).register_forward_hook(_output_hook(project))
             )
     with _hooks(handles):
         yield
@@ -89,28 +89,42 @@ def residual_ablation(
 
 @contextmanager
 def weight_equivalent_ablation(
-    model: torch.nn.Module, arch: Architecture, num_layers: int, direction: torch.Tensor, mode: EditMode
+    model: torch.nn.Module, targets: list[EditTarget], direction: torch.Tensor, mode: EditMode
 ) -> Iterator[None]:
-    """Hooks that reproduce `apply`'s edit exactly, computed from the unedited module weights."""
+    """Hooks that reproduce `apply`'s edit, computed from the unedited in-memory weights.
+
+    Exact for "module" hooks in both modes; "block" hooks (fused experts) only project the block's
+    output, which equals the plain projection of every expert but not the norm-preserving rescale.
+    """
     r = unit(direction.float())
-    project = _projector(r)
     handles = []
-    embedding = model.get_submodule(arch.embedding["module"])
-    handles.append(
-        embedding.register_forward_hook(_output_hook(_renormed_projector(r) if mode == "norm-preserving" else project))
-    )
-    for layer in range(num_layers):
-        for writer in arch.writers:
-            module = model.get_submodule(arch.module_name(writer["module"], layer))
-            if mode == "norm-preserving":
-                weight = module.weight.detach().float()
-                scale = input_scale(weight, r.to(weight.device), writer["residual_axis"])
+    blocks: set[str] = set()
+    for target in targets:
+        if target.is_bias:
+            continue  # the module's output projection covers its bias
+        module = model.get_submodule(target.module)
+        if target.layer is None:  # token or position embedding: rows are residual vectors
+            transform = _renormed_projector(r) if mode == "norm-preserving" else _projector(r)
+            handles.append(module.register_forward_hook(_output_hook(transform)))
+            continue
+        if target.hook == "block":
+            if target.module not in blocks:
+                blocks.add(target.module)
+                handles.append(module.register_forward_hook(_output_hook(_projector(r))))
+            continue
+        u = r
+        if target.output_norm_module is not None:
+            gamma = model.get_submodule(target.output_norm_module).weight.detach().float()
+            u = write_direction(r.to(gamma.device), gamma, target.norm_offset)
+        if mode == "norm-preserving":
+            weight = module.weight.detach().float()
+            scale = input_scale(weight, u.to(weight.device), target.residual_axis)
 
-                def rescale(x: torch.Tensor, scale: torch.Tensor = scale) -> torch.Tensor:
-                    return x * scale.to(device=x.device, dtype=x.dtype)
+            def rescale(x: torch.Tensor, scale: torch.Tensor = scale) -> torch.Tensor:
+                return x * scale.to(device=x.device, dtype=x.dtype)
 
-                handles.append(module.register_forward_pre_hook(_input_hook(rescale), with_kwargs=True))
-            handles.append(module.register_forward_hook(_output_hook(project)))
+            handles.append(module.register_forward_pre_hook(_input_hook(rescale), with_kwargs=True))
+        handles.append(module.register_forward_hook(_output_hook(_projector(u))))
     with _hooks(handles):
         yield
 
@@ -120,6 +134,6 @@ def activation_addition(model: torch.nn.Module, arch: Architecture, layer: int, 
     def add(x: torch.Tensor) -> torch.Tensor:
         return x + vector.to(device=x.device, dtype=x.dtype)
 
-    module = model.get_submodule(arch.module_name(arch.layer_module, layer))
+    module = model.get_submodule(fill(arch.layer_module, layer=layer))
     with _hooks([module.register_forward_pre_hook(_input_hook(add), with_kwargs=True)]):
         yield

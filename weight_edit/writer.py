@@ -24,7 +24,7 @@ import torch
 from weight_edit import __version__
 from weight_edit.architecture import EditTarget, architecture_for
 from weight_edit.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo
-from weight_edit.edit_math import EditMode, edit_tensor, unit
+from weight_edit.edit_math import EditMode, edit_tensor, unit, write_direction
 
 PROVENANCE_FILE = "weight_edit_provenance.json"
 DIRECTION_COPY = "weight_edit_direction.safetensors"
@@ -150,7 +150,7 @@ def _write_shard(
     shard: str,
     destination: Path,
     targets: dict[str, EditTarget],
-    direction: torch.Tensor,
+    directions: Callable[[EditTarget], torch.Tensor],
     mode: EditMode,
     untie_from: str | None,
     untie_to: str,
@@ -180,7 +180,7 @@ def _write_shard(
             if target is not None:
                 if info.dtype not in FLOAT_DTYPES:
                     raise CheckpointError(f"residual writer '{info.name}' has non-float dtype {info.dtype}")
-                edited = edit_tensor(_decode(raw, info), direction, target.residual_axis, mode)
+                edited = edit_tensor(_decode(raw, info), directions(target), target.residual_axis, mode, target.is_bias)
                 writer.write(_encode(edited))
                 del edited
             else:
@@ -230,7 +230,21 @@ def apply_direction(
     targets = {t.tensor: t for t in arch.targets(source.config, source.tensor_names)}
 
     untie = source.tied_embeddings and arch.unembedding_tensor not in source.tensor_names
-    untie_from = arch.embedding["tensor"] if untie else None
+    untie_from = arch.token_embedding["tensor"] if untie else None
+    if untie_from is not None and untie_from not in source.tensor_names and arch.optional_prefix:
+        untie_from = untie_from.removeprefix(arch.optional_prefix)
+    norm_cache: dict[str, torch.Tensor] = {}
+
+    def directions(target: EditTarget) -> torch.Tensor:
+        """r̂, or û for a write that passes through a norm before the residual add."""
+        if target.output_norm is None:
+            return direction
+        if target.output_norm not in norm_cache:
+            norm_cache[target.output_norm] = write_direction(
+                direction, source.read(target.output_norm).float(), target.norm_offset
+            )
+        return norm_cache[target.output_norm]
+
     total = sum(info.nbytes for h in source.headers.values() for info in h.tensors.values())
     done = 0
 
@@ -254,7 +268,7 @@ def apply_direction(
                 shard,
                 staging / shard,
                 targets,
-                direction,
+                directions,
                 mode,
                 untie_from,
                 arch.unembedding_tensor,
@@ -290,7 +304,7 @@ def apply_direction(
             "created_unix": int(time.time()),
             "mode": mode,
             "architecture": arch.family,
-            "guarantee": arch.guarantee,
+            "guarantee": arch.guarantee(mode),
             "source": {"path": str(source.folder), "shards": source_shards},
             "direction": {"sha256": direction_sha256(direction), "file": DIRECTION_COPY, "hidden_size": hidden},
             "edited_tensors": sorted(t for t in targets),
