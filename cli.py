@@ -202,6 +202,8 @@ def fit(
     model_spec, dataset, out_dir, device, dtype, batch_size, seed, screen_keep, screen_prompts, validation_prompts
 ) -> None:
     """Fit the refusal direction on the fit areas and select it on their validation prompts."""
+    from safetensors.torch import save_file
+
     from weight_edit.architecture import architecture_for
     from weight_edit.checkpoint import Checkpoint, fingerprint
     from weight_edit.dataset import interleave_areas
@@ -267,6 +269,11 @@ def fit(
     out_dir.mkdir(parents=True, exist_ok=True)
     direction_path, sidecar_path = save_direction(out_dir / settings.DIRECTION_FILE, result.direction, sidecar)
     write_csv(out_dir / "candidates.csv", result.table())
+    save_file(
+        {k: v.contiguous() for k, v in result.means.items()},
+        str(out_dir / "activation_means.safetensors"),
+        metadata={"format": "pt"},
+    )
     write_csv(out_dir / "split.csv", split.table())
     table = Table(title="chosen direction")
     for key in ("layer", "position", "bypass", "induce", "kl"):

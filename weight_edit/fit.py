@@ -68,6 +68,8 @@ class FitResult:
     refusal_tokens: list[str]
     selection_note: str
     stats: dict[str, int] = field(default_factory=dict)
+    # Mean residual input of every layer at every post-instruction position: [layers, positions, d].
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def chosen(self) -> CandidateScore:
         return next(s for s in self.scores if s.selected)
@@ -183,6 +185,7 @@ def fit_direction(
     chosen.selected = True
     return FitResult(
         direction=vector(chosen).clone(),
+        means={"unsafe": mean_unsafe.float(), "safe": mean_safe.float()},
         layer=chosen.layer,
         position=chosen.position,
         scores=scores,
