@@ -308,7 +308,13 @@ def fit(
 )
 @click.option("--mode", type=click.Choice(["norm-preserving", "project"]), default="norm-preserving", show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty --out (atomically, after the new result is complete).")
-def apply(model_spec, direction_path, out, mode, force) -> None:
+@click.option(
+    "--biproject",
+    is_flag=True,
+    help="Remove from each layer the direction made orthogonal to that layer's mean harmless activation "
+    "(needs activation_means.safetensors and the sidecar written by `fit` beside --direction).",
+)
+def apply(model_spec, direction_path, out, mode, force, biproject) -> None:
     """Write a new checkpoint with the direction removed from every residual-writing weight."""
     from weight_edit.checkpoint import Checkpoint, fingerprint
     from weight_edit.direction_file import check_compatible, load_direction
@@ -330,6 +336,18 @@ def apply(model_spec, direction_path, out, mode, force) -> None:
             "checked": "fingerprint" if sidecar else "hidden size only",
         }
     }
+    layer_directions = None
+    if biproject:
+        from safetensors.torch import load_file
+
+        from weight_edit.edit_math import biprojected_directions
+
+        means_path = direction_path.parent / "activation_means.safetensors"
+        if sidecar is None or not means_path.is_file():
+            fail(f"--biproject needs {means_path} and {direction_path.with_suffix('.json')} from `weight-edit fit`")
+        safe_means = load_file(str(means_path))["safe"][:, sidecar["position"], :]
+        layer_directions = biprojected_directions(vector, safe_means)
+        extra["biprojection"] = {"means": str(means_path.resolve()), "position": sidecar["position"]}
     started = time.time()
     bars = Progress(
         TextColumn("{task.description}"),
@@ -348,10 +366,17 @@ def apply(model_spec, direction_path, out, mode, force) -> None:
             bars.update(task, completed=done, total=total, rate=f"{done / elapsed / 1e6:.0f} MB/s")
 
         result = apply_direction(
-            source, vector, out, mode=mode, force=force, provenance_extra=extra, on_progress=on_progress
+            source,
+            vector,
+            out,
+            mode=mode,
+            force=force,
+            provenance_extra=extra,
+            on_progress=on_progress,
+            layer_directions=layer_directions,
         )
     console.print(
-        f"edited {len(result.edited_tensors)} tensors ({mode}){'; untied embeddings (explicit lm_head.weight)' if result.untied_embeddings else ''}; wrote {result.out} in {time.time() - started:.0f} s"
+        f"edited {len(result.edited_tensors)} tensors ({mode}{', biprojected' if biproject else ''}){'; untied embeddings (explicit lm_head.weight)' if result.untied_embeddings else ''}; wrote {result.out} in {time.time() - started:.0f} s"
     )
 
 

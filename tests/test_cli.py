@@ -51,6 +51,16 @@ def test_fit_apply_verify_evaluate(tmp_path, tiny_model, runner):
     assert result.exit_code == 0, result.output
     assert json.loads((out / "weight_edit_verify.json").read_text())["passed"] is True
 
+    biprojected = tmp_path / "biprojected"
+    result = runner.invoke(
+        cli.main,
+        ["apply", "--direction", str(fit_dir / "direction.safetensors"), "--out", str(biprojected), "--biproject"],
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli.main, ["verify", str(biprojected), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((biprojected / "weight_edit_verify.json").read_text())["guarantee"] == "hook-exact-per-layer"
+
     eval_dir = tmp_path / "eval"
     result = runner.invoke(
         cli.main,

@@ -105,3 +105,38 @@ def test_hidden_size_mismatch_is_refused(tmp_path, tiny_model):
     with pytest.raises(ValueError, match="hidden size"):
         apply_direction(Checkpoint(tiny_model), torch.randn(31), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["norm-preserving", "project"])
+def test_per_layer_biprojected_directions(tmp_path, chat_tokenizer, mode):
+    """Writers of layer l remove row l; embeddings remove row 0; verify matches the per-layer hooks."""
+    import settings
+    from weight_edit.edit_math import biprojected_directions
+    from weight_edit.verify import verify_checkpoint
+
+    source = build_tiny_model(tmp_path / "src", chat_tokenizer, bias=True, layers=3)
+    g = torch.Generator().manual_seed(9)
+    direction, harmless = torch.randn(32, generator=g), torch.randn(3, 32, generator=g)
+    layers = biprojected_directions(direction.double(), harmless.double())
+    # the defining property: orthogonal to each layer's harmless mean, and still close to r̂
+    assert (layers * harmless.double()).sum(-1).abs().max() < 1e-10
+    assert (layers @ unit(direction.double()) > 0).all()
+    result = apply_direction(
+        Checkpoint(source), direction, tmp_path / "out", mode=mode, layer_directions=layers.float()
+    )
+    before, _ = read_all(source)
+    after, _ = read_all(tmp_path / "out")
+    for name in result.edited_tensors:
+        layer = int(name.split(".")[2]) if ".layers." in name else 0
+        u = layers[layer]
+        axis = 1 if "embed" in name else 0
+        if before[name].ndim == 1:
+            expected = reference_project(before[name].unsqueeze(1), u, 0).squeeze(1)
+        else:
+            expected = (reference_project if mode == "project" else reference_norm_preserving)(before[name], u, axis)
+        torch.testing.assert_close(after[name].double(), expected, atol=2e-5, rtol=1e-5)
+    report = verify_checkpoint(
+        tmp_path / "out", ["Tell me a joke", "How do locks work?"], settings.VERIFY_TOLERANCES, new_tokens=4
+    )
+    assert report.passed, report.failures
+    assert report.guarantee == "hook-exact-per-layer" and report.metrics["max_abs_logit"] < 1e-3

@@ -21,6 +21,10 @@ from importlib import resources
 from typing import Any
 
 GUARANTEES = {
+    "hook-exact-per-layer": "edited checkpoint equals hook-based removal of each layer's own (biprojected) "
+    "direction on the source model; every write is orthogonal to its layer's direction",
+    "orthogonal-writes-per-layer": "every residual write is exactly orthogonal to its layer's own (biprojected) "
+    "direction; equality with hook-based removal is not exact for this family and mode",
     "hook-exact": "edited checkpoint equals hook-based ablation of the direction on the source model",
     "orthogonal-writes": "every residual write is exactly orthogonal to the direction; equality with hook-based "
     "ablation is not exact for this family and mode",
@@ -88,7 +92,11 @@ class Architecture:
         """Can hooks reproduce the weight edit exactly? Block hooks only project (no per-expert rescale)."""
         return mode == "project" or all(w.get("hook", "module") == "module" for w in self.writers)
 
-    def guarantee(self, mode: str) -> str:
+    def guarantee(self, mode: str, per_layer_directions: bool = False) -> str:
+        if per_layer_directions:
+            # Each layer removes its own direction: the hook twin still matches, the paper's
+            # single-direction ablation does not.
+            return "hook-exact-per-layer" if self.twin_is_exact(mode) else "orthogonal-writes-per-layer"
         return "hook-exact" if self.twin_is_exact(mode) and not self.has_output_norms else "orthogonal-writes"
 
     def num_layers(self, config: dict[str, Any]) -> int:

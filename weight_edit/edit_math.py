@@ -84,6 +84,18 @@ def write_direction(
     return unit((offset + norm_weight.to(r.dtype)) * r)
 
 
+def biprojected_directions(direction: torch.Tensor, harmless_means: torch.Tensor) -> torch.Tensor:
+    """Per-layer directions: r̂ made orthogonal to each layer's normalised harmless mean, [layers, d].
+
+    Removing these instead of r̂ leaves the mean harmless activation of every layer untouched.
+    """
+    r = unit(direction)
+    means = harmless_means.to(r.dtype)
+    m_hat = means / means.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    orthogonal = r - (m_hat @ r).unsqueeze(-1) * m_hat
+    return orthogonal / orthogonal.norm(dim=-1, keepdim=True)
+
+
 def edit_tensor(
     weight: torch.Tensor,
     direction: torch.Tensor,

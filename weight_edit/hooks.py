@@ -89,20 +89,25 @@ def residual_ablation(
 
 @contextmanager
 def weight_equivalent_ablation(
-    model: torch.nn.Module, targets: list[EditTarget], direction: torch.Tensor, mode: EditMode
+    model: torch.nn.Module,
+    targets: list[EditTarget],
+    direction: torch.Tensor,
+    mode: EditMode,
+    layer_directions: torch.Tensor | None = None,
 ) -> Iterator[None]:
     """Hooks that reproduce `apply`'s edit, computed from the unedited in-memory weights.
 
     Exact for "module" hooks in both modes; "block" hooks (fused experts) only project the block's
     output, which equals the plain projection of every expert but not the norm-preserving rescale.
     """
-    r = unit(direction.float())
+    base = unit(direction.float())
     handles = []
     blocks: set[str] = set()
     for target in targets:
         if target.is_bias:
             continue  # the module's output projection covers its bias
         module = model.get_submodule(target.module)
+        r = base if layer_directions is None else unit(layer_directions[target.layer or 0].float())
         if target.layer is None:  # token or position embedding: rows are residual vectors
             transform = _renormed_projector(r) if mode == "norm-preserving" else _projector(r)
             handles.append(module.register_forward_hook(_output_hook(transform)))

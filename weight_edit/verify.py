@@ -21,7 +21,7 @@ from weight_edit.checkpoint import Checkpoint
 from weight_edit.direction_file import load_direction, vector_sha256
 from weight_edit.hooks import residual_ablation, weight_equivalent_ablation
 from weight_edit.models import load_model
-from weight_edit.writer import PROVENANCE_FILE
+from weight_edit.writer import PROVENANCE_FILE, direction_sha256
 
 
 class VerifyError(ValueError):
@@ -111,9 +111,16 @@ def verify_checkpoint(
     ids, mask = tokenize_instructions(tokenizer, prompts)
     ids, mask = ids.to(device), mask.to(device)
     targets = arch.targets(source.config, source.tensor_names)
+    layer_directions = None
+    if provenance.get("layer_directions"):
+        from safetensors.torch import load_file
+
+        layer_directions = load_file(str(out / provenance["layer_directions"]["file"]))["layer_directions"]
+        if direction_sha256(layer_directions.flatten()) != provenance["layer_directions"]["sha256"]:
+            raise VerifyError(f"{out}: the stored layer directions do not match the provenance hash")
     twin_exact = arch.twin_is_exact(mode)
-    guarantee = arch.guarantee(mode)
-    with weight_equivalent_ablation(model, targets, direction, mode):
+    guarantee = arch.guarantee(mode, layer_directions is not None)
+    with weight_equivalent_ablation(model, targets, direction, mode, layer_directions):
         hooked = _run(model, ids, mask, new_tokens)
     paper = None
     if mode == "project" and guarantee == "hook-exact":
@@ -157,7 +164,8 @@ def verify_checkpoint(
             failures.append(f"top-1 agreement {metrics['top1']:.3f} < {tolerances['top1']}")
         if stored_dtype == "float32" and metrics["continuations_match"] < 1.0:
             failures.append("greedy continuations differ from the hooked source")
-    if component > tolerances["direction_component"]:
+    # With per-layer directions no single direction is absent from the residual stream.
+    if layer_directions is None and component > tolerances["direction_component"]:
         failures.append(f"direction component {component:.3g} > {tolerances['direction_component']}")
     if paper is not None:
         paper_delta = float((result["logits"] - paper["logits"]).abs().amax(dim=-1)[valid].max())

@@ -28,6 +28,7 @@ from weight_edit.edit_math import EditMode, edit_tensor, unit, write_direction
 
 PROVENANCE_FILE = "weight_edit_provenance.json"
 DIRECTION_COPY = "weight_edit_direction.safetensors"
+LAYER_DIRECTIONS_COPY = "weight_edit_layer_directions.safetensors"
 COPY_CHUNK = 64 * 1024 * 1024
 # Files never copied from the source folder: weights are rewritten, pickles and GGUF are not carried.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
@@ -218,8 +219,13 @@ def apply_direction(
     force: bool = False,
     provenance_extra: dict[str, Any] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    layer_directions: torch.Tensor | None = None,
 ) -> ApplyResult:
-    """Write `source` with `direction` removed from every residual-writing tensor into `out`."""
+    """Write `source` with `direction` removed from every residual-writing tensor into `out`.
+
+    With `layer_directions` ([layers, d], e.g. biprojected), writers of layer l remove row l and the
+    embeddings remove row 0; `direction` is still recorded as the fitted direction.
+    """
     out = Path(out).resolve()
     check_output_location(source.folder, out, force)
     arch = architecture_for(source.config)
@@ -235,13 +241,22 @@ def apply_direction(
         untie_from = untie_from.removeprefix(arch.optional_prefix)
     norm_cache: dict[str, torch.Tensor] = {}
 
+    num_layers = arch.num_layers(source.config)
+    if layer_directions is not None:
+        if layer_directions.shape != (num_layers, hidden):
+            raise ValueError(
+                f"layer directions have shape {tuple(layer_directions.shape)}, expected ({num_layers}, {hidden})"
+            )
+        layer_directions = layer_directions.detach().to(torch.float32).cpu()
+
     def directions(target: EditTarget) -> torch.Tensor:
-        """r̂, or û for a write that passes through a norm before the residual add."""
+        """r̂ (or the layer's own direction), made û for a write that passes through a norm first."""
+        base = direction if layer_directions is None else unit(layer_directions[target.layer or 0])
         if target.output_norm is None:
-            return direction
+            return base
         if target.output_norm not in norm_cache:
             norm_cache[target.output_norm] = write_direction(
-                direction, source.read(target.output_norm).float(), target.norm_offset
+                base, source.read(target.output_norm).float(), target.norm_offset
             )
         return norm_cache[target.output_norm]
 
@@ -291,22 +306,32 @@ def apply_direction(
         for item in sorted(source.folder.iterdir()):
             if (
                 item.is_file()
-                and item.name not in ("config.json", INDEX_FILE, PROVENANCE_FILE, DIRECTION_COPY, "README.md")
+                and item.name
+                not in ("config.json", INDEX_FILE, PROVENANCE_FILE, DIRECTION_COPY, LAYER_DIRECTIONS_COPY, "README.md")
                 and not item.name.endswith(_SKIP_SUFFIXES)
             ):
                 shutil.copy2(item, staging / item.name)
         from safetensors.torch import save_file
 
         save_file({"direction": direction.contiguous()}, str(staging / DIRECTION_COPY), metadata={"format": "pt"})
+        if layer_directions is not None:
+            save_file(
+                {"layer_directions": layer_directions.contiguous()},
+                str(staging / LAYER_DIRECTIONS_COPY),
+                metadata={"format": "pt"},
+            )
         provenance = {
             "tool": "weight-edit",
             "version": __version__,
             "created_unix": int(time.time()),
             "mode": mode,
             "architecture": arch.family,
-            "guarantee": arch.guarantee(mode),
+            "guarantee": arch.guarantee(mode, layer_directions is not None),
             "source": {"path": str(source.folder), "shards": source_shards},
             "direction": {"sha256": direction_sha256(direction), "file": DIRECTION_COPY, "hidden_size": hidden},
+            "layer_directions": None
+            if layer_directions is None
+            else {"file": LAYER_DIRECTIONS_COPY, "sha256": direction_sha256(layer_directions.flatten())},
             "edited_tensors": sorted(t for t in targets),
             "untied_embeddings": untie,
             "output": {"shards": {k: {"sha256": v["sha256"], "bytes": v["bytes"]} for k, v in output_shards.items()}},
