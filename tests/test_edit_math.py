@@ -96,3 +96,18 @@ def test_hook_scale_reproduces_norm_preserving_weight():
 def test_unusable_directions_are_refused(bad):
     with pytest.raises(ValueError):
         unit(bad)
+
+
+@pytest.mark.parametrize("residual_axis", [0, 1, 2])
+@pytest.mark.parametrize("mode", ["project", "norm-preserving"])
+def test_three_dimensional_tensors_edit_every_slice(residual_axis, mode):
+    """Fused expert tensors: each residual vector along the axis is edited like a 2-D column."""
+    g = torch.Generator().manual_seed(6)
+    shape = [3, 5, 7]
+    shape[residual_axis] = 16
+    weight = torch.randn(shape, generator=g)
+    r = unit(torch.randn(16, generator=g, dtype=torch.float64))
+    edited = edit_tensor(weight, r.float(), residual_axis, mode).double()
+    moved = weight.double().movedim(residual_axis, -1).reshape(-1, 16)
+    reference = (reference_project if mode == "project" else reference_norm_preserving)(moved, r, 1)
+    torch.testing.assert_close(edited.movedim(residual_axis, -1).reshape(-1, 16), reference, atol=1e-5, rtol=1e-5)

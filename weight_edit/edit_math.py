@@ -35,28 +35,48 @@ def _along(r: torch.Tensor, ndim: int, residual_axis: int) -> torch.Tensor:
     return r.reshape(shape)
 
 
-def project_out(weight: torch.Tensor, r: torch.Tensor, residual_axis: int) -> torch.Tensor:
-    """Remove the component along unit `r` from every residual vector of `weight`: (I - r rᵀ) w."""
+def _check(weight: torch.Tensor, r: torch.Tensor, residual_axis: int) -> None:
     if weight.shape[residual_axis] != r.numel():
         raise ValueError(
             f"residual axis {residual_axis} of shape {tuple(weight.shape)} does not match direction size {r.numel()}"
         )
-    rr = _along(r.to(weight.dtype), weight.ndim, residual_axis)
-    coefficients = (weight * rr).sum(dim=residual_axis, keepdim=True)
-    return weight - rr * coefficients
+
+
+def _project_in_place(weight: torch.Tensor, r: torch.Tensor, residual_axis: int) -> torch.Tensor:
+    """(I − r rᵀ) on every residual vector of a tensor this module owns, without full-size temporaries."""
+    r = r.to(weight.dtype)
+    if weight.ndim == 1:
+        return weight.sub_(r * (weight @ r))
+    if weight.ndim == 2:
+        coefficients = torch.tensordot(weight, r, dims=([residual_axis], [0]))
+        return (
+            weight.addr_(r, coefficients, alpha=-1) if residual_axis == 0 else weight.addr_(coefficients, r, alpha=-1)
+        )
+    if residual_axis == 0:
+        return weight.sub_(_along(r, weight.ndim, 0) * torch.tensordot(r, weight, dims=([0], [0])).unsqueeze(0))
+    for block in weight:  # e.g. fused experts [experts, d_ff, d_model]: one expert at a time
+        _project_in_place(block, r, residual_axis - 1)
+    return weight
+
+
+def project_out(weight: torch.Tensor, r: torch.Tensor, residual_axis: int) -> torch.Tensor:
+    """Remove the component along unit `r` from every residual vector of `weight`: (I - r rᵀ) w."""
+    _check(weight, r, residual_axis)
+    return _project_in_place(weight.clone(), r, residual_axis)
 
 
 def norm_preserving_project_out(weight: torch.Tensor, r: torch.Tensor, residual_axis: int) -> torch.Tensor:
     """Project r out of every residual vector, then restore each vector's original norm.
 
     The second projection removes the r component that rounding leaves after rescaling. Vectors
-    that lie entirely along r become zero (there is no direction left to rescale).
+    that lie entirely along r become zero (there is no direction left to rescale). Peak memory is
+    one copy of `weight` besides the input.
     """
     norms = weight.norm(dim=residual_axis, keepdim=True)
     projected = project_out(weight, r, residual_axis)
     projected_norms = projected.norm(dim=residual_axis, keepdim=True)
-    scale = torch.where(projected_norms > 0, norms / projected_norms.clamp_min(1e-30), 0.0)
-    return project_out(projected * scale, r, residual_axis)
+    projected.mul_(torch.where(projected_norms > 0, norms / projected_norms.clamp_min(1e-30), 0.0))
+    return _project_in_place(projected, r, residual_axis)
 
 
 def input_scale(weight: torch.Tensor, r: torch.Tensor, residual_axis: int) -> torch.Tensor:
