@@ -106,6 +106,9 @@ class Command(click.Command):
             return super().invoke(ctx)
         except expected_errors() as exc:
             fail(str(exc))
+        except OSError as exc:  # disk full, permission denied, ...: one line naming the file, not a traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -1,8 +1,10 @@
 """Reference run on the default model: fit → apply → verify → evaluate, then copy aggregates to artifacts/.
 
 Usage (from the project folder, after the README's main-job install):
-    python scripts/reference_run.py [--skip-fit] [--work runs/reference]
+    python scripts/reference_run.py [--skip-fit] [--work runs/reference] [--variants default biproject]
 
+Fits once, then for each `apply` variant (the default norm-preserving edit, and the same with
+`--biproject`) applies, verifies and evaluates.
 Only aggregate files are copied into artifacts/: the split, every candidate's scores, the direction's
 sidecar, the verify report and the evaluation tables. Completions are never stored; the per-prompt
 file with the first few words of each completion stays in the work folder.
@@ -31,48 +33,43 @@ def run(args: list[str]) -> float:
     return round(time.time() - started, 1)
 
 
+VARIANTS = {"default": [], "biproject": ["--biproject"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "reference")
     parser.add_argument("--skip-fit", action="store_true", help="reuse WORK/fit from an earlier run")
-    parser.add_argument("--mode", default="norm-preserving", choices=["norm-preserving", "project"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
-    fit_dir, edited, eval_dir = args.work / "fit", args.work / "edited", args.work / "eval"
-    timings = {}
-    if not args.skip_fit:
-        timings["fit"] = run(["fit", "--out-dir", str(fit_dir)])
-    timings["apply"] = run(
-        [
-            "apply",
-            "--direction",
-            str(fit_dir / settings.DIRECTION_FILE),
-            "--out",
-            str(edited),
-            "--mode",
-            args.mode,
-            "--force",
-        ]
-    )
-    timings["verify"] = run(["verify", str(edited)])
-    timings["evaluate"] = run(["evaluate", str(edited), "--out-dir", str(eval_dir)])
-
-    out = settings.ARTIFACTS_DIR / "reference"
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(fit_dir / "split.csv", out / "split.csv")
-    shutil.copy(fit_dir / "candidates.csv", out / "candidates.csv")
-    shutil.copy(fit_dir / settings.DIRECTION_SIDECAR, out / "direction.json")
-    shutil.copy(edited / "weight_edit_verify.json", out / "verify.json")
-    shutil.copy(eval_dir / "evaluation_by_area.csv", out / "evaluation_by_area.csv")
-    shutil.copy(eval_dir / "evaluation_summary.json", out / "evaluation_summary.json")
-    (out / "timings.json").write_text(
-        json.dumps({"seconds": timings, "machine": "2 CPU cores, no GPU"}, indent=2) + "\n"
-    )
-    write_markdown(out)
-    print(f"aggregates written to {out}")
+    fit_dir = args.work / "fit"
+    fit_seconds = None if args.skip_fit else run(["fit", "--out-dir", str(fit_dir)])
+    artifacts = settings.ARTIFACTS_DIR / "reference"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shutil.copy(fit_dir / "split.csv", artifacts / "split.csv")
+    shutil.copy(fit_dir / "candidates.csv", artifacts / "candidates.csv")
+    shutil.copy(fit_dir / settings.DIRECTION_SIDECAR, artifacts / "direction.json")
+    for variant in args.variants:
+        edited, eval_dir, out = args.work / f"edited-{variant}", args.work / f"eval-{variant}", artifacts / variant
+        timings = {"fit": fit_seconds}
+        apply_args = ["apply", "--direction", str(fit_dir / settings.DIRECTION_FILE), "--out", str(edited), "--force"]
+        timings["apply"] = run(apply_args + VARIANTS[variant])
+        timings["verify"] = run(["verify", str(edited)])
+        timings["evaluate"] = run(["evaluate", str(edited), "--out-dir", str(eval_dir)])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(edited / "weight_edit_verify.json", out / "verify.json")
+        shutil.copy(eval_dir / "evaluation_by_area.csv", out / "evaluation_by_area.csv")
+        shutil.copy(eval_dir / "evaluation_summary.json", out / "evaluation_summary.json")
+        timings_file = out / "timings.json"
+        if fit_seconds is None and timings_file.is_file():  # keep the fit time of the run that fitted
+            timings["fit"] = json.loads(timings_file.read_text())["seconds"].get("fit")
+        timings_file.write_text(json.dumps({"seconds": timings, "machine": "2 CPU cores, no GPU"}, indent=2) + "\n")
+        write_markdown(out, variant)
+        print(f"aggregates written to {out}")
 
 
-def write_markdown(out: Path) -> None:
-    sidecar = json.loads((out / "direction.json").read_text())
+def write_markdown(out: Path, variant: str) -> None:
+    sidecar = json.loads((out.parent / "direction.json").read_text())
     verify = json.loads((out / "verify.json").read_text())
     summary = json.loads((out / "evaluation_summary.json").read_text())
     timings = json.loads((out / "timings.json").read_text())["seconds"]
@@ -82,7 +79,7 @@ def write_markdown(out: Path) -> None:
         return f"{k}/{n} ({100 * k / n:.0f} %)"
 
     lines = [
-        "# Reference run: Qwen2.5-Coder-1.5B-Instruct",
+        f"# Reference run: Qwen2.5-Coder-1.5B-Instruct, `apply` variant `{variant}` ({' '.join(VARIANTS[variant]) or 'no options'})",
         "",
         f"Regenerate with `python scripts/reference_run.py`. Held-out policy areas: {', '.join(summary['held_out_areas'])}.",
         f"Greedy completions of {summary['max_new_tokens']} tokens in {summary['dtype']}; refusal = any of the paper's refusal substrings.",
@@ -105,7 +102,9 @@ def write_markdown(out: Path) -> None:
         "|---|---|---|",
         *[f"| {k} | {v:.3g} | {verify['tolerances'].get(k, '')} |" for k, v in verify["metrics"].items()],
         "",
-        "Wall time on 2 CPU cores (seconds): " + ", ".join(f"{k} {v}" for k, v in timings.items()) + ".",
+        "Wall time on 2 CPU cores (seconds): "
+        + ", ".join(f"{k} {v}" for k, v in timings.items() if v is not None)
+        + ".",
         "",
         "Per area (counts refused by substrings):",
         "",

@@ -122,5 +122,5 @@ def test_direction_file_round_trip_and_checks(tmp_path, tiny_model):
     sidecar_path.write_text(
         sidecar_path.read_text().replace('"layer": 1', '"layer": 2').replace(sidecar["direction_sha256"], "f" * 64)
     )
-    with pytest.raises(DirectionError, match="does not describe"):
+    with pytest.raises(DirectionError, match="edited by hand"):
         load_direction(path)

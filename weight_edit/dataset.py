@@ -6,8 +6,10 @@ import csv
 import hashlib
 import random
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 COLUMNS = ("prompt", "label", "category")
 LABELS = ("safe", "unsafe")
@@ -76,58 +78,53 @@ class Split:
         }
 
 
+def _decoded_lines(path: Path, handle: BinaryIO, update: Callable[[bytes], object]) -> Iterator[str]:
+    """Yield each line of `handle` decoded as UTF-8, hashing its raw bytes on the way (one pass, one copy)."""
+    for number, raw in enumerate(handle, start=1):
+        update(raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}: line {number} is not valid UTF-8 (byte {exc.start + 1} of that line)") from exc
+        yield text.removeprefix("\ufeff") if number == 1 else text
+
+
+def _is_multiline(text: str) -> bool:
+    """True when `text` holds any line break Python knows (\\n, \\r, U+2028, ...)."""
+    return "".join(text.splitlines()) != text
+
+
 def load_dataset(path: Path | str) -> Dataset:
-    """Read and validate a prompt CSV; every problem names its row and column."""
+    """Read and validate a prompt CSV in one streaming pass; every problem names its row and column.
+
+    Row numbers are physical line numbers (the header is line 1), as an editor shows them.
+    """
     path = Path(path)
+    hasher = hashlib.sha256()
+    prompts: list[Prompt] = []
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as handle:
+            reader = csv.reader(_decoded_lines(path, handle, hasher.update), strict=True)
+            line = 1
+            try:
+                header = next(reader, None)
+                if header is None:
+                    raise DatasetError(f"{path}: file is empty (expected header {','.join(COLUMNS)})")
+                _check_header(path, header)
+                seen: dict[str, int] = {}
+                while True:
+                    line = reader.line_num + 1  # first physical line of the next record
+                    row = next(reader, None)
+                    if row is None:
+                        break
+                    if row:
+                        prompts.append(_check_row(path, line, reader.line_num, row, seen))
+            except csv.Error as exc:
+                raise DatasetError(f"{path}: row {line} is not valid CSV: {_csv_problem(exc)}") from exc
     except FileNotFoundError as exc:
         raise DatasetError(f"{path}: file not found") from exc
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DatasetError(f"{path}: line {line} is not valid UTF-8") from exc
-    reader = csv.reader(text.splitlines())
-    header = next(reader, None)
-    if header is None:
-        raise DatasetError(f"{path}: file is empty (expected header {','.join(COLUMNS)})")
-    header = [h.strip() for h in header]
-    if tuple(header) != COLUMNS:
-        missing = [c for c in COLUMNS if c not in header]
-        extra = [c for c in header if c not in COLUMNS]
-        detail = (
-            "; ".join(
-                part
-                for part in (
-                    f"missing column(s) {', '.join(missing)}" if missing else "",
-                    f"unexpected column(s) {', '.join(extra)}" if extra else "",
-                )
-                if part
-            )
-            or "columns out of order"
-        )
-        raise DatasetError(f"{path}: header must be exactly {','.join(COLUMNS)}: {detail}")
-
-    prompts: list[Prompt] = []
-    seen: dict[str, int] = {}
-    for line, row in enumerate(reader, start=2):
-        if not row:
-            continue
-        if len(row) != len(COLUMNS):
-            raise DatasetError(f"{path}: row {line} has {len(row)} fields, expected {len(COLUMNS)}")
-        prompt, label, category = row
-        if not prompt.strip():
-            raise DatasetError(f"{path}: row {line}, column 'prompt' is empty")
-        if label not in LABELS:
-            raise DatasetError(f"{path}: row {line}, column 'label' is {label!r}; expected 'safe' or 'unsafe'")
-        if not category.strip():
-            raise DatasetError(f"{path}: row {line}, column 'category' is empty")
-        key = " ".join(prompt.split()).casefold()
-        if key in seen:
-            raise DatasetError(f"{path}: row {line}, column 'prompt' duplicates row {seen[key]}")
-        seen[key] = line
-        prompts.append(Prompt(prompt.strip(), label, category.strip(), line))
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     if not prompts:
         raise DatasetError(f"{path}: has a header but no rows")
     labels_by_area: dict[str, set[str]] = defaultdict(set)
@@ -137,7 +134,59 @@ def load_dataset(path: Path | str) -> Dataset:
         if labels != set(LABELS):
             only = next(iter(labels))
             raise DatasetError(f"{path}: category '{area}' has only '{only}' prompts; each area needs both labels")
-    return Dataset(path, hashlib.sha256(raw).hexdigest(), tuple(prompts))
+    return Dataset(path, hasher.hexdigest(), tuple(prompts))
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    """The csv module's message, minus its advice about open(newline=''), which does not apply here."""
+    text = str(exc)
+    if "new-line character seen in unquoted field" in text:
+        return "a bare carriage return (\\r) inside an unquoted field; end lines with \\n or \\r\\n"
+    return text
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    header = [h.strip() for h in header]
+    if tuple(header) == COLUMNS:
+        return
+    missing = [c for c in COLUMNS if c not in header]
+    extra = [c for c in header if c not in COLUMNS]
+    detail = (
+        "; ".join(
+            part
+            for part in (
+                f"missing column(s) {', '.join(missing)}" if missing else "",
+                f"unexpected column(s) {', '.join(extra)}" if extra else "",
+            )
+            if part
+        )
+        or "columns out of order"
+    )
+    raise DatasetError(f"{path}: header must be exactly {','.join(COLUMNS)}: {detail}")
+
+
+def _check_row(path: Path, line: int, last_line: int, row: list[str], seen: dict[str, int]) -> Prompt:
+    """Validate one record that starts on physical line `line` (and ends on `last_line`)."""
+    if len(row) != len(COLUMNS):
+        raise DatasetError(f"{path}: row {line} has {len(row)} fields, expected {len(COLUMNS)}")
+    prompt, label, category = row
+    if not prompt.strip():
+        raise DatasetError(f"{path}: row {line}, column 'prompt' is empty")
+    for column, value in (("prompt", prompt), ("category", category)):
+        if _is_multiline(value):
+            span = f" (lines {line}-{last_line})" if last_line > line else ""
+            raise DatasetError(
+                f"{path}: row {line}, column '{column}' spans several lines{span}; prompts and categories must be single-line"
+            )
+    if label not in LABELS:
+        raise DatasetError(f"{path}: row {line}, column 'label' is {label!r}; expected 'safe' or 'unsafe'")
+    if not category.strip():
+        raise DatasetError(f"{path}: row {line}, column 'category' is empty")
+    key = " ".join(prompt.split()).casefold()
+    if key in seen:
+        raise DatasetError(f"{path}: row {line}, column 'prompt' duplicates row {seen[key]}")
+    seen[key] = line
+    return Prompt(prompt.strip(), label, category.strip(), line)
 
 
 def split_dataset(

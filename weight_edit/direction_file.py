@@ -12,6 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+SIDECAR_HASH_FIELD = "sidecar_sha256"
+
 
 class DirectionError(ValueError):
     """A direction file is unusable for this model, or its sidecar does not match it."""
@@ -21,11 +23,21 @@ def vector_sha256(vector: torch.Tensor) -> str:
     return hashlib.sha256(vector.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
+def sidecar_sha256(sidecar: dict[str, Any]) -> str:
+    """Hash of the sidecar's canonical JSON without its own hash field, so any hand edit is detected."""
+    body = {k: v for k, v in sidecar.items() if k != SIDECAR_HASH_FIELD}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def save_direction(path: Path, vector: torch.Tensor, sidecar: dict[str, Any]) -> tuple[Path, Path]:
     """Write `path` (safetensors) and `path` with .json; each appears whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     vector = vector.detach().to(torch.float32).contiguous().cpu()
     sidecar = {**sidecar, "direction_sha256": vector_sha256(vector), "hidden_size": vector.numel()}
+    sidecar.pop(SIDECAR_HASH_FIELD, None)
+    sidecar = json.loads(json.dumps(sidecar))  # hash what a reader will see (tuples as lists, keys as strings)
+    sidecar[SIDECAR_HASH_FIELD] = sidecar_sha256(sidecar)
     sidecar_path = path.with_suffix(".json")
     tmp_vector, tmp_sidecar = (
         path.with_name(path.name + ".partial"),
@@ -60,15 +72,36 @@ def load_direction(path: Path) -> tuple[torch.Tensor, dict[str, Any] | None]:
     if vector.norm() == 0:
         raise DirectionError(f"{path}: 'direction' is the zero vector")
     sidecar_path = path.with_suffix(".json")
-    sidecar = None
-    if sidecar_path.is_file():
-        try:
-            sidecar = json.loads(sidecar_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DirectionError(f"{sidecar_path} is not valid JSON: {exc}") from exc
-        if sidecar.get("direction_sha256") != vector_sha256(vector):
-            raise DirectionError(f"{sidecar_path} does not describe {path} (direction hash differs)")
+    sidecar = _read_sidecar(sidecar_path) if sidecar_path.is_file() else None
+    if sidecar is not None and sidecar.get("direction_sha256") != vector_sha256(vector):
+        raise DirectionError(f"{sidecar_path} does not describe {path} (direction hash differs)")
     return vector, sidecar
+
+
+def _read_sidecar(sidecar_path: Path) -> dict[str, Any]:
+    """Parse a sidecar and check its self-hash: a hand-edited layer or fingerprint must not pass."""
+    try:
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
+        raise DirectionError(f"{sidecar_path} is not readable JSON: {exc}") from exc
+    if not isinstance(sidecar, dict):
+        raise DirectionError(f"{sidecar_path} must hold a JSON object, found {type(sidecar).__name__}")
+    recorded = sidecar.get(SIDECAR_HASH_FIELD)
+    if recorded is None:
+        raise DirectionError(
+            f"{sidecar_path} has no {SIDECAR_HASH_FIELD} (written by an older weight-edit): run `weight-edit fit` "
+            "again, or delete the sidecar to use the vector alone (checked by hidden size only)"
+        )
+    try:
+        actual = sidecar_sha256(sidecar)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise DirectionError(f"{sidecar_path} cannot be hashed: {exc}") from exc
+    if recorded != actual:
+        raise DirectionError(
+            f"{sidecar_path} was edited by hand ({SIDECAR_HASH_FIELD} differs): run `weight-edit fit` again "
+            "instead of editing its output"
+        )
+    return sidecar
 
 
 def check_compatible(
@@ -82,6 +115,8 @@ def check_compatible(
     if sidecar is None:
         return
     fitted = sidecar.get("model_fingerprint", {})
+    if not isinstance(fitted, dict):
+        raise DirectionError(f"{path}: its sidecar's model_fingerprint is not a JSON object")
     for key in ("model_type", "hidden_size", "num_layers", "probe_tensor_sha256"):
         if key in fitted and fitted[key] != model_fingerprint.get(key):
             raise DirectionError(

@@ -49,7 +49,16 @@ def read_provenance(out: Path) -> dict[str, Any]:
     path = out / PROVENANCE_FILE
     if not path.is_file():
         raise VerifyError(f"{out} has no {PROVENANCE_FILE}: it was not written by `weight-edit apply`")
-    return json.loads(path.read_text())
+    try:
+        provenance = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VerifyError(f"{path} is not valid JSON ({exc}): it was damaged after `weight-edit apply`") from exc
+    missing = [
+        k for k in ("mode", "source", "direction", "output") if not isinstance(provenance, dict) or k not in provenance
+    ]
+    if missing:
+        raise VerifyError(f"{path} lacks {', '.join(missing)}: it was not written by this `weight-edit apply`")
+    return provenance
 
 
 def check_output_files(out: Path, provenance: dict[str, Any]) -> None:

@@ -234,6 +234,12 @@ def apply_direction(
         raise ValueError(f"direction has shape {tuple(direction.shape)}, the model's hidden size is {hidden}")
     direction = unit(direction.detach().to(torch.float32).cpu())
     targets = {t.tensor: t for t in arch.targets(source.config, source.tensor_names)}
+    for name in sorted(targets):  # refuse before writing anything, not after copying most of the model
+        if (info := source.info(name)).dtype not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{source.folder / source.weight_map[name]}: residual writer '{name}' has non-float dtype {info.dtype}; "
+                "only float16, bfloat16, float32 and float64 weights can be edited"
+            )
 
     untie = source.tied_embeddings and arch.unembedding_tensor not in source.tensor_names
     untie_from = arch.token_embedding["tensor"] if untie else None
