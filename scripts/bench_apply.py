@@ -23,6 +23,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CONFIGS = {
+    "tiny": dict(  # for a smoke test of the scripts themselves
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+        tie_word_embeddings=True,
+        num_hidden_layers=2,
+    ),
     # Shapes from the public config.json files of these models.
     "qwen2.5-1.5b": dict(
         model_type="qwen2",
@@ -110,24 +120,28 @@ def build_checkpoint(name: str, layers: int, dtype: str, folder: Path, shard_byt
     return {"bytes": total, "shards": count, "largest_tensor_bytes": largest}
 
 
+# ru_maxrss survives exec (it would include the parent's memory); VmHWM belongs to the new process.
 CHILD = r"""
-import resource, sys, time, shutil
+import os, sys, time, shutil
 from pathlib import Path
 kind, source, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+if kind != "copy":
+    import torch
+    from weight_edit.checkpoint import Checkpoint
+    from weight_edit.writer import apply_direction
 started = time.time()
 if kind == "copy":
     shutil.copytree(source, out)
     for f in out.iterdir():
         with f.open("rb+") as h:
-            import os; os.fsync(h.fileno())
+            os.fsync(h.fileno())
 else:
-    import torch
-    from weight_edit.checkpoint import Checkpoint
-    from weight_edit.writer import apply_direction
     ckpt = Checkpoint(source)
     hidden = ckpt.config["hidden_size"]
     apply_direction(ckpt, torch.randn(hidden, generator=torch.Generator().manual_seed(1)), out, mode=kind)
-print(time.time() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+seconds = time.time() - started
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(seconds, peak_kb * 1024)
 """
 
 

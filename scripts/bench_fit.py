@@ -1,0 +1,163 @@
+"""Benchmark `fit` on a random-weight model with a real config's shapes.
+
+Builds the model in memory from a real config (random weights), uses a ChatML tokenizer trained
+here on the embedded dataset (the real tokenizer cannot be downloaded), and runs the library's
+`fit_direction` on the embedded dataset's fit split. Prints prompts/s of activation collection, its
+model-FLOPs utilisation (2 × parameters × tokens / time / peak), and the wall time of each step.
+
+    python scripts/bench_fit.py --config llama3-8b --device cuda --batch-size 64      # GPU machine
+    python scripts/bench_fit.py --config qwen2.5-1.5b --device cpu --dtype bfloat16   # here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_apply import CONFIGS  # noqa: E402
+
+import settings  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak per GPU (vendor figures)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 4000):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts + ["I cannot help. As an AI, Sorry."], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def main() -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from weight_edit.architecture import architecture_for
+    from weight_edit.dataset import load_dataset, split_dataset
+    from weight_edit.fit import FitSettings, fit_direction
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="qwen2.5-1.5b")
+    parser.add_argument("--layers", type=int, default=None, help="override the depth")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--screen-keep", type=int, default=settings.SCREEN_KEEP)
+    args = parser.parse_args()
+
+    spec = dict(CONFIGS[args.config])
+    if args.layers:
+        spec["num_hidden_layers"] = args.layers
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, **spec)
+    started = time.time()
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    model.eval()
+    build_s = time.time() - started
+    parameters = sum(p.numel() for p in model.parameters())
+
+    data = load_dataset(settings.DEFAULT_DATASET)
+    split = split_dataset(data, settings.SEED, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION)
+    tokenizer = train_tokenizer([p.text for p in data.prompts])
+    texts = {
+        (part, label): [p.text for p in split.select(part, label)]
+        for part in ("train", "validation")
+        for label in ("unsafe", "safe")
+    }
+    arch = architecture_for({"model_type": model_type})
+
+    timings: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    clock: dict[str, float] = {}
+
+    def progress(description: str, total: int):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        clock[description] = time.time()
+        counts[description] = total
+
+        def advance(n: int) -> None:
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            timings[description] = time.time() - clock[description]
+
+        return advance
+
+    fit_started = time.time()
+    result = fit_direction(
+        model,
+        tokenizer,
+        arch,
+        config.num_hidden_layers,
+        texts[("train", "unsafe")],
+        texts[("train", "safe")],
+        texts[("validation", "unsafe")],
+        texts[("validation", "safe")],
+        FitSettings(
+            batch_size=args.batch_size, screen_keep=args.screen_keep, refusal_prefixes=settings.REFUSAL_PREFIXES
+        ),
+        progress,
+    )
+    fit_s = time.time() - fit_started
+    activation_steps = [k for k in timings if k.startswith("activations")]
+    prompts = sum(counts[k] for k in activation_steps)
+    seconds = sum(timings[k] for k in activation_steps)
+    lengths = [
+        len(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True))
+        for t in texts[("train", "unsafe")] + texts[("train", "safe")]
+    ]
+    tokens = sum(lengths)
+    achieved = 2 * parameters * tokens / seconds / 1e12
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    report = {
+        "config": args.config,
+        "layers": config.num_hidden_layers,
+        "parameters": parameters,
+        "device": device_name,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "build_s": round(build_s, 1),
+        "fit_s": round(fit_s, 1),
+        "steps_s": {k: round(v, 2) for k, v in timings.items()},
+        "activation_prompts_per_s": round(prompts / seconds, 1),
+        "activation_tokens": tokens,
+        "activation_tflops": round(achieved, 1),
+        "activation_mfu": round(achieved / peak, 3) if peak else None,
+        "chosen": {"layer": result.layer, "position": result.position},
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1) if args.device == "cuda" else None,
+    }
+    print(json.dumps(report, indent=2))
+    print(
+        f"{args.config} ({parameters / 1e9:.2f} B params) on {device_name}: fit {fit_s:.0f} s; activations "
+        f"{prompts / seconds:.1f} prompts/s, {achieved:.1f} TFLOP/s" + (f", MFU {achieved / peak:.1%}" if peak else "")
+    )
+
+
+if __name__ == "__main__":
+    main()
