@@ -8,6 +8,7 @@ vectors; the norm-preserving variant also gives every vector back its original l
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -138,3 +139,33 @@ def edit_tensor(
     else:
         edited = norm_preserving_project_out(work, r, residual_axis)
     return edited.to(weight.dtype)
+
+
+def edited_pieces(
+    weight: torch.Tensor,
+    direction: torch.Tensor,
+    residual_axis: int,
+    mode: EditMode,
+    is_bias: bool = False,
+    max_elements: int = 1 << 24,
+) -> Iterator[torch.Tensor]:
+    """Edit a tensor in blocks of residual vectors and yield the result in storage order.
+
+    Every residual vector is edited on its own, so blocks give the same result as one call to
+    `edit_tensor` while the float32 working copies stay at `max_elements`. When the residual vectors
+    are rows of the leading axis (embeddings, Conv1D, fused experts) each block is yielded as soon as
+    it is done; when they are columns, the blocks fill one output tensor that is yielded at the end.
+    """
+    if weight.ndim == 1 or weight.numel() <= max_elements:
+        yield edit_tensor(weight, direction, residual_axis, mode, is_bias)
+        return
+    if residual_axis != 0:
+        step = max(1, max_elements * weight.shape[0] // weight.numel())
+        for start in range(0, weight.shape[0], step):
+            yield edit_tensor(weight[start : start + step], direction, residual_axis, mode, is_bias)
+        return
+    out = torch.empty_like(weight)
+    step = max(1, max_elements * weight.shape[1] // weight.numel())
+    for start in range(0, weight.shape[1], step):
+        out[:, start : start + step] = edit_tensor(weight[:, start : start + step], direction, 0, mode, is_bias)
+    yield out

@@ -24,7 +24,7 @@ import torch
 from weight_edit import __version__
 from weight_edit.architecture import EditTarget, architecture_for
 from weight_edit.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo
-from weight_edit.edit_math import EditMode, edit_tensor, unit, write_direction
+from weight_edit.edit_math import EditMode, edited_pieces, unit, write_direction
 
 PROVENANCE_FILE = "weight_edit_provenance.json"
 DIRECTION_COPY = "weight_edit_direction.safetensors"
@@ -181,9 +181,11 @@ def _write_shard(
             if target is not None:
                 if info.dtype not in FLOAT_DTYPES:
                     raise CheckpointError(f"residual writer '{info.name}' has non-float dtype {info.dtype}")
-                edited = edit_tensor(_decode(raw, info), directions(target), target.residual_axis, mode, target.is_bias)
-                writer.write(_encode(edited))
-                del edited
+                for piece in edited_pieces(
+                    _decode(raw, info), directions(target), target.residual_axis, mode, target.is_bias
+                ):
+                    writer.write(_encode(piece))
+                    del piece
             else:
                 writer.write(raw)
             if info.name in extra:
