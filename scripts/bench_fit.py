@@ -127,7 +127,9 @@ def main() -> None:
     activation_steps = [k for k in timings if k.startswith("activations")]
     prompts = sum(counts[k] for k in activation_steps)
     seconds = sum(timings[k] for k in activation_steps)
-    lengths = [
+    chats = [[{"role": "user", "content": t}] for t in texts[("train", "unsafe")] + texts[("train", "safe")]]
+    formatted = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
+    lengths = [len(ids) for ids in tokenizer(formatted, add_special_tokens=False)["input_ids"]]
         len(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True))
         for t in texts[("train", "unsafe")] + texts[("train", "safe")]
     ]

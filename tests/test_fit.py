@@ -124,3 +124,33 @@ def test_direction_file_round_trip_and_checks(tmp_path, tiny_model):
     )
     with pytest.raises(DirectionError, match="edited by hand"):
         load_direction(path)
+
+
+def test_batched_screen_matches_one_candidate_at_a_time(fitted):
+    """Stage 1 puts several candidates in one forward pass; each must score as if it ran alone."""
+    from weight_edit.activations import kl_divergence, last_logits
+    from weight_edit.hooks import residual_ablation
+
+    model, tokenizer, arch = fitted
+    settings = FitSettings(
+        batch_size=8, screen_prompts=3, screen_keep=2, max_layer_fraction=1.0, max_kl=10.0, min_induce=-100
+    )
+    result = fit_direction(model, tokenizer, arch, 2, UNSAFE, SAFE, UNSAFE[:4], SAFE[:4], settings)
+    suffix = post_instruction_ids(tokenizer)
+    n_pos = len(suffix)
+    refusal_ids = refusal_token_ids(tokenizer, settings.refusal_prefixes)
+    reference = last_logits(model, tokenized_batches(tokenizer, SAFE[:4], 8, "cpu", suffix))[:3]
+    screened = [s for s in result.scores if s.screen_bypass is not None]
+    assert len(screened) == sum(s.eligible for s in result.scores) > 2
+    for score in screened:
+        vector = (
+            result.means["unsafe"][score.layer, score.position + n_pos]
+            - result.means["safe"][score.layer, score.position + n_pos]
+        )
+        with residual_ablation(model, arch, 2, vector):
+            alone = refusal_log_odds(
+                last_logits(model, tokenized_batches(tokenizer, UNSAFE[:3], 3, "cpu", suffix)), refusal_ids
+            ).mean()
+            safe = last_logits(model, tokenized_batches(tokenizer, SAFE[:3], 3, "cpu", suffix))
+        assert score.screen_bypass == pytest.approx(float(alone), abs=1e-4)
+        assert score.screen_kl == pytest.approx(float(kl_divergence(reference, safe).mean()), abs=1e-5)

@@ -19,7 +19,7 @@ import torch
 
 from weight_edit.activations import kl_divergence, last_logits, mean_residuals, tokenized_batches
 from weight_edit.architecture import Architecture
-from weight_edit.chat import post_instruction_ids, refusal_log_odds, refusal_token_ids
+from weight_edit.chat import post_instruction_ids, refusal_log_odds, refusal_token_ids, tokenize_instructions
 from weight_edit.hooks import activation_addition, residual_ablation
 
 # progress(description, total) returns a function that advances the bar by n items.
@@ -82,6 +82,16 @@ def _mean_refusal(model, prepared, refusal_ids, advance) -> float:
     return float(refusal_log_odds(last_logits(model, prepared, advance), refusal_ids).mean())
 
 
+@torch.inference_mode()
+def _screen(model, arch, num_layers: int, vectors: torch.Tensor, encoded, device) -> torch.Tensor:
+    """Last-position logits of every prompt under ablation of every vector: [vectors × prompts, vocab]."""
+    ids, mask = (t.repeat(len(vectors), 1).to(device) for t in encoded)
+    per_row = vectors.repeat_interleave(encoded[0].shape[0], dim=0)
+    with residual_ablation(model, arch, num_layers, per_row):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    return out.logits[:, -1, :].float().cpu()
+
+
 def fit_direction(
     model: torch.nn.Module,
     tokenizer,
@@ -118,8 +128,6 @@ def fit_direction(
     val_unsafe = val_unsafe[: settings.max_validation_prompts]
     val_safe = val_safe[: settings.max_validation_prompts]
     unsafe_batches, safe_batches = prepare(val_unsafe), prepare(val_safe)
-    screen_batches = prepare(val_unsafe[: settings.screen_prompts])
-    screen_safe_batches = prepare(val_safe[: settings.screen_prompts])
 
     baseline_safe_logits = last_logits(model, safe_batches, progress("baseline: safe validation", len(val_safe)))
     baseline = {
@@ -152,14 +160,23 @@ def fit_direction(
     if full_search:
         kept = eligible
     else:
-        n_screen = len(val_unsafe[: settings.screen_prompts]) + len(val_safe[: settings.screen_prompts])
-        advance = progress("stage 1: screening candidates", len(eligible) * n_screen)
-        screen_reference = baseline_safe_logits[: settings.screen_prompts]
-        for score in eligible:
-            with residual_ablation(model, arch, num_layers, vector(score)):
-                score.screen_bypass = _mean_refusal(model, screen_batches, refusal_ids, advance)
-                screened_safe = last_logits(model, screen_safe_batches, advance)
-            score.screen_kl = float(kl_divergence(screen_reference, screened_safe).mean())
+        screen_unsafe, screen_safe = val_unsafe[: settings.screen_prompts], val_safe[: settings.screen_prompts]
+        advance = progress("stage 1: screening candidates", len(eligible) * (len(screen_unsafe) + len(screen_safe)))
+        reference = baseline_safe_logits[: len(screen_safe)]
+        unsafe_ids = tokenize_instructions(tokenizer, screen_unsafe, suffix)
+        safe_ids = tokenize_instructions(tokenizer, screen_safe, suffix)
+        # Several candidates share one forward pass: the prompts are repeated, one direction per copy.
+        group = max(1, settings.batch_size // max(len(screen_unsafe), len(screen_safe)))
+        for start in range(0, len(eligible), group):
+            chunk = eligible[start : start + group]
+            vectors = torch.stack([vector(s) for s in chunk])
+            bypass = _screen(model, arch, num_layers, vectors, unsafe_ids, device)
+            bypass = refusal_log_odds(bypass, refusal_ids).view(len(chunk), -1).mean(dim=1)
+            safe_logits = _screen(model, arch, num_layers, vectors, safe_ids, device)
+            kl = kl_divergence(reference.repeat(len(chunk), 1), safe_logits).view(len(chunk), -1).mean(dim=1)
+            for score, b, k in zip(chunk, bypass.tolist(), kl.tolist(), strict=True):
+                score.screen_bypass, score.screen_kl = b, k
+            advance(len(chunk) * (len(screen_unsafe) + len(screen_safe)))
         by_bypass = sorted(eligible, key=lambda s: s.screen_bypass)
         low_kl = [s for s in by_bypass if s.screen_kl < settings.max_kl]
         kept = (low_kl + [s for s in by_bypass if s not in low_kl])[: settings.screen_keep]

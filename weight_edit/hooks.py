@@ -21,9 +21,14 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _projector(r: torch.Tensor) -> Transform:
+    """x ← x − r rᵀ x; with r of shape [batch, d], each batch row gets its own direction."""
+
     def project(x: torch.Tensor) -> torch.Tensor:
         rr = r.to(device=x.device, dtype=x.dtype)
-        return x - (x @ rr).unsqueeze(-1) * rr
+        if rr.ndim == 1:
+            return x - (x @ rr).unsqueeze(-1) * rr
+        rr = rr.reshape(rr.shape[0], *([1] * (x.ndim - 2)), rr.shape[-1])
+        return x - (x * rr).sum(-1, keepdim=True) * rr
 
     return project
 
@@ -71,7 +76,12 @@ def _hooks(registrations: list) -> Iterator[None]:
 def residual_ablation(
     model: torch.nn.Module, arch: Architecture, num_layers: int, direction: torch.Tensor
 ) -> Iterator[None]:
-    project = _projector(unit(direction.float()))
+    """The paper's ablation; `direction` [d] for all rows, or [batch, d] to test one direction per row."""
+    if direction.ndim == 2:
+        rows = direction.float()
+        project = _projector(rows / rows.norm(dim=-1, keepdim=True))
+    else:
+        project = _projector(unit(direction.float()))
     handles = []
     for layer in range(num_layers):
         handles.append(
