@@ -130,9 +130,6 @@ def main() -> None:
     chats = [[{"role": "user", "content": t}] for t in texts[("train", "unsafe")] + texts[("train", "safe")]]
     formatted = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
     lengths = [len(ids) for ids in tokenizer(formatted, add_special_tokens=False)["input_ids"]]
-        len(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True))
-        for t in texts[("train", "unsafe")] + texts[("train", "safe")]
-    ]
     tokens = sum(lengths)
     achieved = 2 * parameters * tokens / seconds / 1e12
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
