@@ -610,3 +610,66 @@ def test_verify_fails_a_checkpoint_edited_with_another_direction(tmp_path, sourc
     assert not report.passed
     assert any("logit" in f for f in report.failures) and any("direction component" in f for f in report.failures)
     assert digest(tmp_path) == before
+
+
+# --- interrupted or killed mid-write --------------------------------------------------------------
+
+
+def test_interrupt_midway_loses_nothing(tmp_path, source, monkeypatch):
+    """Ctrl-C during the second shard: the source is untouched, the previous result stays, no staging."""
+    out = tmp_path / "out"
+    apply_direction(Checkpoint(source), torch.randn(32), out)
+    out_before, source_before = digest(out), digest(source)
+    checkpoint = Checkpoint(source)
+    original = writer._HashingWriter.write
+
+    def write(self, data):
+        if Path(self.handle.name).name == checkpoint.shards[1]:
+            raise KeyboardInterrupt
+        return original(self, data)
+
+    monkeypatch.setattr(writer._HashingWriter, "write", write)
+    with pytest.raises(KeyboardInterrupt):
+        apply_direction(checkpoint, torch.randn(32), out, force=True)
+    assert digest(source) == source_before and digest(out) == out_before and not leftovers(tmp_path)
+
+
+KILLED_CHILD = r"""
+import sys, time, torch
+from pathlib import Path
+from weight_edit import writer
+from weight_edit.checkpoint import Checkpoint
+original = writer._HashingWriter.write
+def slow_write(self, data):
+    if Path(self.handle.name).name == sys.argv[3]:
+        print("writing", flush=True)
+        time.sleep(60)
+    return original(self, data)
+writer._HashingWriter.write = slow_write
+writer.apply_direction(Checkpoint(sys.argv[1]), torch.randn(32), Path(sys.argv[2]), force=True)
+"""
+
+
+def test_killed_midway_leaves_out_whole_and_the_next_run_cleans_up(tmp_path, source):
+    """SIGKILL while the second shard is written: --out keeps the previous complete result."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    apply_direction(Checkpoint(source), torch.randn(32), out)
+    out_before, source_before = digest(out), digest(source)
+    shard = Checkpoint(source).shards[1]
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CHILD, str(source), str(out), shard], cwd=root, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+    assert digest(source) == source_before and digest(out) == out_before
+    assert leftovers(tmp_path) == [f".out.partial-{child.pid}"]  # the dead run's staging, never at --out
+    apply_direction(Checkpoint(source), torch.randn(32), out, force=True)
+    assert not leftovers(tmp_path) and digest(source) == source_before

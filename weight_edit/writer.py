@@ -278,6 +278,7 @@ def apply_direction(
             on_progress(done, total)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
@@ -351,6 +352,14 @@ def apply_direction(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ApplyResult(out, sorted(targets), untie, provenance)
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Delete staging folders of earlier runs for the same --out whose process no longer exists (killed)."""
+    for staging in out.parent.glob(f".{out.name}.partial-*"):
+        pid = staging.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _replace_atomically(staging: Path, out: Path) -> None:
