@@ -317,7 +317,14 @@ def fit(
     help="Remove from each layer the direction made orthogonal to that layer's mean harmless activation "
     "(needs activation_means.safetensors and the sidecar written by `fit` beside --direction).",
 )
-def apply(model_spec, direction_path, out, mode, force, biproject) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Shards written in parallel (0: automatic, up to 4; memory grows with it).",
+)
+def apply(model_spec, direction_path, out, mode, force, biproject, workers) -> None:
     """Write a new checkpoint with the direction removed from every residual-writing weight."""
     from weight_edit.checkpoint import Checkpoint, fingerprint
     from weight_edit.direction_file import check_compatible, load_direction
@@ -377,6 +384,7 @@ def apply(model_spec, direction_path, out, mode, force, biproject) -> None:
             provenance_extra=extra,
             on_progress=on_progress,
             layer_directions=layer_directions,
+            workers=workers,
         )
     console.print(
         f"edited {len(result.edited_tensors)} tensors ({mode}{', biprojected' if biproject else ''}){'; untied embeddings (explicit lm_head.weight)' if result.untied_embeddings else ''}; wrote {result.out} in {time.time() - started:.0f} s"

@@ -140,3 +140,12 @@ def test_per_layer_biprojected_directions(tmp_path, chat_tokenizer, mode):
     )
     assert report.passed, report.failures
     assert report.guarantee == "hook-exact-per-layer" and report.metrics["max_abs_logit"] < 1e-3
+
+
+def test_parallel_shards_write_the_same_bytes(tmp_path, chat_tokenizer):
+    source = build_tiny_model(tmp_path / "src", chat_tokenizer, bias=True, shard_size="20KB")
+    direction = torch.randn(32)
+    one = apply_direction(Checkpoint(source), direction, tmp_path / "one", workers=1)
+    many = apply_direction(Checkpoint(source), direction, tmp_path / "many", workers=4)
+    assert len(one.provenance["output"]["shards"]) >= 3
+    assert one.provenance["output"]["shards"] == many.provenance["output"]["shards"]  # sha256 of every shard

@@ -13,8 +13,10 @@ import json
 import os
 import shutil
 import struct
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,7 @@ def apply_direction(
     provenance_extra: dict[str, Any] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     layer_directions: torch.Tensor | None = None,
+    workers: int = 0,
 ) -> ApplyResult:
     """Write `source` with `direction` removed from every residual-writing tensor into `out`.
 
@@ -248,6 +251,7 @@ def apply_direction(
     if untie_from is not None and untie_from not in source.tensor_names and arch.optional_prefix:
         untie_from = untie_from.removeprefix(arch.optional_prefix)
     norm_cache: dict[str, torch.Tensor] = {}
+    norm_lock = threading.Lock()
 
     num_layers = arch.num_layers(source.config)
     if layer_directions is not None:
@@ -262,7 +266,9 @@ def apply_direction(
         base = direction if layer_directions is None else unit(layer_directions[target.layer or 0])
         if target.output_norm is None:
             return base
-        if target.output_norm not in norm_cache:
+        with norm_lock:
+            if target.output_norm in norm_cache:
+                return norm_cache[target.output_norm]
             norm_cache[target.output_norm] = write_direction(
                 base, source.read(target.output_norm).float(), target.norm_offset
             )
@@ -271,11 +277,14 @@ def apply_direction(
     total = sum(info.nbytes for h in source.headers.values() for info in h.tensors.values())
     done = 0
 
+    lock = threading.Lock()
+
     def advance(count: int) -> None:
         nonlocal done
-        done += count
-        if on_progress:
-            on_progress(done, total)
+        with lock:
+            done += count
+            if on_progress:
+                on_progress(done, total)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(out)
@@ -286,18 +295,31 @@ def apply_direction(
     try:
         source_shards: dict[str, Any] = {}
         output_shards: dict[str, Any] = {}
-        for shard in source.shards:
-            source_shards[shard], output_shards[shard] = _write_shard(
-                source,
-                shard,
-                staging / shard,
-                targets,
-                directions,
-                mode,
-                untie_from,
-                arch.unembedding_tensor,
-                advance,
-            )
+        workers = workers or min(len(source.shards), max(1, (os.cpu_count() or 1) // 2), 4)
+        # Shards are independent; threads suffice (hashing, file I/O and torch release the GIL). Peak
+        # memory is then about `workers` times the largest edited tensor's stored size, twice.
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weight-edit-shard") as pool:
+            futures = {
+                shard: pool.submit(
+                    _write_shard,
+                    source,
+                    shard,
+                    staging / shard,
+                    targets,
+                    directions,
+                    mode,
+                    untie_from,
+                    arch.unembedding_tensor,
+                    advance,
+                )
+                for shard in source.shards
+            }
+            try:
+                for shard, future in futures.items():
+                    source_shards[shard], output_shards[shard] = future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         if source.index is not None:
             weight_map = dict(source.weight_map)
             if untie_from is not None:
