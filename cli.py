@@ -138,7 +138,13 @@ dataset_option = click.option(
     help="CSV with columns prompt,label,category.",
 )
 device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
-batch_option = click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+batch_option = click.option(
+    "--batch-size",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Prompts per forward pass (0: automatic, 16 on CPU, from free memory on GPU).",
+)
 seed_option = click.option(
     "--seed", type=int, default=settings.SEED, show_default=True, help="Seed of the policy-area split."
 )
@@ -212,7 +218,7 @@ def fit(
     from weight_edit.dataset import interleave_areas
     from weight_edit.direction_file import save_direction
     from weight_edit.fit import FitSettings, fit_direction
-    from weight_edit.models import load_model, resolve_model
+    from weight_edit.models import auto_batch_size, load_model, resolve_model
 
     data, split = load_split(dataset, seed)
     folder = resolve_model(model_spec, model_progress())
@@ -224,6 +230,7 @@ def fit(
     )
     started = time.time()
     model, tokenizer = load_model(folder, dtype=dtype, device=device)
+    batch_size = batch_size or auto_batch_size(model)
     fit_settings = FitSettings(
         batch_size=batch_size,
         screen_prompts=screen_prompts,
@@ -417,9 +424,7 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device) -> None:
         for p in interleave_areas(split.select("validation", label), num_prompts // 2, seed)
     ]
     with console.status("running the hooked source and the edited checkpoint"):
-        report = verify_checkpoint(
-            out, prompts, settings.VERIFY_TOLERANCES, new_tokens, "cuda" if device == "cuda" else "cpu"
-        )
+        report = verify_checkpoint(out, prompts, settings.VERIFY_TOLERANCES, new_tokens, device)
     write_json(Path(out) / "weight_edit_verify.json", report.as_dict())
     table = Table(title=f"verify {out} ({report.mode}, stored {report.stored_dtype})")
     table.add_column("metric")
@@ -463,7 +468,7 @@ def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_si
     """Compare source and edited models on the held-out policy areas (aggregates only)."""
     from weight_edit.dataset import interleave_areas
     from weight_edit.evaluate import score_model, summarise
-    from weight_edit.models import load_model, resolve_model
+    from weight_edit.models import auto_batch_size, load_model, resolve_model
     from weight_edit.verify import read_provenance
 
     provenance = read_provenance(Path(edited))
@@ -477,6 +482,7 @@ def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_si
     with progress_bars() as factory:
         for name, folder in (("source", source_folder), ("edited", Path(edited))):
             model, tokenizer = load_model(folder, dtype=dtype, device=device)
+            batch_size = batch_size or auto_batch_size(model)
             results[name] = score_model(
                 model,
                 tokenizer,

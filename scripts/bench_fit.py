@@ -108,6 +108,10 @@ def main() -> None:
 
         return advance
 
+    if args.batch_size == 0:
+        from weight_edit.models import auto_batch_size
+
+        args.batch_size = auto_batch_size(model)
     fit_started = time.time()
     result = fit_direction(
         model,

@@ -16,6 +16,7 @@ from weight_edit.activations import kl_divergence
 from weight_edit.chat import batches, refusal_log_odds, refusal_token_ids
 from weight_edit.dataset import Prompt
 from weight_edit.fit import ProgressFactory, no_progress
+from weight_edit.models import input_device
 
 
 def is_refusal(text: str, substrings: Sequence[str]) -> bool:
@@ -50,7 +51,7 @@ def score_model(
     description: str = "generating",
 ) -> tuple[list[PromptScore], torch.Tensor]:
     """Greedy completions and first-token logits for every prompt; returns scores and those logits."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     refusal_ids = refusal_token_ids(tokenizer, refusal_prefixes)
     advance = progress(description, len(prompts))
     scores: list[PromptScore] = []

@@ -21,6 +21,7 @@ from weight_edit.activations import kl_divergence, last_logits, mean_residuals, 
 from weight_edit.architecture import Architecture
 from weight_edit.chat import post_instruction_ids, refusal_log_odds, refusal_token_ids, tokenize_instructions
 from weight_edit.hooks import activation_addition, residual_ablation
+from weight_edit.models import input_device
 
 # progress(description, total) returns a function that advances the bar by n items.
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -104,7 +105,7 @@ def fit_direction(
     settings: FitSettings,
     progress: ProgressFactory = no_progress,
 ) -> FitResult:
-    device = next(model.parameters()).device
+    device = input_device(model)
     suffix = post_instruction_ids(tokenizer)
     n_pos = len(suffix)
     refusal_ids = refusal_token_ids(tokenizer, settings.refusal_prefixes)

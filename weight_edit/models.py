@@ -141,19 +141,49 @@ def resolve_model(spec: str | None, progress: ProgressFn | None = None) -> Path:
         raise ModelResolutionError(f"could not download '{spec}' from the hub: {exc}") from exc
 
 
-def load_model(folder: Path, dtype: str = "auto", device: str = "cpu"):
-    """Load a checkpoint for forward passes (never with remote code)."""
+def load_model(folder: Path, dtype: str = "auto", device: str = "cpu", max_memory: dict | None = None):
+    """Load a checkpoint for forward passes (never with remote code).
+
+    `device="auto"` spreads the model over every visible GPU with accelerate (`device_map="auto"`,
+    offloading to CPU what does not fit, or what `max_memory` leaves out); hooks follow each layer's
+    device, and inputs go to the embedding's device (`input_device`).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False)
-    model.to(device)
+    if device == "auto" and not torch.cuda.is_available() and max_memory is None:
+        device = "cpu"
+    if device == "auto" or max_memory is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch_dtype, trust_remote_code=False, device_map="auto", max_memory=max_memory
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False)
+        model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def input_device(model):
+    """Where token ids must go: the device of the input embedding (the first layer of a split model)."""
+    return model.get_input_embeddings().weight.device
+
+
+def auto_batch_size(model, prompt_tokens: int = 64, cap: int = 256) -> int:
+    """A batch size for forward passes with all hidden states kept: 16 on CPU, from free memory on GPU."""
+    import torch
+
+    device = input_device(model)
+    if device.type != "cuda":
+        return 16
+    free, _ = torch.cuda.mem_get_info(device)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    element = next(model.parameters()).element_size()
+    # every layer's hidden states are kept (output_hidden_states), plus ~4x that in transient activations
+    per_prompt = prompt_tokens * (config.num_hidden_layers + 1) * config.hidden_size * element * 5
+    return max(1, min(cap, int(free * 0.6 // per_prompt)))

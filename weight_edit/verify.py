@@ -20,7 +20,7 @@ from weight_edit.chat import tokenize_instructions
 from weight_edit.checkpoint import Checkpoint
 from weight_edit.direction_file import load_direction, vector_sha256
 from weight_edit.hooks import residual_ablation, weight_equivalent_ablation
-from weight_edit.models import load_model
+from weight_edit.models import input_device, load_model
 from weight_edit.writer import PROVENANCE_FILE, direction_sha256
 
 
@@ -118,7 +118,7 @@ def verify_checkpoint(
 
     model, tokenizer = load_model(source.folder, dtype="float32", device=device)
     ids, mask = tokenize_instructions(tokenizer, prompts)
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
     targets = arch.targets(source.config, source.tensor_names)
     layer_directions = None
     if provenance.get("layer_directions"):
@@ -137,10 +137,12 @@ def verify_checkpoint(
             paper = _run(model, ids, mask, new_tokens)
     del model
     model, _ = load_model(out, dtype="float32", device=device)
+    ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
     result = _run(model, ids, mask, new_tokens)
     del model
 
     valid = mask.bool().cpu()
+    ids, mask = ids.cpu(), mask.cpu()
     delta = (result["logits"] - hooked["logits"]).abs().amax(dim=-1)[valid]
     log_p = torch.log_softmax(hooked["logits"].double(), dim=-1)
     log_q = torch.log_softmax(result["logits"].double(), dim=-1)
