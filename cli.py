@@ -529,15 +529,17 @@ def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_si
         ],
     )
     table = Table(title="held-out areas: refused (by refusal substrings)")
-    for column in ("area", "label", "n", "source", "edited", "KL"):
+    for column in ("area", "label", "n", "source", "edited", "edited − source [95 % CI]", "McNemar p", "KL"):
         table.add_column(column)
     for r in rows:
         table.add_row(
             r["area"],
             r["label"],
             str(r["n"]),
-            f"{r['source_refused_text']}",
-            f"{r['edited_refused_text']}",
+            str(r["source_refused_text"]),
+            str(r["edited_refused_text"]),
+            f"{100 * r['text_difference']:+.0f} pp [{100 * r['text_difference_ci_low']:+.0f}, {100 * r['text_difference_ci_high']:+.0f}]",
+            f"{r['text_mcnemar_p']:.2g}",
             f"{r['mean_first_token_kl']:.3f}" if r["label"] == "safe" else "",
         )
     console.print(table)

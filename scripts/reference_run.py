@@ -92,6 +92,19 @@ def write_markdown(out: Path, variant: str) -> None:
         f"| safe prompts refused (first-token log-odds > 0) | {pct(safe['source_refused_log_odds'], safe['n'])} | {pct(safe['edited_refused_log_odds'], safe['n'])} |",
         f"| first-token KL on safe prompts (edited ‖ source) | 0 | {safe['mean_first_token_kl']:.4f} |",
         "",
+        "Paired comparison on the same prompts (refusal by substrings): flips source-only / edited-only, exact McNemar "
+        "p, 95 % Wilson intervals of each rate and Newcombe's paired interval of the difference (edited − source).",
+        "",
+        "| prompts | source 95 % CI | edited 95 % CI | flips (source only / edited only) | difference [95 % CI] | McNemar p |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {label} | {100 * g['text_source_ci_low']:.0f}–{100 * g['text_source_ci_high']:.0f} % | "
+            f"{100 * g['text_edited_ci_low']:.0f}–{100 * g['text_edited_ci_high']:.0f} % | "
+            f"{g['text_source_only']} / {g['text_edited_only']} | {100 * g['text_difference']:+.1f} pp "
+            f"[{100 * g['text_difference_ci_low']:+.1f}, {100 * g['text_difference_ci_high']:+.1f}] | {g['text_mcnemar_p']:.2g} |"
+            for label, g in (("unsafe", unsafe), ("safe", safe))
+        ],
+        "",
         f"Direction: layer {sidecar['layer']}, position {sidecar['position']} (of {len(sidecar['post_instruction_tokens'])} post-instruction tokens); "
         f"bypass {sidecar['scores']['bypass']:.3f}, induce {sidecar['scores']['induce']:.3f}, KL {sidecar['scores']['kl']:.4f}; {sidecar['selection']}.",
         f"Candidates: {sidecar['stats']['candidates']}, eligible {sidecar['stats']['eligible']}, fully scored {sidecar['stats']['fully_scored']}.",

@@ -17,6 +17,7 @@ from weight_edit.chat import batches, refusal_log_odds, refusal_token_ids
 from weight_edit.dataset import Prompt
 from weight_edit.fit import ProgressFactory, no_progress
 from weight_edit.models import input_device
+from weight_edit.stats import paired_summary
 
 
 def is_refusal(text: str, substrings: Sequence[str]) -> bool:
@@ -104,6 +105,17 @@ def summarise(
             "source_mean_log_odds": sum(source[i].refusal_log_odds for i in idx) / n,
             "edited_mean_log_odds": sum(edited[i].refusal_log_odds for i in idx) / n,
             "mean_first_token_kl": sum(kl[i] for i in idx) / n,
+        }
+        # Paired statistics on the same prompts: flips, exact McNemar, Wilson and Newcombe intervals.
+        text = paired_summary([source[i].refused_text for i in idx], [edited[i].refused_text for i in idx])
+        odds = paired_summary(
+            [source[i].refusal_log_odds > 0 for i in idx], [edited[i].refusal_log_odds > 0 for i in idx]
+        )
+        row |= {f"text_{k}": v for k, v in text.items() if k not in ("source_rate", "edited_rate")}
+        row |= {
+            "log_odds_mcnemar_p": odds["mcnemar_p"],
+            "log_odds_difference_ci_low": odds["difference_ci_low"],
+            "log_odds_difference_ci_high": odds["difference_ci_high"],
         }
         rows.append(row)
     return {"rows": rows, "kl_per_prompt": kl}
