@@ -112,6 +112,12 @@ def main() -> None:
         from weight_edit.models import auto_batch_size
 
         args.batch_size = auto_batch_size(model)
+    # One warm-up forward pass (CUDA context, cuBLAS handles, kernel selection) outside the timings.
+    warm = tokenizer(["warm up"] * args.batch_size, return_tensors="pt").to(args.device)
+    with torch.inference_mode():
+        model(**warm, output_hidden_states=True, logits_to_keep=1)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
     fit_started = time.time()
     result = fit_direction(
         model,
