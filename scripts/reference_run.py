@@ -29,7 +29,8 @@ import settings  # noqa: E402
 def run(args: list[str]) -> float:
     started = time.time()
     print("+ weight-edit " + " ".join(args), flush=True)
-    subprocess.run(["weight-edit", *args], check=True, cwd=ROOT)
+    # The same interpreter as this script, so it works whether or not the venv is activated.
+    subprocess.run([sys.executable, "-m", "cli", *args], check=True, cwd=ROOT)
     return round(time.time() - started, 1)
 
 
