@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import struct
 import threading
@@ -84,26 +85,54 @@ def _plan_shard(infos: list[TensorInfo], extra_after: dict[str, tuple[str, Tenso
     return entries
 
 
+class _BackgroundHash:
+    """sha256 on its own thread (hashlib releases the GIL), so hashing overlaps reading, editing and writing.
+
+    The queue holds at most a few chunks; each stays alive until hashed.
+    """
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            self.hasher.update(item)
+
+    def update(self, data: bytes | memoryview | bytearray) -> None:
+        self.queue.put(data)
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self.hasher.hexdigest()
+
+
 class _HashingReader:
     """Sequential reader over one source shard that hashes every byte it passes."""
 
     def __init__(self, path: Path):
-        self.handle = path.open("rb")
-        self.hasher = hashlib.sha256()
+        self.handle = path.open("rb", buffering=0)
+        self.hasher = _BackgroundHash()
         self.position = 0
 
-    def read(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
+    def read(self, size: int) -> memoryview:
+        view = memoryview(torch.empty(size, dtype=torch.uint8).numpy())  # uninitialised: no zero-fill pass
         filled = 0
         while filled < size:
             count = self.handle.readinto(view[filled:])
             if not count:
                 raise CheckpointError(f"{self.handle.name}: unexpected end of file (truncated shard?)")
             filled += count
-        self.hasher.update(buffer)
+        self.hasher.update(view)
         self.position += size
-        return buffer
+        return view
 
     def copy_to(self, size: int, sink: Callable[[bytes | memoryview], None]) -> None:
         while size > 0:
@@ -117,26 +146,36 @@ class _HashingReader:
         self.handle.close()
         return self.hasher.hexdigest()
 
+    def close(self) -> None:
+        self.handle.close()
+        self.hasher.close()
+
 
 class _HashingWriter:
     def __init__(self, path: Path):
-        self.handle = path.open("wb")
-        self.hasher = hashlib.sha256()
+        self.handle = path.open("wb", buffering=0)
+        self.hasher = _BackgroundHash()
         self.size = 0
 
     def write(self, data: bytes | memoryview | bytearray) -> None:
-        self.handle.write(data)
+        view = memoryview(data)
+        written = 0
+        while written < len(view):  # unbuffered writes may be partial
+            written += self.handle.write(view[written:])
         self.hasher.update(data)
         self.size += len(data)
 
     def finish(self) -> str:
-        self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
         return self.hasher.hexdigest()
 
+    def close(self) -> None:
+        self.handle.close()
+        self.hasher.close()
 
-def _decode(raw: bytearray, info: TensorInfo) -> torch.Tensor:
+
+def _decode(raw: memoryview, info: TensorInfo) -> torch.Tensor:
     return (
         torch.frombuffer(raw, dtype=DTYPES[info.dtype]).reshape(info.shape)
         if info.nbytes
@@ -170,32 +209,37 @@ def _write_shard(
 
     reader = _HashingReader(header.path)
     writer = _HashingWriter(destination)
-    reader.read(header.data_start)
-    writer.write(_serialise_header(entries, metadata))
-    for info in infos:
-        if info.start > reader.position - header.data_start:
-            reader.read(info.start - (reader.position - header.data_start))  # gap: hash, drop
-        target = targets.get(info.name)
-        if target is None and info.name not in extra:
-            reader.copy_to(info.nbytes, writer.write)
-        else:
-            raw = reader.read(info.nbytes)
-            if target is not None:
-                if info.dtype not in FLOAT_DTYPES:
-                    raise CheckpointError(f"residual writer '{info.name}' has non-float dtype {info.dtype}")
-                for piece in edited_pieces(
-                    _decode(raw, info), directions(target), target.residual_axis, mode, target.is_bias
-                ):
-                    writer.write(_encode(piece))
-                    del piece
+    try:
+        reader.read(header.data_start)
+        writer.write(_serialise_header(entries, metadata))
+        for info in infos:
+            if info.start > reader.position - header.data_start:
+                reader.read(info.start - (reader.position - header.data_start))  # gap: hash, drop
+            target = targets.get(info.name)
+            if target is None and info.name not in extra:
+                reader.copy_to(info.nbytes, writer.write)
             else:
-                writer.write(raw)
-            if info.name in extra:
-                writer.write(raw)  # the untouched original becomes the explicit unembedding
-            del raw
-        advance(info.nbytes)
-    source_sha = reader.finish()
-    out_sha = writer.finish()
+                raw = reader.read(info.nbytes)
+                if target is not None:
+                    if info.dtype not in FLOAT_DTYPES:
+                        raise CheckpointError(f"residual writer '{info.name}' has non-float dtype {info.dtype}")
+                    for piece in edited_pieces(
+                        _decode(raw, info), directions(target), target.residual_axis, mode, target.is_bias
+                    ):
+                        writer.write(_encode(piece))
+                        del piece
+                else:
+                    writer.write(raw)
+                if info.name in extra:
+                    writer.write(raw)  # the untouched original becomes the explicit unembedding
+                del raw
+            advance(info.nbytes)
+        source_sha = reader.finish()
+        out_sha = writer.finish()
+    except BaseException:
+        reader.close()
+        writer.close()
+        raise
     return (
         {"sha256": source_sha, "bytes": header.path.stat().st_size},
         {
