@@ -138,17 +138,21 @@ if kind == "copy":
 else:
     ckpt = Checkpoint(source)
     hidden = ckpt.config["hidden_size"]
-    apply_direction(ckpt, torch.randn(hidden, generator=torch.Generator().manual_seed(1)), out, mode=kind)
+    apply_direction(ckpt, torch.randn(hidden, generator=torch.Generator().manual_seed(1)), out, mode=kind, workers=int(sys.argv[4]))
 seconds = time.time() - started
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(seconds, peak_kb * 1024)
 """
 
 
-def measure(kind: str, source: Path, out: Path) -> tuple[float, int]:
+def measure(kind: str, source: Path, out: Path, workers: int = 0) -> tuple[float, int]:
     shutil.rmtree(out, ignore_errors=True)
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, kind, str(source), str(out)], cwd=ROOT, check=True, capture_output=True, text=True
+        [sys.executable, "-c", CHILD, kind, str(source), str(out), str(workers)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     seconds, peak = result.stdout.split()
     shutil.rmtree(out, ignore_errors=True)
@@ -164,6 +168,7 @@ def main() -> None:
     parser.add_argument("--mode", default="norm-preserving", choices=["norm-preserving", "project"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/weight-edit-bench"))
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="apply's --workers (0: automatic)")
     args = parser.parse_args()
 
     rows = []
@@ -174,7 +179,7 @@ def main() -> None:
         copies, applies = [], []
         for _ in range(args.repeats):  # alternate so both see the same page-cache state
             copies.append(measure("copy", source, args.work / "copy-out"))
-            applies.append(measure(args.mode, source, args.work / "apply-out"))
+            applies.append(measure(args.mode, source, args.work / "apply-out", args.workers))
         copy_s, copy_peak = min(copies)
         apply_s, apply_peak = min(applies)
         rows.append(
