@@ -673,3 +673,25 @@ def test_killed_midway_leaves_out_whole_and_the_next_run_cleans_up(tmp_path, sou
     assert leftovers(tmp_path) == [f".out.partial-{child.pid}"]  # the dead run's staging, never at --out
     apply_direction(Checkpoint(source), torch.randn(32), out, force=True)
     assert not leftovers(tmp_path) and digest(source) == source_before
+
+
+# --- remote code --------------------------------------------------------------------------------
+
+
+def test_remote_code_in_a_checkpoint_is_never_run(tmp_path, tiny_model):
+    """A config whose auto_map points at code in the folder: loading must not import that code."""
+    from weight_edit.models import load_model
+
+    marker = tmp_path / "code-ran"
+    (tiny_model / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaForCausalLM as EvilModel, LlamaConfig as EvilConfig\n"
+    )
+    config = json.loads((tiny_model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (tiny_model / "config.json").write_text(json.dumps(config))
+    try:
+        load_model(tiny_model, dtype="float32", device="cpu")
+    except ValueError:
+        pass  # refusing is fine; running the code is not
+    assert not marker.exists()
