@@ -25,30 +25,7 @@ from bench_apply import CONFIGS  # noqa: E402
 
 import settings  # noqa: E402
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak per GPU (vendor figures)
-
-
-def train_tokenizer(texts: list[str], vocab_size: int = 4000):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(texts + ["I cannot help. As an AI, Sorry."], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.padding_side = "left"
-    return fast
 
 
 def main() -> None:
@@ -58,6 +35,7 @@ def main() -> None:
     from weight_edit.architecture import architecture_for
     from weight_edit.dataset import load_dataset, split_dataset
     from weight_edit.fit import FitSettings, fit_direction
+    from weight_edit.synthetic import train_chat_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="qwen2.5-1.5b")
@@ -83,7 +61,7 @@ def main() -> None:
 
     data = load_dataset(settings.DEFAULT_DATASET)
     split = split_dataset(data, settings.SEED, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION)
-    tokenizer = train_tokenizer([p.text for p in data.prompts])
+    tokenizer = train_chat_tokenizer(vocab_size=4000)
     texts = {
         (part, label): [p.text for p in split.select(part, label)]
         for part in ("train", "validation")
