@@ -339,19 +339,21 @@ def apply(model_spec, direction_path, out, mode, force, biproject, workers) -> N
     from weight_edit.writer import apply_direction
 
     vector, sidecar = load_direction(direction_path)
+    named = model_spec or (sidecar or {}).get("model", {}).get("spec")  # what the user called the model
     if model_spec is None and sidecar is not None:
         model_spec = sidecar.get("model", {}).get("folder")
     folder = resolve_model(model_spec, model_progress())
     source = Checkpoint(folder)
     check_compatible(sidecar, vector, fingerprint(source), direction_path)
     extra = {
+        "base_model": settings.DEFAULT_MODEL_HUB_ID if named in (None, settings.DEFAULT_MODEL_NAME) else named,
         "direction_source": {
             "path": str(direction_path.resolve()),
             "sidecar": sidecar is not None,
             "layer": (sidecar or {}).get("layer"),
             "position": (sidecar or {}).get("position"),
             "checked": "fingerprint" if sidecar else "hidden size only",
-        }
+        },
     }
     layer_directions = None
     if biproject:
@@ -415,7 +417,8 @@ def apply(model_spec, direction_path, out, mode, force, biproject, workers) -> N
 def verify(out, dataset, seed, num_prompts, new_tokens, device) -> None:
     """Check an edited checkpoint against hook-based ablation on the source model; exit 1 on failure."""
     from weight_edit.dataset import interleave_areas
-    from weight_edit.verify import verify_checkpoint
+    from weight_edit.model_card import write_card
+    from weight_edit.verify import read_provenance, verify_checkpoint
 
     _, split = load_split(dataset, seed)
     prompts = [
@@ -426,6 +429,7 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device) -> None:
     with console.status("running the hooked source and the edited checkpoint"):
         report = verify_checkpoint(out, prompts, settings.VERIFY_TOLERANCES, new_tokens, device)
     write_json(Path(out) / "weight_edit_verify.json", report.as_dict())
+    write_card(Path(out), read_provenance(Path(out)), report.as_dict())
     table = Table(title=f"verify {out} ({report.mode}, stored {report.stored_dtype})")
     table.add_column("metric")
     table.add_column("value")

@@ -50,6 +50,8 @@ def test_fit_apply_verify_evaluate(tmp_path, tiny_model, runner):
     result = runner.invoke(cli.main, ["verify", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "weight_edit_verify.json").read_text())["passed"] is True
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_model}" in card and "**passed**" in card
 
     biprojected = tmp_path / "biprojected"
     result = runner.invoke(

@@ -149,3 +149,23 @@ def test_parallel_shards_write_the_same_bytes(tmp_path, chat_tokenizer):
     many = apply_direction(Checkpoint(source), direction, tmp_path / "many", workers=4)
     assert len(one.provenance["output"]["shards"]) >= 3
     assert one.provenance["output"]["shards"] == many.provenance["output"]["shards"]  # sha256 of every shard
+
+
+def test_model_card_names_the_base_model_and_the_verify_result(tmp_path, tiny_model):
+    import settings
+    from weight_edit.model_card import write_card
+    from weight_edit.verify import read_provenance, verify_checkpoint
+
+    out = tmp_path / "out"
+    apply_direction(Checkpoint(tiny_model), torch.randn(32), out, provenance_extra={"base_model": "org/tiny-chat"})
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: org/tiny-chat\nlibrary_name: transformers\n")
+    assert "not for\ndeployment" in card and "Not verified yet" in card
+    assert all(entry["sha256"] in card for entry in read_provenance(out)["output"]["shards"].values())
+    report = verify_checkpoint(out, ["Tell me a joke", "How do locks work?"], settings.VERIFY_TOLERANCES, new_tokens=2)
+    write_card(out, read_provenance(out), report.as_dict())
+    card = (out / "README.md").read_text()
+    assert "**passed**" in card and "Not verified yet" not in card
+    assert verify_checkpoint(
+        out, ["Tell me a joke", "How do locks work?"], settings.VERIFY_TOLERANCES, new_tokens=2
+    ).passed

@@ -28,6 +28,7 @@ from weight_edit import __version__
 from weight_edit.architecture import EditTarget, architecture_for
 from weight_edit.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo
 from weight_edit.edit_math import EditMode, edited_pieces, unit, write_direction
+from weight_edit.model_card import write_card
 
 PROVENANCE_FILE = "weight_edit_provenance.json"
 DIRECTION_COPY = "weight_edit_direction.safetensors"
@@ -413,6 +414,7 @@ def apply_direction(
             **(provenance_extra or {}),
         }
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        write_card(staging, provenance)
         _replace_atomically(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
