@@ -83,10 +83,12 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from weight_edit.dataset import DatasetError
     from weight_edit.direction_file import DirectionError
     from weight_edit.models import ModelResolutionError
+    from weight_edit.publish import PublishError
     from weight_edit.verify import VerifyError
     from weight_edit.writer import OutputError
 
     return (
+        PublishError,
         ArchitectureError,
         TemplateError,
         CheckpointError,
@@ -548,6 +550,21 @@ def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_si
         )
     console.print(table)
     console.print(f"wrote {out_dir}/evaluation_summary.json and per-area tables in {time.time() - started:.0f} s")
+
+
+@main.command(cls=Command)
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--repo-id", required=True, help="Hub repository, owner/name (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded and stop.")
+def push(out, repo_id, private, dry_run) -> None:
+    """Upload a verified edited checkpoint to the hub in one commit (refuses unverified or altered output)."""
+    from weight_edit.publish import push as push_folder
+
+    files = push_folder(out, repo_id, private=private, dry_run=dry_run)
+    for name in files:
+        console.print(name, highlight=False)
+    console.print(f"{'would upload' if dry_run else 'uploaded'} {len(files)} files to {repo_id}")
 
 
 if __name__ == "__main__":
