@@ -25,11 +25,14 @@ GUARANTEES = {
     "direction on the source model; every write is orthogonal to its layer's direction",
     "orthogonal-writes-per-layer": "every residual write is exactly orthogonal to its layer's own (biprojected) "
     "direction; equality with hook-based removal is not exact for this family and mode",
+    "hook-exact-strengths": "edited checkpoint equals hook-based removal of the direction at the plan's per-layer "
+    "strengths on the source model; a write at strength s keeps (1 - s) of its component along the direction",
     "hook-exact": "edited checkpoint equals hook-based ablation of the direction on the source model",
     "orthogonal-writes": "every residual write is exactly orthogonal to the direction; equality with hook-based "
     "ablation is not exact for this family and mode",
 }
 HOOK_KINDS = ("module", "block")
+WRITER_KINDS = ("embedding", "position_embedding", "attention", "mlp", "expert", "shared_expert")
 _FAMILY_KEYS = {
     "family": str,
     "model_types": list,
@@ -92,7 +95,13 @@ class Architecture:
         """Can hooks reproduce the weight edit exactly? Block hooks only project (no per-expert rescale)."""
         return mode == "project" or all(w.get("hook", "module") == "module" for w in self.writers)
 
-    def guarantee(self, mode: str, per_layer_directions: bool = False) -> str:
+    def supports_partial_strength(self, mode: str) -> bool:
+        """Strengths below 1 keep part of every write, so only hook equality can be guaranteed."""
+        return self.twin_is_exact(mode) and not self.has_output_norms
+
+    def guarantee(self, mode: str, per_layer_directions: bool = False, full_strength: bool = True) -> str:
+        if not full_strength:
+            return "hook-exact-strengths"
         if per_layer_directions:
             # Each layer removes its own direction: the hook twin still matches, the paper's
             # single-direction ablation does not.
@@ -187,6 +196,8 @@ def _validate(raw: dict[str, Any], source: str) -> Architecture:
                 raise ArchitectureError(f"{source}: entry {index} needs '{key}' ({kind.__name__})")
         if writer["residual_axis"] not in (0, 1, 2):
             raise ArchitectureError(f"{source}: entry {index} has residual_axis outside 0..2")
+        if writer.get("kind", "mlp") not in WRITER_KINDS:
+            raise ArchitectureError(f"{source}: entry {index} kind must be one of {WRITER_KINDS}")
         if writer.get("hook", "module") not in HOOK_KINDS:
             raise ArchitectureError(f"{source}: entry {index} hook must be one of {HOOK_KINDS}")
         if writer.get("hook") == "block" and "output_norm" in writer:

@@ -88,7 +88,7 @@ def _screen(model, arch, num_layers: int, vectors: torch.Tensor, encoded, device
     """Last-position logits of every prompt under ablation of every vector: [vectors × prompts, vocab]."""
     ids, mask = (t.repeat(len(vectors), 1).to(device) for t in encoded)
     per_row = vectors.repeat_interleave(encoded[0].shape[0], dim=0)
-    with residual_ablation(model, arch, num_layers, per_row):
+    with residual_ablation(model, arch, num_layers, per_row, per_row=True):
         out = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
     return out.logits[:, -1, :].float().cpu()
 

@@ -15,32 +15,46 @@ from contextlib import contextmanager
 import torch
 
 from weight_edit.architecture import Architecture, EditTarget, fill
-from weight_edit.edit_math import EditMode, input_scale, unit, write_direction
+from weight_edit.edit_math import EditMode, input_scale, orthonormal_rows, write_direction
+from weight_edit.edit_plan import EditPlan
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _projector(r: torch.Tensor) -> Transform:
-    """x ← x − r rᵀ x; with r of shape [batch, d], each batch row gets its own direction."""
+def _projector(basis: torch.Tensor, strength: float = 1.0) -> Transform:
+    """x ← x − s QᵀQ x for orthonormal rows Q [k, d] (a unit vector [d] is one row)."""
+    q_cache: dict[tuple, torch.Tensor] = {}
 
     def project(x: torch.Tensor) -> torch.Tensor:
-        rr = r.to(device=x.device, dtype=x.dtype)
-        if rr.ndim == 1:
-            return x - (x @ rr).unsqueeze(-1) * rr
+        key = (x.device, x.dtype)
+        if key not in q_cache:
+            q_cache[key] = basis.reshape(-1, basis.shape[-1]).to(device=x.device, dtype=x.dtype)
+        q = q_cache[key]
+        return x - strength * ((x @ q.T) @ q)
+
+    return project
+
+
+def _per_row_projector(rows: torch.Tensor) -> Transform:
+    """x ← x − r_b r_bᵀ x with unit rows [batch, d]: each batch row gets its own direction (screening)."""
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        rr = rows.to(device=x.device, dtype=x.dtype)
         rr = rr.reshape(rr.shape[0], *([1] * (x.ndim - 2)), rr.shape[-1])
         return x - (x * rr).sum(-1, keepdim=True) * rr
 
     return project
 
 
-def _renormed_projector(r: torch.Tensor) -> Transform:
-    project = _projector(r)
+def _renormed_projector(basis: torch.Tensor, strength: float = 1.0) -> Transform:
+    """The embedding's twin of the norm-preserving edit: project, restore each row's norm, project again at s = 1."""
+    project = _projector(basis, strength)
 
     def project_keep_norm(x: torch.Tensor) -> torch.Tensor:
         projected = project(x)
         norms, new_norms = x.norm(dim=-1, keepdim=True), projected.norm(dim=-1, keepdim=True)
         scale = torch.where(new_norms > 0, norms / new_norms.clamp_min(1e-30), 0.0)
-        return project(projected * scale)
+        return project(projected * scale) if strength == 1.0 else projected * scale
 
     return project_keep_norm
 
@@ -74,14 +88,17 @@ def _hooks(registrations: list) -> Iterator[None]:
 
 @contextmanager
 def residual_ablation(
-    model: torch.nn.Module, arch: Architecture, num_layers: int, direction: torch.Tensor
+    model: torch.nn.Module, arch: Architecture, num_layers: int, direction: torch.Tensor, per_row: bool = False
 ) -> Iterator[None]:
-    """The paper's ablation; `direction` [d] for all rows, or [batch, d] to test one direction per row."""
-    if direction.ndim == 2:
+    """The paper's ablation of `direction` [d] or of the span of rows [k, d] from every layer's input and output.
+
+    With `per_row`, `direction` [batch, d] gives each batch row its own direction (to screen many at once).
+    """
+    if per_row:
         rows = direction.float()
-        project = _projector(rows / rows.norm(dim=-1, keepdim=True))
+        project = _per_row_projector(rows / rows.norm(dim=-1, keepdim=True))
     else:
-        project = _projector(unit(direction.float()))
+        project = _projector(orthonormal_rows(direction.float()))
     handles = []
     for layer in range(num_layers):
         handles.append(
@@ -101,47 +118,59 @@ def residual_ablation(
 def weight_equivalent_ablation(
     model: torch.nn.Module,
     targets: list[EditTarget],
-    direction: torch.Tensor,
+    direction: torch.Tensor | EditPlan,
     mode: EditMode,
     layer_directions: torch.Tensor | None = None,
 ) -> Iterator[None]:
     """Hooks that reproduce `apply`'s edit, computed from the unedited in-memory weights.
 
-    Exact for "module" hooks in both modes; "block" hooks (fused experts) only project the block's
-    output, which equals the plain projection of every expert but not the norm-preserving rescale.
+    `direction` is the fitted vector (full-strength rank-1 edit, optionally with per-layer
+    `layer_directions`) or a whole `EditPlan` (rank k, per-layer strengths). Exact for "module" hooks
+    in both modes; "block" hooks (fused experts) only project the block's output, which equals the
+    plain projection of every expert but not the norm-preserving rescale.
     """
-    base = unit(direction.float())
+    if isinstance(direction, EditPlan):
+        plan = direction
+    else:
+        plan = EditPlan.build(direction, _layer_count(targets), layer_directions=layer_directions)
     handles = []
     blocks: set[str] = set()
     for target in targets:
         if target.is_bias:
             continue  # the module's output projection covers its bias
         module = model.get_submodule(target.module)
-        r = base if layer_directions is None else unit(layer_directions[target.layer or 0].float())
+        rows, strength = plan.basis_for(target).float(), plan.strength_for(target)
         if target.layer is None:  # token or position embedding: rows are residual vectors
-            transform = _renormed_projector(r) if mode == "norm-preserving" else _projector(r)
+            if mode == "norm-preserving":
+                transform = _renormed_projector(rows, strength)
+            else:
+                transform = _projector(rows, strength)
             handles.append(module.register_forward_hook(_output_hook(transform)))
             continue
         if target.hook == "block":
             if target.module not in blocks:
                 blocks.add(target.module)
-                handles.append(module.register_forward_hook(_output_hook(_projector(r))))
+                handles.append(module.register_forward_hook(_output_hook(_projector(rows, strength))))
             continue
-        u = r
+        u = rows
         if target.output_norm_module is not None:
             gamma = model.get_submodule(target.output_norm_module).weight.detach().float()
-            u = write_direction(r.to(gamma.device), gamma, target.norm_offset)
+            u = write_direction(rows.to(gamma.device), gamma, target.norm_offset)
         if mode == "norm-preserving":
             weight = module.weight.detach().float()
-            scale = input_scale(weight, u.to(weight.device), target.residual_axis)
+            scale = input_scale(weight, u.to(weight.device), target.residual_axis, strength)
 
             def rescale(x: torch.Tensor, scale: torch.Tensor = scale) -> torch.Tensor:
                 return x * scale.to(device=x.device, dtype=x.dtype)
 
             handles.append(module.register_forward_pre_hook(_input_hook(rescale), with_kwargs=True))
-        handles.append(module.register_forward_hook(_output_hook(_projector(u))))
+        handles.append(module.register_forward_hook(_output_hook(_projector(u, strength))))
     with _hooks(handles):
         yield
+
+
+def _layer_count(targets: list[EditTarget]) -> int:
+    return 1 + max((t.layer for t in targets if t.layer is not None), default=-1)
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from weight_edit.architecture import GUARANTEES, architecture_for
 from weight_edit.chat import tokenize_instructions
 from weight_edit.checkpoint import Checkpoint
 from weight_edit.direction_file import load_direction, vector_sha256
+from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.hooks import residual_ablation, weight_equivalent_ablation
 from weight_edit.models import input_device, load_model
 from weight_edit.writer import PROVENANCE_FILE, direction_sha256
@@ -75,6 +76,37 @@ def check_output_files(out: Path, provenance: dict[str, Any]) -> None:
             raise VerifyError(f"{path} was altered after `apply` (sha256 differs from the provenance file)")
 
 
+def plan_from_provenance(out: Path, provenance: dict[str, Any], direction: torch.Tensor, num_layers: int) -> EditPlan:
+    """Rebuild the edit `apply` wrote from the files it stored beside the checkpoint, checking their hashes."""
+    from safetensors.torch import load_file
+
+    def stored(entry: str, key: str) -> torch.Tensor | None:
+        record = provenance.get(entry)
+        if not record:
+            return None
+        path = out / record["file"]
+        if not path.is_file():
+            raise VerifyError(f"{path} is missing (named in the provenance file)")
+        tensor = load_file(str(path))[key]
+        if direction_sha256(tensor.flatten()) != record["sha256"]:
+            raise VerifyError(f"{out}: the stored {key.replace('_', ' ')} do not match the provenance hash")
+        return tensor
+
+    layer_directions = stored("layer_directions", "layer_directions")
+    subspace = stored("subspace", "subspace")
+    strengths = provenance.get("strengths")
+    try:
+        return EditPlan.build(
+            direction,
+            num_layers,
+            subspace=subspace,
+            layer_directions=layer_directions,
+            strengths=None if strengths is None else Strengths.from_dict(strengths, num_layers, PROVENANCE_FILE),
+        )
+    except PlanError as exc:
+        raise VerifyError(f"{out}: {exc}") from exc
+
+
 @torch.inference_mode()
 def _run(model, ids, mask, new_tokens: int) -> dict[str, torch.Tensor]:
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
@@ -114,26 +146,20 @@ def verify_checkpoint(
     mode = provenance["mode"]
     stored_dtype = edited.main_dtype()
     tolerances = tolerances_by_dtype[stored_dtype]
-    r = direction / direction.norm()
 
     model, tokenizer = load_model(source.folder, dtype="float32", device=device)
     ids, mask = tokenize_instructions(tokenizer, prompts)
     ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
     targets = arch.targets(source.config, source.tensor_names)
-    layer_directions = None
-    if provenance.get("layer_directions"):
-        from safetensors.torch import load_file
-
-        layer_directions = load_file(str(out / provenance["layer_directions"]["file"]))["layer_directions"]
-        if direction_sha256(layer_directions.flatten()) != provenance["layer_directions"]["sha256"]:
-            raise VerifyError(f"{out}: the stored layer directions do not match the provenance hash")
+    plan = plan_from_provenance(out, provenance, direction, num_layers)
+    layer_directions = plan.layer_bases
     twin_exact = arch.twin_is_exact(mode)
-    guarantee = arch.guarantee(mode, layer_directions is not None)
-    with weight_equivalent_ablation(model, targets, direction, mode, layer_directions):
+    guarantee = arch.guarantee(mode, layer_directions is not None, plan.strengths.is_full)
+    with weight_equivalent_ablation(model, targets, plan, mode):
         hooked = _run(model, ids, mask, new_tokens)
     paper = None
     if mode == "project" and guarantee == "hook-exact":
-        with residual_ablation(model, arch, num_layers, direction):
+        with residual_ablation(model, arch, num_layers, plan.basis):
             paper = _run(model, ids, mask, new_tokens)
     del model
     model, _ = load_model(out, dtype="float32", device=device)
@@ -148,8 +174,10 @@ def verify_checkpoint(
     log_q = torch.log_softmax(result["logits"].double(), dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)[valid]
     top1 = (hooked["logits"].argmax(-1) == result["logits"].argmax(-1))[valid].float().mean()
+    # The subspace's share of every layer's residual input: ‖Q h‖ / ‖h‖ (|r̂ᵀh| / ‖h‖ at rank 1).
+    basis = plan.basis.to(result["hidden"][0].dtype)
     component = max(
-        float(((h[valid] @ r).abs() / h[valid].norm(dim=-1).clamp_min(1e-12)).max())
+        float(((h[valid] @ basis.T).norm(dim=-1) / h[valid].norm(dim=-1).clamp_min(1e-12)).max())
         for h in result["hidden"][:num_layers]
     )
     metrics = {
@@ -175,10 +203,14 @@ def verify_checkpoint(
             failures.append(f"top-1 agreement {metrics['top1']:.3f} < {tolerances['top1']}")
         if stored_dtype == "float32" and metrics["continuations_match"] < 1.0:
             failures.append("greedy continuations differ from the hooked source")
-    if layer_directions is not None:
-        # Each layer removes its own direction: no single direction is absent from the residual stream.
+    if layer_directions is not None or not plan.strengths.is_full:
+        # Each layer removes its own direction, or only part of it: no single direction is absent.
         tolerances = {k: v for k, v in tolerances.items() if k != "direction_component"}
-        checks["direction_component"] = "reported only (each layer removes its own biprojected direction)"
+        checks["direction_component"] = (
+            "reported only (each layer removes its own biprojected direction)"
+            if layer_directions is not None
+            else "reported only (per-layer strengths below 1 keep part of the direction)"
+        )
     elif component > tolerances["direction_component"]:
         failures.append(f"direction component {component:.3g} > {tolerances['direction_component']}")
     if paper is not None:
@@ -187,6 +219,7 @@ def verify_checkpoint(
         checks["paper_ablation"] = "compared"
         if paper_delta > tolerances["max_abs_logit"]:
             failures.append(f"differs from the paper's residual-stream ablation: max |Δlogit| {paper_delta:.3g}")
+    checks["rank"] = plan.rank
     return VerifyReport(
         passed=not failures,
         guarantee=guarantee,

@@ -27,12 +27,14 @@ import torch
 from weight_edit import __version__
 from weight_edit.architecture import EditTarget, architecture_for
 from weight_edit.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo
-from weight_edit.edit_math import EditMode, edited_pieces, unit, write_direction
+from weight_edit.edit_math import EditMode, edited_pieces, write_direction
+from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.model_card import write_card
 
 PROVENANCE_FILE = "weight_edit_provenance.json"
 DIRECTION_COPY = "weight_edit_direction.safetensors"
 LAYER_DIRECTIONS_COPY = "weight_edit_layer_directions.safetensors"
+SUBSPACE_COPY = "weight_edit_subspace.safetensors"
 COPY_CHUNK = 64 * 1024 * 1024
 # Files never copied from the source folder: weights are rewritten, pickles and GGUF are not carried.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
@@ -193,7 +195,7 @@ def _write_shard(
     shard: str,
     destination: Path,
     targets: dict[str, EditTarget],
-    directions: Callable[[EditTarget], torch.Tensor],
+    directions: Callable[[EditTarget], tuple[torch.Tensor, float]],
     mode: EditMode,
     untie_from: str | None,
     untie_to: str,
@@ -224,8 +226,9 @@ def _write_shard(
                 if target is not None:
                     if info.dtype not in FLOAT_DTYPES:
                         raise CheckpointError(f"residual writer '{info.name}' has non-float dtype {info.dtype}")
+                    rows, strength = directions(target)
                     for piece in edited_pieces(
-                        _decode(raw, info), directions(target), target.residual_axis, mode, target.is_bias
+                        _decode(raw, info), rows, target.residual_axis, mode, target.is_bias, strength=strength
                     ):
                         writer.write(_encode(piece))
                         del piece
@@ -270,11 +273,15 @@ def apply_direction(
     on_progress: Callable[[int, int], None] | None = None,
     layer_directions: torch.Tensor | None = None,
     workers: int = 0,
+    subspace: torch.Tensor | None = None,
+    strengths: Strengths | None = None,
 ) -> ApplyResult:
     """Write `source` with `direction` removed from every residual-writing tensor into `out`.
 
-    With `layer_directions` ([layers, d], e.g. biprojected), writers of layer l remove row l and the
-    embeddings remove row 0; `direction` is still recorded as the fitted direction.
+    With `layer_directions` ([layers, d] or [layers, k, d], e.g. biprojected), writers of layer l remove
+    row l and the embeddings remove row 0; `direction` is still recorded as the fitted direction.
+    `subspace` [k, d] (first row along `direction`) makes it a rank-k edit; `strengths` sets the
+    projection strength per layer and writer kind (default: 1 everywhere). See `EditPlan`.
     """
     out = Path(out).resolve()
     check_output_location(source.folder, out, force)
@@ -282,7 +289,14 @@ def apply_direction(
     hidden = arch.hidden_size(source.config)
     if direction.ndim != 1 or direction.numel() != hidden:
         raise ValueError(f"direction has shape {tuple(direction.shape)}, the model's hidden size is {hidden}")
-    direction = unit(direction.detach().to(torch.float32).cpu())
+    num_layers = arch.num_layers(source.config)
+    plan = EditPlan.build(direction, num_layers, subspace, layer_directions, strengths)
+    direction = plan.direction
+    if not plan.strengths.is_full and not arch.supports_partial_strength(mode):
+        raise PlanError(
+            f"per-layer strengths below 1 in {mode} mode are not supported for the '{arch.family}' family: "
+            "neither hook equality nor orthogonal writes would hold (use --mode project, or full strength)"
+        )
     targets = {t.tensor: t for t in arch.targets(source.config, source.tensor_names)}
     for name in sorted(targets):  # refuse before writing anything, not after copying most of the model
         if (info := source.info(name)).dtype not in FLOAT_DTYPES:
@@ -298,26 +312,17 @@ def apply_direction(
     norm_cache: dict[str, torch.Tensor] = {}
     norm_lock = threading.Lock()
 
-    num_layers = arch.num_layers(source.config)
-    if layer_directions is not None:
-        if layer_directions.shape != (num_layers, hidden):
-            raise ValueError(
-                f"layer directions have shape {tuple(layer_directions.shape)}, expected ({num_layers}, {hidden})"
-            )
-        layer_directions = layer_directions.detach().to(torch.float32).cpu()
-
-    def directions(target: EditTarget) -> torch.Tensor:
-        """r̂ (or the layer's own direction), made û for a write that passes through a norm first."""
-        base = direction if layer_directions is None else unit(layer_directions[target.layer or 0])
+    def directions(target: EditTarget) -> tuple[torch.Tensor, float]:
+        """The plan's rows for this writer (made û for a write that passes through a norm first), and its strength."""
+        rows, strength = plan.basis_for(target), plan.strength_for(target)
         if target.output_norm is None:
-            return base
+            return rows, strength
         with norm_lock:
-            if target.output_norm in norm_cache:
-                return norm_cache[target.output_norm]
-            norm_cache[target.output_norm] = write_direction(
-                base, source.read(target.output_norm).float(), target.norm_offset
-            )
-        return norm_cache[target.output_norm]
+            if target.output_norm not in norm_cache:
+                norm_cache[target.output_norm] = write_direction(
+                    rows, source.read(target.output_norm).float(), target.norm_offset
+                )
+        return norm_cache[target.output_norm], strength
 
     total = sum(info.nbytes for h in source.headers.values() for info in h.tensors.values())
     done = 0
@@ -383,13 +388,24 @@ def apply_direction(
             if (
                 item.is_file()
                 and item.name
-                not in ("config.json", INDEX_FILE, PROVENANCE_FILE, DIRECTION_COPY, LAYER_DIRECTIONS_COPY, "README.md")
+                not in (
+                    "config.json",
+                    INDEX_FILE,
+                    PROVENANCE_FILE,
+                    DIRECTION_COPY,
+                    LAYER_DIRECTIONS_COPY,
+                    SUBSPACE_COPY,
+                    "README.md",
+                )
                 and not item.name.endswith(_SKIP_SUFFIXES)
             ):
                 shutil.copy2(item, staging / item.name)
         from safetensors.torch import save_file
 
         save_file({"direction": direction.contiguous()}, str(staging / DIRECTION_COPY), metadata={"format": "pt"})
+        if plan.rank > 1:
+            save_file({"subspace": plan.basis.contiguous()}, str(staging / SUBSPACE_COPY), metadata={"format": "pt"})
+        layer_directions = plan.layer_bases
         if layer_directions is not None:
             save_file(
                 {"layer_directions": layer_directions.contiguous()},
@@ -402,12 +418,16 @@ def apply_direction(
             "created_unix": int(time.time()),
             "mode": mode,
             "architecture": arch.family,
-            "guarantee": arch.guarantee(mode, layer_directions is not None),
+            "guarantee": arch.guarantee(mode, layer_directions is not None, plan.strengths.is_full),
             "source": {"path": str(source.folder), "shards": source_shards},
             "direction": {"sha256": direction_sha256(direction), "file": DIRECTION_COPY, "hidden_size": hidden},
             "layer_directions": None
             if layer_directions is None
             else {"file": LAYER_DIRECTIONS_COPY, "sha256": direction_sha256(layer_directions.flatten())},
+            "subspace": None
+            if plan.rank == 1
+            else {"file": SUBSPACE_COPY, "sha256": direction_sha256(plan.basis.flatten()), "rank": plan.rank},
+            "strengths": None if plan.strengths.is_full else plan.strengths.as_dict(),
             "edited_tensors": sorted(t for t in targets),
             "untied_embeddings": untie,
             "output": {"shards": {k: {"sha256": v["sha256"], "bytes": v["bytes"]} for k, v in output_shards.items()}},
