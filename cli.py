@@ -82,12 +82,14 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from weight_edit.checkpoint import CheckpointError
     from weight_edit.dataset import DatasetError
     from weight_edit.direction_file import DirectionError
+    from weight_edit.edit_plan import PlanError
     from weight_edit.models import ModelResolutionError
     from weight_edit.publish import PublishError
     from weight_edit.verify import VerifyError
     from weight_edit.writer import OutputError
 
     return (
+        PlanError,
         PublishError,
         ArchitectureError,
         TemplateError,
@@ -327,13 +329,33 @@ def fit(
     "(needs activation_means.safetensors and the sidecar written by `fit` beside --direction).",
 )
 @click.option(
+    "--rank",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Remove a k-dimensional refusal subspace: the direction plus the top k-1 principal components of the "
+    "policy-area directions (needs subspace.safetensors from `weight-edit diagnose` beside --direction).",
+)
+@click.option(
+    "--strengths",
+    "strengths_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help='Per-layer projection strengths, JSON {"embedding": s, "attention": [s per layer], "mlp": [s per layer]}.',
+)
+@click.option(
+    "--tuned",
+    is_flag=True,
+    help="Use the per-layer strengths chosen by `weight-edit tune` (recorded in the direction's sidecar).",
+)
+@click.option(
     "--workers",
     type=click.IntRange(0),
     default=0,
     show_default=True,
     help="Shards written in parallel (0: automatic, up to 4; memory grows with it).",
 )
-def apply(model_spec, direction_path, out, mode, force, biproject, workers) -> None:
+def apply(model_spec, direction_path, out, mode, force, biproject, rank, strengths_path, tuned, workers) -> None:
     """Write a new checkpoint with the direction removed from every residual-writing weight."""
     from weight_edit.checkpoint import Checkpoint, fingerprint
     from weight_edit.direction_file import check_compatible, load_direction
@@ -357,17 +379,48 @@ def apply(model_spec, direction_path, out, mode, force, biproject, workers) -> N
             "checked": "fingerprint" if sidecar else "hidden size only",
         },
     }
+    from safetensors.torch import load_file
+
+    from weight_edit.architecture import architecture_for
+    from weight_edit.edit_plan import Strengths
+
+    num_layers = architecture_for(source.config).num_layers(source.config)
+    subspace = None
+    if rank > 1:
+        subspace_path = direction_path.parent / "subspace.safetensors"
+        if not subspace_path.is_file():
+            fail(f"--rank {rank} needs {subspace_path} from `weight-edit diagnose`")
+        stored = load_file(str(subspace_path))["subspace"]
+        if stored.shape[0] < rank:
+            fail(f"{subspace_path} holds {stored.shape[0]} directions; --rank {rank} needs {rank}")
+        subspace = stored[:rank]
+        extra["subspace"] = {"path": str(subspace_path.resolve()), "rank": rank}
+    if tuned and strengths_path:
+        fail("pass either --tuned or --strengths, not both")
+    strengths = None
+    if strengths_path:
+        try:
+            data = json.loads(strengths_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            fail(f"{strengths_path} is not valid JSON ({exc})")
+        strengths = Strengths.from_dict(data, num_layers, str(strengths_path))
+    elif tuned:
+        chosen = ((sidecar or {}).get("search") or {}).get("chosen") or {}
+        if "strengths" not in chosen:
+            fail(f"--tuned needs a search recorded in {direction_path.with_suffix('.json')}: run `weight-edit tune`")
+        strengths = Strengths.from_dict(chosen["strengths"], num_layers, str(direction_path.with_suffix(".json")))
     layer_directions = None
     if biproject:
-        from safetensors.torch import load_file
+        import torch
 
-        from weight_edit.edit_math import biprojected_directions
+        from weight_edit.edit_math import biprojected_directions, orthonormal_rows
 
         means_path = direction_path.parent / "activation_means.safetensors"
         if sidecar is None or not means_path.is_file():
             fail(f"--biproject needs {means_path} and {direction_path.with_suffix('.json')} from `weight-edit fit`")
         safe_means = load_file(str(means_path))["safe"][:, sidecar["position"], :]
-        layer_directions = biprojected_directions(vector, safe_means)
+        rows = vector if subspace is None else orthonormal_rows(torch.cat([vector.unsqueeze(0), subspace[1:]]))
+        layer_directions = biprojected_directions(rows, safe_means)
         extra["biprojection"] = {"means": str(means_path.resolve()), "position": sidecar["position"]}
     started = time.time()
     bars = Progress(
@@ -396,9 +449,13 @@ def apply(model_spec, direction_path, out, mode, force, biproject, workers) -> N
             on_progress=on_progress,
             layer_directions=layer_directions,
             workers=workers,
+            subspace=subspace,
+            strengths=strengths,
         )
+    details = [mode] + (["biprojected"] if biproject else []) + ([f"rank {rank}"] if rank > 1 else [])
+    details += ["per-layer strengths"] if strengths is not None and not strengths.is_full else []
     console.print(
-        f"edited {len(result.edited_tensors)} tensors ({mode}{', biprojected' if biproject else ''}){'; untied embeddings (explicit lm_head.weight)' if result.untied_embeddings else ''}; wrote {result.out} in {time.time() - started:.0f} s"
+        f"edited {len(result.edited_tensors)} tensors ({', '.join(details)}){'; untied embeddings (explicit lm_head.weight)' if result.untied_embeddings else ''}; wrote {result.out} in {time.time() - started:.0f} s"
     )
 
 
@@ -470,10 +527,20 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device) -> None:
     default=None,
     help="At most this many held-out prompts per label (spread over areas).",
 )
-def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_size, max_new_tokens, limit) -> None:
+@click.option(
+    "--judge",
+    "judge_path",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A local sequence-classification checkpoint that labels (prompt, completion) pairs; "
+    "its label counts are added per area.",
+)
+def evaluate(
+    edited, model_spec, dataset, seed, out_dir, device, dtype, batch_size, max_new_tokens, limit, judge_path
+) -> None:
     """Compare source and edited models on the held-out policy areas (aggregates only)."""
     from weight_edit.dataset import interleave_areas
-    from weight_edit.evaluate import score_model, summarise
+    from weight_edit.evaluate import load_judge, score_model, summarise
     from weight_edit.models import auto_batch_size, load_model, resolve_model
     from weight_edit.verify import read_provenance
 
@@ -485,6 +552,7 @@ def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_si
     ]
     results = {}
     started = time.time()
+    judge = load_judge(judge_path, "cuda" if device == "cuda" else "cpu") if judge_path else None
     with progress_bars() as factory:
         for name, folder in (("source", source_folder), ("edited", Path(edited))):
             model, tokenizer = load_model(folder, dtype=dtype, device=device)
@@ -500,6 +568,8 @@ def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_si
                 settings.COMPLETION_PREVIEW_WORDS,
                 factory,
                 f"{name}: generating",
+                broad_markers=settings.BROAD_REFUSAL_MARKERS,
+                judge=judge,
             )
             del model
     summary = summarise(results["source"][0], results["edited"][0], results["source"][1], results["edited"][1])
@@ -513,6 +583,8 @@ def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_si
             "max_new_tokens": max_new_tokens,
             "dtype": dtype,
             "refusal_substrings": list(settings.REFUSAL_SUBSTRINGS),
+            "broad_refusal_markers": list(settings.BROAD_REFUSAL_MARKERS),
+            "judge": str(judge_path.resolve()) if judge_path else None,
             "overall": overall,
             "seconds": round(time.time() - started, 1),
         },
@@ -526,6 +598,8 @@ def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_si
                 "label": s.label,
                 "source_refused": s.refused_text,
                 "edited_refused": e.refused_text,
+                "source_refused_broad": s.refused_broad,
+                "edited_refused_broad": e.refused_broad,
                 "source_log_odds": round(s.refusal_log_odds, 3),
                 "edited_log_odds": round(e.refusal_log_odds, 3),
                 "source_first_words": s.preview,
@@ -535,7 +609,7 @@ def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_si
         ],
     )
     table = Table(title="held-out areas: refused (by refusal substrings)")
-    for column in ("area", "label", "n", "source", "edited", "edited − source [95 % CI]", "McNemar p", "KL"):
+    for column in ("area", "label", "n", "source", "edited", "edited − source [95 % CI]", "McNemar p", "broad", "KL"):
         table.add_column(column)
     for r in rows:
         table.add_row(
@@ -546,6 +620,7 @@ def evaluate(edited, model_spec, dataset, seed, out_dir, device, dtype, batch_si
             str(r["edited_refused_text"]),
             f"{100 * r['text_difference']:+.0f} pp [{100 * r['text_difference_ci_low']:+.0f}, {100 * r['text_difference_ci_high']:+.0f}]",
             f"{r['text_mcnemar_p']:.2g}",
+            f"{r['source_refused_broad']} → {r['edited_refused_broad']}",
             f"{r['mean_first_token_kl']:.3f}" if r["label"] == "safe" else "",
         )
     console.print(table)

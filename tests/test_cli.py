@@ -132,3 +132,33 @@ def test_unsupported_architecture_lists_supported_ones(tmp_path, tiny_model, run
         ],
     )
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_apply_with_strengths_file_and_its_errors(tmp_path, tiny_model, runner):
+    import torch
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({"direction": torch.randn(32)}, str(bare))
+    base = ["apply", "--model", str(tiny_model), "--direction", str(bare)]
+    strengths = tmp_path / "strengths.json"
+    strengths.write_text(json.dumps({"embedding": 0.5, "attention": [1.0, 0.25], "mlp": [0.0, 1.0]}))
+    result = runner.invoke(cli.main, [*base, "--out", str(tmp_path / "a"), "--strengths", str(strengths)])
+    assert result.exit_code == 0, result.output
+    provenance = json.loads((tmp_path / "a" / "weight_edit_provenance.json").read_text())
+    assert provenance["strengths"]["attention"] == [1.0, 0.25]
+    assert provenance["guarantee"] == "hook-exact-strengths"
+    result = runner.invoke(cli.main, ["verify", str(tmp_path / "a"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+
+    strengths.write_text(json.dumps({"embedding": 0.5, "attention": [1.0], "mlp": [0.0, 1.0]}))
+    result = runner.invoke(cli.main, [*base, "--out", str(tmp_path / "b"), "--strengths", str(strengths)])
+    assert result.exit_code == 2 and "one strength per layer (2)" in result.output
+    strengths.write_text("{not json")
+    result = runner.invoke(cli.main, [*base, "--out", str(tmp_path / "b"), "--strengths", str(strengths)])
+    assert result.exit_code == 2 and "not valid JSON" in result.output
+    result = runner.invoke(cli.main, [*base, "--out", str(tmp_path / "b"), "--tuned"])
+    assert result.exit_code == 2 and "weight-edit tune" in result.output
+    result = runner.invoke(cli.main, [*base, "--out", str(tmp_path / "b"), "--rank", "2"])
+    assert result.exit_code == 2 and "subspace.safetensors" in result.output
+    assert not (tmp_path / "b").exists()

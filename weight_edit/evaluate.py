@@ -6,9 +6,10 @@ completion leave this module, so nothing harmful is ever stored.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,48 @@ def is_refusal(text: str, substrings: Sequence[str]) -> bool:
     return any(s in text for s in substrings)
 
 
+def is_broad_refusal(text: str, markers: Sequence[str]) -> bool:
+    """A broader test: any marker, case-insensitive, with typographic apostrophes made plain."""
+    lowered = text.replace("\u2019", "'").lower()
+    return any(m in lowered for m in markers)
+
+
+# judge(prompts, completions) -> one label name per pair (e.g. "refusal" / "compliance").
+Judge = Callable[[list[str], list[str]], list[str]]
+
+
+def load_judge(folder: Path, device: str = "cpu", batch_size: int = 16) -> Judge:
+    """A local sequence-classification checkpoint that labels (prompt, completion) pairs.
+
+    Its `id2label` names become the verdicts; remote code is never run.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=False).to(device).eval()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    names = model.config.id2label
+
+    @torch.inference_mode()
+    def judge(prompts: list[str], completions: list[str]) -> list[str]:
+        labels: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            encoded = tokenizer(
+                prompts[start : start + batch_size],
+                completions[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+            ).to(device)
+            labels += [names[int(i)] for i in model(**encoded).logits.argmax(dim=-1)]
+        return labels
+
+    return judge
+
+
 def first_words(text: str, count: int) -> str:
     return " ".join(text.split()[:count])
 
@@ -36,6 +79,8 @@ class PromptScore:
     refused_text: bool
     refusal_log_odds: float
     preview: str  # first few words of the completion, never more
+    refused_broad: bool = False
+    judge_label: str | None = None
 
 
 @torch.inference_mode()
@@ -50,8 +95,13 @@ def score_model(
     preview_words: int,
     progress: ProgressFactory = no_progress,
     description: str = "generating",
+    broad_markers: Sequence[str] = (),
+    judge: Judge | None = None,
 ) -> tuple[list[PromptScore], torch.Tensor]:
-    """Greedy completions and first-token logits for every prompt; returns scores and those logits."""
+    """Greedy completions and first-token logits for every prompt; returns scores and those logits.
+
+    Each completion is scored (substrings, broad markers, the optional judge) and then dropped.
+    """
     device = input_device(model)
     refusal_ids = refusal_token_ids(tokenizer, refusal_prefixes)
     advance = progress(description, len(prompts))
@@ -71,11 +121,18 @@ def score_model(
         first_logits.append(logits)
         odds = refusal_log_odds(logits, refusal_ids)
         texts = tokenizer.batch_decode(out.sequences[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
-        for index, text, score in zip(batch.indices, texts, odds.tolist(), strict=True):
+        verdicts = judge([prompts[i].text for i in batch.indices], texts) if judge else [None] * len(texts)
+        for index, text, score, verdict in zip(batch.indices, texts, odds.tolist(), verdicts, strict=True):
             prompt = prompts[index]
             scores.append(
                 PromptScore(
-                    prompt.category, prompt.label, is_refusal(text, substrings), score, first_words(text, preview_words)
+                    prompt.category,
+                    prompt.label,
+                    is_refusal(text, substrings),
+                    score,
+                    first_words(text, preview_words),
+                    refused_broad=is_broad_refusal(text, broad_markers),
+                    judge_label=verdict,
                 )
             )
         advance(len(batch.indices))
@@ -100,6 +157,8 @@ def summarise(
             "n": n,
             "source_refused_text": sum(source[i].refused_text for i in idx),
             "edited_refused_text": sum(edited[i].refused_text for i in idx),
+            "source_refused_broad": sum(source[i].refused_broad for i in idx),
+            "edited_refused_broad": sum(edited[i].refused_broad for i in idx),
             "source_refused_log_odds": sum(source[i].refusal_log_odds > 0 for i in idx),
             "edited_refused_log_odds": sum(edited[i].refusal_log_odds > 0 for i in idx),
             "source_mean_log_odds": sum(source[i].refusal_log_odds for i in idx) / n,
@@ -112,10 +171,18 @@ def summarise(
             [source[i].refusal_log_odds > 0 for i in idx], [edited[i].refusal_log_odds > 0 for i in idx]
         )
         row |= {f"text_{k}": v for k, v in text.items() if k not in ("source_rate", "edited_rate")}
+        broad = paired_summary([source[i].refused_broad for i in idx], [edited[i].refused_broad for i in idx])
         row |= {
+            "broad_mcnemar_p": broad["mcnemar_p"],
+            "broad_difference_ci_low": broad["difference_ci_low"],
+            "broad_difference_ci_high": broad["difference_ci_high"],
             "log_odds_mcnemar_p": odds["mcnemar_p"],
             "log_odds_difference_ci_low": odds["difference_ci_low"],
             "log_odds_difference_ci_high": odds["difference_ci_high"],
         }
+        if source[idx[0]].judge_label is not None:
+            for name, scores in (("source", source), ("edited", edited)):
+                counts = Counter(scores[i].judge_label for i in idx)
+                row |= {f"{name}_judge_{label}": count for label, count in sorted(counts.items())}
         rows.append(row)
     return {"rows": rows, "kl_per_prompt": kl}
