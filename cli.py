@@ -142,6 +142,29 @@ dataset_option = click.option(
     help="CSV with columns prompt,label,category.",
 )
 device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
+
+
+def parse_max_memory(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
+    """'0=70GiB,1=70GiB,cpu=200GiB' → accelerate's max_memory {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'}."""
+    if not value:
+        return None
+    limits: dict[int | str, str] = {}
+    for item in value.split(","):
+        device, _, limit = item.partition("=")
+        device, limit = device.strip(), limit.strip()
+        if not device or not limit or not (device.isdigit() or device in ("cpu", "disk")):
+            raise click.BadParameter(f"'{item}' is not DEVICE=LIMIT (DEVICE a GPU index, cpu or disk; e.g. 0=70GiB)")
+        limits[int(device) if device.isdigit() else device] = limit
+    return limits
+
+
+max_memory_option = click.option(
+    "--max-memory",
+    callback=parse_max_memory,
+    default=None,
+    help="Split the model across devices with accelerate under these limits, e.g. '0=70GiB,1=70GiB,cpu=200GiB' "
+    "(implies device_map='auto'; layers that fit nowhere are offloaded to disk).",
+)
 batch_option = click.option(
     "--batch-size",
     type=click.IntRange(0),
@@ -187,6 +210,7 @@ def load_split(dataset: Path, seed: int):
     help="Where direction.safetensors, its sidecar and the score tables go.",
 )
 @device_option
+@max_memory_option
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
@@ -212,7 +236,17 @@ def load_split(dataset: Path, seed: int):
     help="Per label, for stage-2 scores.",
 )
 def fit(
-    model_spec, dataset, out_dir, device, dtype, batch_size, seed, screen_keep, screen_prompts, validation_prompts
+    model_spec,
+    dataset,
+    out_dir,
+    device,
+    max_memory,
+    dtype,
+    batch_size,
+    seed,
+    screen_keep,
+    screen_prompts,
+    validation_prompts,
 ) -> None:
     """Fit the refusal direction on the fit areas and select it on their validation prompts."""
     from safetensors.torch import save_file
@@ -233,7 +267,7 @@ def fit(
         f"model [bold]{folder}[/] ({arch.family}, {num_layers} layers); fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}"
     )
     started = time.time()
-    model, tokenizer = load_model(folder, dtype=dtype, device=device)
+    model, tokenizer = load_model(folder, dtype=dtype, device=device, max_memory=max_memory)
     batch_size = batch_size or auto_batch_size(model)
     fit_settings = FitSettings(
         batch_size=batch_size,
@@ -473,7 +507,8 @@ def apply(model_spec, direction_path, out, mode, force, biproject, rank, strengt
 )
 @click.option("--new-tokens", type=click.IntRange(1), default=settings.VERIFY_NEW_TOKENS, show_default=True)
 @device_option
-def verify(out, dataset, seed, num_prompts, new_tokens, device) -> None:
+@max_memory_option
+def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> None:
     """Check an edited checkpoint against hook-based ablation on the source model; exit 1 on failure."""
     from weight_edit.dataset import interleave_areas
     from weight_edit.model_card import write_card
@@ -486,7 +521,7 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device) -> None:
         for p in interleave_areas(split.select("validation", label), num_prompts // 2, seed)
     ]
     with console.status("running the hooked source and the edited checkpoint"):
-        report = verify_checkpoint(out, prompts, settings.VERIFY_TOLERANCES, new_tokens, device)
+        report = verify_checkpoint(out, prompts, settings.VERIFY_TOLERANCES, new_tokens, device, max_memory=max_memory)
     write_json(Path(out) / "weight_edit_verify.json", report.as_dict())
     write_card(Path(out), read_provenance(Path(out)), report.as_dict())
     table = Table(title=f"verify {out} ({report.mode}, stored {report.stored_dtype})")
@@ -516,6 +551,7 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device) -> None:
     "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs") / "eval", show_default=True
 )
 @device_option
+@max_memory_option
 @click.option(
     "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="bfloat16", show_default=True
 )
@@ -536,7 +572,7 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device) -> None:
     "its label counts are added per area.",
 )
 def evaluate(
-    edited, model_spec, dataset, seed, out_dir, device, dtype, batch_size, max_new_tokens, limit, judge_path
+    edited, model_spec, dataset, seed, out_dir, device, max_memory, dtype, batch_size, max_new_tokens, limit, judge_path
 ) -> None:
     """Compare source and edited models on the held-out policy areas (aggregates only)."""
     from weight_edit.dataset import interleave_areas
@@ -555,7 +591,7 @@ def evaluate(
     judge = load_judge(judge_path, "cuda" if device == "cuda" else "cpu") if judge_path else None
     with progress_bars() as factory:
         for name, folder in (("source", source_folder), ("edited", Path(edited))):
-            model, tokenizer = load_model(folder, dtype=dtype, device=device)
+            model, tokenizer = load_model(folder, dtype=dtype, device=device, max_memory=max_memory)
             batch_size = batch_size or auto_batch_size(model)
             results[name] = score_model(
                 model,

@@ -121,8 +121,12 @@ def weight_equivalent_ablation(
     direction: torch.Tensor | EditPlan,
     mode: EditMode,
     layer_directions: torch.Tensor | None = None,
+    read_tensor: Callable[[str], torch.Tensor] | None = None,
 ) -> Iterator[None]:
     """Hooks that reproduce `apply`'s edit, computed from the unedited in-memory weights.
+
+    A weight that accelerate offloaded (a meta tensor outside the forward pass) is read by its on-disk
+    name through `read_tensor` (e.g. `Checkpoint.read`), which is the same tensor.
 
     `direction` is the fitted vector (full-strength rank-1 edit, optionally with per-layer
     `layer_directions`) or a whole `EditPlan` (rank k, per-layer strengths). Exact for "module" hooks
@@ -154,10 +158,11 @@ def weight_equivalent_ablation(
             continue
         u = rows
         if target.output_norm_module is not None:
-            gamma = model.get_submodule(target.output_norm_module).weight.detach().float()
+            norm_weight = model.get_submodule(target.output_norm_module).weight
+            gamma = _materialised(norm_weight, target.output_norm, read_tensor).float()
             u = write_direction(rows.to(gamma.device), gamma, target.norm_offset)
         if mode == "norm-preserving":
-            weight = module.weight.detach().float()
+            weight = _materialised(module.weight, target.tensor, read_tensor).float()
             scale = input_scale(weight, u.to(weight.device), target.residual_axis, strength)
 
             def rescale(x: torch.Tensor, scale: torch.Tensor = scale) -> torch.Tensor:
@@ -167,6 +172,17 @@ def weight_equivalent_ablation(
         handles.append(module.register_forward_hook(_output_hook(_projector(u, strength))))
     with _hooks(handles):
         yield
+
+
+def _materialised(
+    parameter: torch.Tensor, on_disk: str | None, read_tensor: Callable[[str], torch.Tensor] | None
+) -> torch.Tensor:
+    """The parameter's values, from the checkpoint when accelerate has offloaded it (meta device)."""
+    if not parameter.is_meta:
+        return parameter.detach()
+    if read_tensor is None or on_disk is None:
+        raise ValueError(f"'{on_disk}' is offloaded (meta device): pass read_tensor to read it from the checkpoint")
+    return read_tensor(on_disk)
 
 
 def _layer_count(targets: list[EditTarget]) -> int:

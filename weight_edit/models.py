@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import settings
 
@@ -141,22 +142,37 @@ def resolve_model(spec: str | None, progress: ProgressFn | None = None) -> Path:
         raise ModelResolutionError(f"could not download '{spec}' from the hub: {exc}") from exc
 
 
-def load_model(folder: Path, dtype: str = "auto", device: str = "cpu", max_memory: dict | None = None):
+def load_model(
+    folder: Path,
+    dtype: str = "auto",
+    device: str = "cpu",
+    max_memory: dict | None = None,
+    device_map: dict[str, Any] | None = None,
+):
     """Load a checkpoint for forward passes (never with remote code).
 
     `device="auto"` spreads the model over every visible GPU with accelerate (`device_map="auto"`,
-    offloading to CPU what does not fit, or what `max_memory` leaves out); hooks follow each layer's
-    device, and inputs go to the embedding's device (`input_device`).
+    offloading to CPU what does not fit, or what `max_memory` leaves out); an explicit `device_map`
+    (module → device, "cpu" or "disk") forces a split. Hooks follow each layer's device, and inputs
+    go to the embedding's device (`input_device`); offloaded weights live in a temporary folder.
     """
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    if device == "auto" and not torch.cuda.is_available() and max_memory is None:
+    if device == "auto" and not torch.cuda.is_available() and max_memory is None and device_map is None:
         device = "cpu"
-    if device == "auto" or max_memory is not None:
+    if device == "auto" or max_memory is not None or device_map is not None:
+        offload = tempfile.mkdtemp(prefix="weight-edit-offload-")
         model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch_dtype, trust_remote_code=False, device_map="auto", max_memory=max_memory
+            str(folder),
+            dtype=torch_dtype,
+            trust_remote_code=False,
+            device_map=device_map or "auto",
+            max_memory=max_memory,
+            offload_folder=offload,
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False)

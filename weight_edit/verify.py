@@ -131,6 +131,8 @@ def verify_checkpoint(
     new_tokens: int = 16,
     device: str = "cpu",
     check_files: bool = True,
+    max_memory: dict | None = None,
+    device_map: dict[str, Any] | None = None,
 ) -> VerifyReport:
     out = Path(out).resolve()
     provenance = read_provenance(out)
@@ -147,7 +149,8 @@ def verify_checkpoint(
     stored_dtype = edited.main_dtype()
     tolerances = tolerances_by_dtype[stored_dtype]
 
-    model, tokenizer = load_model(source.folder, dtype="float32", device=device)
+    placement = {"device": device, "max_memory": max_memory, "device_map": device_map}
+    model, tokenizer = load_model(source.folder, dtype="float32", **placement)
     ids, mask = tokenize_instructions(tokenizer, prompts)
     ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
     targets = arch.targets(source.config, source.tensor_names)
@@ -155,14 +158,14 @@ def verify_checkpoint(
     layer_directions = plan.layer_bases
     twin_exact = arch.twin_is_exact(mode)
     guarantee = arch.guarantee(mode, layer_directions is not None, plan.strengths.is_full)
-    with weight_equivalent_ablation(model, targets, plan, mode):
+    with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=source.read):
         hooked = _run(model, ids, mask, new_tokens)
     paper = None
     if mode == "project" and guarantee == "hook-exact":
         with residual_ablation(model, arch, num_layers, plan.basis):
             paper = _run(model, ids, mask, new_tokens)
     del model
-    model, _ = load_model(out, dtype="float32", device=device)
+    model, _ = load_model(out, dtype="float32", **placement)
     ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
     result = _run(model, ids, mask, new_tokens)
     del model
