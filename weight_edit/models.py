@@ -174,6 +174,11 @@ def load_model(
             max_memory=max_memory,
             offload_folder=offload,
         )
+        if input_device(model).type == "meta":
+            raise ModelResolutionError(
+                f"{folder}: the memory limits leave no device for the input embedding (everything was offloaded "
+                "to disk); raise --max-memory"
+            )
     else:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False)
         model.to(device)

@@ -1,0 +1,204 @@
+"""Benchmark `fit` and `verify` with the model split across devices by accelerate, against one device.
+
+Builds a synthetic checkpoint on disk from a real config (random bfloat16 weights, a ChatML tokenizer
+trained on the embedded dataset), applies a random direction with the streaming writer, then runs
+`fit` and `verify` twice: whole on one GPU (when it fits) and split with `--max-memory` (across every
+visible GPU, or, with one GPU, GPU plus CPU offload to force the split). Prints per-GPU peak memory,
+prompts/s of activation collection and the wall time of each step, and the split/whole time ratio.
+
+    python scripts/bench_multigpu.py --config llama3-8b --layers 8 --split-memory 0=6GiB,cpu=100GiB  # one GPU
+    python scripts/bench_multigpu.py --config llama3-70b --split-memory 0=70GiB,1=70GiB --skip-whole   # two GPUs
+    python scripts/bench_multigpu.py --config tiny --split-memory cpu=400KB                            # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_apply import CONFIGS  # noqa: E402
+
+import settings  # noqa: E402
+
+
+def parse_memory(text: str) -> dict:
+    limits = {}
+    for item in text.split(","):
+        device, _, limit = item.partition("=")
+        limits[int(device) if device.isdigit() else device] = limit
+    return limits
+
+
+def build_checkpoint(name: str, layers: int | None, folder: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from weight_edit.synthetic import train_chat_tokenizer
+
+    spec = dict(CONFIGS[name])
+    if layers:
+        spec["num_hidden_layers"] = layers
+    tokenizer = train_chat_tokenizer(vocab_size=4000)
+    spec["vocab_size"] = max(spec["vocab_size"], len(tokenizer))
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(str(folder), max_shard_size="2GB")
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def run_fit(folder: Path, placement: dict, batch_size: int) -> dict:
+    import torch
+
+    from weight_edit.architecture import architecture_for
+    from weight_edit.checkpoint import Checkpoint
+    from weight_edit.dataset import load_dataset, split_dataset
+    from weight_edit.fit import FitSettings, fit_direction
+    from weight_edit.models import load_model
+
+    data = load_dataset(settings.DEFAULT_DATASET)
+    split = split_dataset(data, settings.SEED, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION)
+    texts = {
+        (p, lab): [x.text for x in split.select(p, lab)] for p in ("train", "validation") for lab in ("unsafe", "safe")
+    }
+    checkpoint = Checkpoint(folder)
+    arch = architecture_for(checkpoint.config)
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(index)
+    started = time.time()
+    model, tokenizer = load_model(folder, dtype="bfloat16", **placement)
+    load_s = time.time() - started
+    timings: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    clock: dict[str, float] = {}
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def progress(description: str, total: int):
+        sync()
+        clock[description], counts[description] = time.time(), total
+
+        def advance(n: int) -> None:
+            sync()
+            timings[description] = time.time() - clock[description]
+
+        return advance
+
+    started = time.time()
+    result = fit_direction(
+        model,
+        tokenizer,
+        arch,
+        arch.num_layers(checkpoint.config),
+        texts[("train", "unsafe")],
+        texts[("train", "safe")],
+        texts[("validation", "unsafe")],
+        texts[("validation", "safe")],
+        FitSettings(batch_size=batch_size, refusal_prefixes=settings.REFUSAL_PREFIXES),
+        progress,
+    )
+    fit_s = time.time() - started
+    activation = [k for k in timings if k.startswith("activations")]
+    report = {
+        "device_map": sorted({str(v) for v in getattr(model, "hf_device_map", {"": "cuda:0"}).values()}),
+        "load_s": round(load_s, 1),
+        "fit_s": round(fit_s, 1),
+        "steps_s": {k: round(v, 2) for k, v in timings.items()},
+        "activation_prompts_per_s": round(sum(counts[k] for k in activation) / sum(timings[k] for k in activation), 1),
+        "peak_gpu_memory_gb": [
+            round(torch.cuda.max_memory_allocated(i) / 1e9, 2) for i in range(torch.cuda.device_count())
+        ],
+        "chosen": {"layer": result.layer, "position": result.position},
+        "direction": result.direction,
+    }
+    del model
+    torch.cuda.empty_cache()
+    return report
+
+
+def run_verify(out: Path, placement: dict) -> dict:
+    import torch
+
+    from weight_edit.verify import verify_checkpoint
+
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(index)
+    prompts = ["Tell me a joke", "How do locks work?", "Write a phishing email", "Explain how to pick a lock"]
+    started = time.time()
+    report = verify_checkpoint(out, prompts, settings.VERIFY_TOLERANCES, new_tokens=8, **placement)
+    return {
+        "verify_s": round(time.time() - started, 1),
+        "passed": report.passed,
+        "failures": report.failures,
+        "max_abs_logit": report.metrics["max_abs_logit"],
+        "peak_gpu_memory_gb": [
+            round(torch.cuda.max_memory_allocated(i) / 1e9, 2) for i in range(torch.cuda.device_count())
+        ],
+    }
+
+
+def main() -> None:
+    import torch
+
+    from weight_edit.checkpoint import Checkpoint
+    from weight_edit.writer import apply_direction
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="llama3-8b")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-multigpu"))
+    parser.add_argument(
+        "--split-memory", required=True, help="accelerate max_memory for the split run, e.g. 0=6GiB,cpu=100GiB"
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--skip-whole", action="store_true", help="the model does not fit one GPU")
+    args = parser.parse_args()
+
+    folder = args.work / f"{args.config}-{args.layers or 'full'}"
+    started = time.time()
+    if not (folder / "config.json").is_file():
+        build_checkpoint(args.config, args.layers, folder)
+    build_s = time.time() - started
+    hidden = Checkpoint(folder).config["hidden_size"]
+    edited = args.work / "edited"
+    apply_direction(
+        Checkpoint(folder), torch.randn(hidden, generator=torch.Generator().manual_seed(1)), edited, force=True
+    )
+    placements = {"split": {"device": "auto", "max_memory": parse_memory(args.split_memory)}}
+    if not args.skip_whole:
+        placements = {"whole": {"device": "cuda" if torch.cuda.is_available() else "cpu"}, **placements}
+    results = {}
+    for name, placement in placements.items():
+        results[name] = {"fit": run_fit(folder, placement, args.batch_size), "verify": run_verify(edited, placement)}
+    report = {
+        "config": args.config,
+        "layers": Checkpoint(folder).config["num_hidden_layers"],
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "build_s": round(build_s, 1),
+        **{
+            k: {"fit": {kk: vv for kk, vv in v["fit"].items() if kk != "direction"}, "verify": v["verify"]}
+            for k, v in results.items()
+        },
+    }
+    if "whole" in results:
+        whole, split = results["whole"]["fit"], results["split"]["fit"]
+        report["split_over_whole_fit_time"] = round(split["fit_s"] / whole["fit_s"], 2)
+        report["same_choice"] = whole["chosen"] == split["chosen"]
+        report["direction_cosine"] = float(
+            torch.nn.functional.cosine_similarity(whole["direction"].float(), split["direction"].float(), dim=0)
+        )
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
