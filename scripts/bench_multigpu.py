@@ -62,7 +62,7 @@ def run_fit(folder: Path, placement: dict, batch_size: int) -> dict:
     from weight_edit.checkpoint import Checkpoint
     from weight_edit.dataset import load_dataset, split_dataset
     from weight_edit.fit import FitSettings, fit_direction
-    from weight_edit.models import load_model
+    from weight_edit.models import input_device, load_model
 
     data = load_dataset(settings.DEFAULT_DATASET)
     split = split_dataset(data, settings.SEED, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION)
@@ -110,7 +110,9 @@ def run_fit(folder: Path, placement: dict, batch_size: int) -> dict:
     fit_s = time.time() - started
     activation = [k for k in timings if k.startswith("activations")]
     report = {
-        "device_map": sorted({str(v) for v in getattr(model, "hf_device_map", {"": "cuda:0"}).values()}),
+        "device_map": sorted(
+            {str(v) for v in (getattr(model, "hf_device_map", None) or {"": input_device(model)}).values()}
+        ),
         "load_s": round(load_s, 1),
         "fit_s": round(fit_s, 1),
         "steps_s": {k: round(v, 2) for k, v in timings.items()},
