@@ -35,7 +35,14 @@ def render_card(provenance: dict[str, Any], verify: dict[str, Any] | None = None
         "",
         "## What was edited",
         "",
-        f"- Edit: `{provenance['mode']}` projection of one direction out of every weight that writes into the "
+        f"- Edit: `{provenance['mode']}` projection of "
+        + (
+            f"a rank-{provenance['subspace']['rank']} subspace (the direction and the top principal components of "
+            "the policy-area directions)"
+            if provenance.get("subspace")
+            else "one direction"
+        )
+        + " out of every weight that writes into the "
         f"residual stream ({len(provenance['edited_tensors'])} tensors: token embedding, attention and MLP "
         f"outputs and their biases), architecture family `{provenance['architecture']}`.",
         f"- Guarantee for this family and mode: `{provenance['guarantee']}`.",
@@ -47,6 +54,17 @@ def render_card(provenance: dict[str, Any], verify: dict[str, Any] | None = None
         )
         + (", per-layer biprojected directions" if provenance.get("layer_directions") else "")
         + ".",
+        "- Strength: "
+        + (
+            "full (1.0) on every writer."
+            if not provenance.get("strengths")
+            else "per layer (embedding "
+            + f"{provenance['strengths']['embedding']:.2f}; attention "
+            + " ".join(f"{s:.2f}" for s in provenance["strengths"]["attention"])
+            + "; MLP "
+            + " ".join(f"{s:.2f}" for s in provenance["strengths"]["mlp"])
+            + ")."
+        ),
         f"- Tied embeddings untied (explicit `lm_head.weight`): {'yes' if provenance['untied_embeddings'] else 'no'}.",
         f"- Tool: weight-edit {provenance['version']}.",
         "",
