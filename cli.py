@@ -77,6 +77,7 @@ def fail(message: str) -> None:
 
 
 def expected_errors() -> tuple[type[Exception], ...]:
+    from weight_edit.adapter import AdapterError
     from weight_edit.architecture import ArchitectureError
     from weight_edit.chat import TemplateError
     from weight_edit.checkpoint import CheckpointError
@@ -89,6 +90,7 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from weight_edit.writer import OutputError
 
     return (
+        AdapterError,
         PlanError,
         PublishError,
         ArchitectureError,
@@ -383,13 +385,21 @@ def fit(
     help="Use the per-layer strengths chosen by `weight-edit tune` (recorded in the direction's sidecar).",
 )
 @click.option(
+    "--as-adapter",
+    is_flag=True,
+    help="Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, a few MB) instead of a full "
+    "checkpoint; needs --mode project. Load with PeftModel.from_pretrained(source_model, OUT) (needs peft).",
+)
+@click.option(
     "--workers",
     type=click.IntRange(0),
     default=0,
     show_default=True,
     help="Shards written in parallel (0: automatic, up to 4; memory grows with it).",
 )
-def apply(model_spec, direction_path, out, mode, force, biproject, rank, strengths_path, tuned, workers) -> None:
+def apply(
+    model_spec, direction_path, out, mode, force, biproject, rank, strengths_path, tuned, as_adapter, workers
+) -> None:
     """Write a new checkpoint with the direction removed from every residual-writing weight."""
     from weight_edit.checkpoint import Checkpoint, fingerprint
     from weight_edit.direction_file import check_compatible, load_direction
@@ -456,6 +466,29 @@ def apply(model_spec, direction_path, out, mode, force, biproject, rank, strengt
         rows = vector if subspace is None else orthonormal_rows(torch.cat([vector.unsqueeze(0), subspace[1:]]))
         layer_directions = biprojected_directions(rows, safe_means)
         extra["biprojection"] = {"means": str(means_path.resolve()), "position": sidecar["position"]}
+    if as_adapter:
+        from weight_edit.adapter import write_adapter
+        from weight_edit.edit_plan import EditPlan
+
+        started = time.time()
+        plan = EditPlan.build(vector, num_layers, subspace, layer_directions, strengths)
+        result = write_adapter(
+            source,
+            plan.basis,
+            out,
+            mode=mode,
+            strength=plan.strength_for,
+            layer_directions=plan.layer_bases,
+            force=force,
+            provenance_extra=extra,
+        )
+        console.print(
+            f"wrote a rank-{result.rank} LoRA adapter for {len(result.target_modules)} modules"
+            f"{' (edited biases as base_layer.bias)' if result.bias != 'none' else ''} to {result.out} "
+            f"({result.provenance['adapter']['bytes'] / 1e6:.1f} MB) in {time.time() - started:.0f} s; "
+            f"load with PeftModel.from_pretrained(<source model>, '{result.out}')"
+        )
+        return
     started = time.time()
     bars = Progress(
         TextColumn("{task.description}"),

@@ -162,3 +162,48 @@ def test_apply_with_strengths_file_and_its_errors(tmp_path, tiny_model, runner):
     result = runner.invoke(cli.main, [*base, "--out", str(tmp_path / "b"), "--rank", "2"])
     assert result.exit_code == 2 and "subspace.safetensors" in result.output
     assert not (tmp_path / "b").exists()
+
+
+def test_apply_as_adapter_and_its_refusal(tmp_path, tiny_model, runner):
+    import torch
+    from safetensors.torch import save_file
+
+    pytest.importorskip("peft")
+    bare = tmp_path / "bare.safetensors"
+    save_file({"direction": torch.randn(32)}, str(bare))
+    base = ["apply", "--model", str(tiny_model), "--direction", str(bare), "--as-adapter"]
+    result = runner.invoke(cli.main, [*base, "--out", str(tmp_path / "n")])
+    assert result.exit_code == 2 and "full rank" in result.output  # the norm-preserving default has no adapter
+    assert not (tmp_path / "n").exists()
+    strengths = tmp_path / "strengths.json"
+    strengths.write_text(json.dumps({"embedding": 1.0, "attention": [0.5, 1.0], "mlp": [1.0, 0.0]}))
+    out = tmp_path / "adapter"
+    result = runner.invoke(cli.main, [*base, "--mode", "project", "--out", str(out), "--strengths", str(strengths)])
+    assert result.exit_code == 0, result.output
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    # the adapter equals the full checkpoint written with the same plan
+    result = runner.invoke(
+        cli.main,
+        [
+            "apply",
+            "--model",
+            str(tiny_model),
+            "--direction",
+            str(bare),
+            "--mode",
+            "project",
+            "--out",
+            str(tmp_path / "full"),
+            "--strengths",
+            str(strengths),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model)), str(out))(ids).logits
+        full = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full"))(ids).logits
+    torch.testing.assert_close(adapted, full, atol=1e-4, rtol=1e-4)
