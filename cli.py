@@ -29,6 +29,7 @@ import settings
 
 console = Console(stderr=True)
 DEFAULT_DIRECTION = settings.DEFAULT_FIT_DIR / settings.DIRECTION_FILE
+DEFAULT_DIAGNOSE_DIR = settings.DEFAULT_DIAGNOSE_DIR
 
 
 @contextmanager
@@ -370,7 +371,15 @@ def fit(
     default=1,
     show_default=True,
     help="Remove a k-dimensional refusal subspace: the direction plus the top k-1 principal components of the "
-    "policy-area directions (needs subspace.safetensors from `weight-edit diagnose` beside --direction).",
+    "policy-area directions (needs --subspace from `weight-edit diagnose`).",
+)
+@click.option(
+    "--subspace",
+    "subspace_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_DIAGNOSE_DIR / "subspace.safetensors",
+    show_default=True,
+    help="Orthonormal [k, d] basis written by `weight-edit diagnose` (read only with --rank > 1).",
 )
 @click.option(
     "--strengths",
@@ -398,7 +407,18 @@ def fit(
     help="Shards written in parallel (0: automatic, up to 4; memory grows with it).",
 )
 def apply(
-    model_spec, direction_path, out, mode, force, biproject, rank, strengths_path, tuned, as_adapter, workers
+    model_spec,
+    direction_path,
+    out,
+    mode,
+    force,
+    biproject,
+    rank,
+    subspace_path,
+    strengths_path,
+    tuned,
+    as_adapter,
+    workers,
 ) -> None:
     """Write a new checkpoint with the direction removed from every residual-writing weight."""
     from weight_edit.checkpoint import Checkpoint, fingerprint
@@ -431,14 +451,13 @@ def apply(
     num_layers = architecture_for(source.config).num_layers(source.config)
     subspace = None
     if rank > 1:
-        subspace_path = direction_path.parent / "subspace.safetensors"
         if not subspace_path.is_file():
-            fail(f"--rank {rank} needs {subspace_path} from `weight-edit diagnose`")
+            fail(f"--rank {rank} needs {subspace_path} from `weight-edit diagnose` (or pass --subspace)")
         stored = load_file(str(subspace_path))["subspace"]
         if stored.shape[0] < rank:
             fail(f"{subspace_path} holds {stored.shape[0]} directions; --rank {rank} needs {rank}")
         subspace = stored[:rank]
-        extra["subspace"] = {"path": str(subspace_path.resolve()), "rank": rank}
+        extra["subspace_source"] = {"path": str(subspace_path.resolve()), "rank": rank}
     if tuned and strengths_path:
         fail("pass either --tuned or --strengths, not both")
     strengths = None
@@ -694,6 +713,114 @@ def evaluate(
         )
     console.print(table)
     console.print(f"wrote {out_dir}/evaluation_summary.json and per-area tables in {time.time() - started:.0f} s")
+
+
+@main.command(cls=Command)
+@model_option
+@dataset_option
+@seed_option
+@click.option(
+    "--direction",
+    "direction_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_DIRECTION,
+    show_default=True,
+    help="direction.safetensors from `fit`; its sidecar (direction.json) gives the layer and position.",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DIAGNOSE_DIR,
+    show_default=True,
+    help="Where the cosine, PCA and budget tables, area_directions.safetensors and subspace.safetensors go.",
+)
+@device_option
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="bfloat16",
+    show_default=True,
+    help="Compute dtype for the forward passes.",
+)
+@batch_option
+def diagnose(model_spec, dataset, seed, direction_path, out_dir, device, dtype, batch_size) -> None:
+    """Per-area refusal directions at the fitted layer and position: cosines, PCA, area budget, rank-k subspace."""
+    from weight_edit.checkpoint import Checkpoint, fingerprint
+    from weight_edit.diagnose import run_diagnostics, save_diagnostics
+    from weight_edit.direction_file import check_compatible, load_direction
+    from weight_edit.models import auto_batch_size, load_model, resolve_model
+
+    vector, sidecar = load_direction(direction_path)
+    if sidecar is None or "layer" not in sidecar or "position" not in sidecar:
+        fail(
+            f"{direction_path.with_suffix('.json')} (written by `weight-edit fit`) is needed for the layer and position"
+        )
+    if model_spec is None:
+        model_spec = sidecar.get("model", {}).get("folder")
+    folder = resolve_model(model_spec, model_progress())
+    check_compatible(sidecar, vector, fingerprint(Checkpoint(folder)), direction_path)
+    _, split = load_split(dataset, seed)
+    fitted_held_out = sidecar.get("split", {}).get("held_out_areas")
+    if fitted_held_out is not None and list(fitted_held_out) != list(split.held_out_areas):
+        fail(
+            f"--dataset/--seed give held-out areas {', '.join(split.held_out_areas)}, but {direction_path} was fit "
+            f"with {', '.join(fitted_held_out)} held out; pass the dataset and seed used by `fit`"
+        )
+    started = time.time()
+    model, tokenizer = load_model(folder, dtype=dtype, device=device)
+    batch_size = batch_size or auto_batch_size(model)
+    with progress_bars() as factory:
+        result = run_diagnostics(
+            model, tokenizer, split, sidecar["layer"], sidecar["position"], vector, batch_size, seed, factory
+        )
+    save_diagnostics(result, out_dir)
+    table = Table(title=f"policy-area directions at layer {result.layer}, position {result.position}")
+    table.add_column("measure")
+    table.add_column("value")
+    n = len(result.areas)
+    off_diagonal = (result.cosines.sum() - result.cosines.diagonal().sum()) / max(n * n - n, 1)
+    table.add_row("mean cosine between areas", f"{float(off_diagonal):.3f}")
+    table.add_row("PCA: first explained-variance ratio", f"{result.pca.explained_variance_ratio[0]:.3f}")
+    if result.fitted_vs_held_out is not None:
+        table.add_row("fitted direction vs held-out direction", f"{result.fitted_vs_held_out:.3f}")
+    for row in result.budget_summary:
+        table.add_row(
+            f"budget: {row['n_areas']} areas ({row['subsets']} subsets)", f"{row['mean']:.3f} ± {row['sd']:.3f}"
+        )
+    table.add_row("refusal subspace rows", str(result.subspace.shape[0]))
+    console.print(table)
+    console.print(f"wrote {out_dir} in {time.time() - started:.0f} s")
+
+
+@main.command(cls=Command)
+@click.option(
+    "--fit-dir", type=click.Path(file_okay=False, path_type=Path), default=settings.DEFAULT_FIT_DIR, show_default=True
+)
+@click.option(
+    "--eval-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs") / "eval", show_default=True
+)
+@click.option(
+    "--diagnose-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DIAGNOSE_DIR,
+    show_default=True,
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs") / "report",
+    show_default=True,
+    help="Folder for README.md and figures/*.png.",
+)
+def report(fit_dir, eval_dir, diagnose_dir, out) -> None:
+    """Write a Markdown report with tables and figures from the outputs of fit, evaluate and diagnose."""
+    from weight_edit.report import write_report
+
+    readme = write_report(out, fit_dir, eval_dir, diagnose_dir)
+    for line in readme.read_text().splitlines():
+        if line.startswith("Not run"):
+            console.print(f"[yellow]{escape(line)}[/]", highlight=False)
+    console.print(f"wrote {readme}")
 
 
 @main.command(cls=Command)

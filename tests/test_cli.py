@@ -207,3 +207,49 @@ def test_apply_as_adapter_and_its_refusal(tmp_path, tiny_model, runner):
         adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model)), str(out))(ids).logits
         full = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full"))(ids).logits
     torch.testing.assert_close(adapted, full, atol=1e-4, rtol=1e-4)
+
+
+def test_diagnose_rank_two_apply_verify_and_report(tmp_path, tiny_model, runner):
+    fit_dir, diagnose_dir = tmp_path / "fit", tmp_path / "diagnose"
+    result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--out-dir", str(fit_dir), *FAST_FIT])
+    assert result.exit_code == 0, result.output
+    direction = str(fit_dir / "direction.safetensors")
+    result = runner.invoke(
+        cli.main,
+        ["diagnose", "--direction", direction, "--out-dir", str(diagnose_dir), "--device", "cpu", "--dtype", "float32"],
+    )
+    assert result.exit_code == 0, result.output
+    assert (diagnose_dir / "subspace.safetensors").is_file() and (diagnose_dir / "area_cosines.csv").is_file()
+    out = tmp_path / "rank2"
+    subspace = ["--subspace", str(diagnose_dir / "subspace.safetensors")]
+    result = runner.invoke(cli.main, ["apply", "--direction", direction, "--out", str(out), "--rank", "2", *subspace])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "weight_edit_provenance.json").read_text())["subspace"]["rank"] == 2
+    result = runner.invoke(cli.main, ["verify", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    verified = json.loads((out / "weight_edit_verify.json").read_text())
+    assert verified["passed"] and verified["checks"]["rank"] == 2
+    result = runner.invoke(
+        cli.main,
+        ["apply", "--direction", direction, "--out", str(tmp_path / "r99"), "--rank", "99", *subspace],
+    )
+    assert result.exit_code == 2 and "--rank 99 needs 99" in result.output
+    report_dir = tmp_path / "report"
+    result = runner.invoke(
+        cli.main,
+        [
+            "report",
+            "--fit-dir",
+            str(fit_dir),
+            "--diagnose-dir",
+            str(diagnose_dir),
+            "--eval-dir",
+            str(tmp_path / "none"),
+            "--out",
+            str(report_dir),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    text = (report_dir / "README.md").read_text()
+    assert "Not run" in text  # no evaluation was run
+    assert "figures/area_cosines.png" in text or "figures/" in text

@@ -431,8 +431,11 @@ def apply_direction(
             "edited_tensors": sorted(t for t in targets),
             "untied_embeddings": untie,
             "output": {"shards": {k: {"sha256": v["sha256"], "bytes": v["bytes"]} for k, v in output_shards.items()}},
-            **(provenance_extra or {}),
         }
+        clashes = sorted(set(provenance) & set(provenance_extra or {}))
+        if clashes:  # the caller's notes must never replace what verify reads back
+            raise ValueError(f"provenance_extra would replace {', '.join(clashes)}")
+        provenance |= provenance_extra or {}
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         write_card(staging, provenance)
         _replace_atomically(staging, out)
