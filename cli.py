@@ -87,10 +87,12 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from weight_edit.edit_plan import PlanError
     from weight_edit.models import ModelResolutionError
     from weight_edit.publish import PublishError
+    from weight_edit.search import SearchError
     from weight_edit.verify import VerifyError
     from weight_edit.writer import OutputError
 
     return (
+        SearchError,
         AdapterError,
         PlanError,
         PublishError,
@@ -468,10 +470,23 @@ def apply(
             fail(f"{strengths_path} is not valid JSON ({exc})")
         strengths = Strengths.from_dict(data, num_layers, str(strengths_path))
     elif tuned:
-        chosen = ((sidecar or {}).get("search") or {}).get("chosen") or {}
+        search = (sidecar or {}).get("search") or {}
+        chosen = search.get("chosen") or {}
         if "strengths" not in chosen:
             fail(f"--tuned needs a search recorded in {direction_path.with_suffix('.json')}: run `weight-edit tune`")
+        # The strengths were scored for one edit; applying them to another would write what was not scored.
+        if search.get("mode") != mode:
+            fail(f"the tuned strengths were searched in {search.get('mode')} mode: pass --mode {search.get('mode')}")
+        searched_plan = search.get("plan") or {}
+        if searched_plan.get("rank", 1) != rank or searched_plan.get("per_layer_directions", False) != biproject:
+            fail(
+                f"the tuned strengths were searched for a rank-{searched_plan.get('rank', 1)} edit "
+                f"{'with' if searched_plan.get('per_layer_directions') else 'without'} --biproject: apply the same"
+            )
         strengths = Strengths.from_dict(chosen["strengths"], num_layers, str(direction_path.with_suffix(".json")))
+        extra["search"] = {k: search.get(k) for k in ("rule", "fallback", "seed", "n_trials", "max_refusal")} | {
+            "trial": chosen.get("trial")
+        }
     layer_directions = None
     if biproject:
         import torch
@@ -836,6 +851,164 @@ def push(out, repo_id, private, dry_run) -> None:
     for name in files:
         console.print(name, highlight=False)
     console.print(f"{'would upload' if dry_run else 'uploaded'} {len(files)} files to {repo_id}")
+
+
+@main.command(cls=Command)
+@model_option
+@dataset_option
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed of the policy-area split and of the search's sampler (default: the split seed `fit` recorded).",
+)
+@click.option(
+    "--fit-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=settings.DEFAULT_FIT_DIR,
+    show_default=True,
+    help="Folder of `fit`'s direction.safetensors and direction.json; the search is recorded in direction.json "
+    "(read by `apply --tuned`) and every trial in search_trials.csv.",
+)
+@click.option(
+    "--trials",
+    type=click.IntRange(1),
+    default=settings.TUNE_TRIALS,
+    show_default=True,
+    help="Optuna trials; the first four are fixed seeds, the full-strength edit first.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["norm-preserving", "project"]),
+    default="norm-preserving",
+    show_default=True,
+    help="Edit mode the strengths are tuned for (`apply --tuned` must use the same).",
+)
+@click.option(
+    "--max-refusal",
+    type=click.FloatRange(0, 1),
+    default=settings.TUNE_MAX_REFUSAL,
+    show_default=True,
+    help="Highest refusal rate (generated text, broad markers) on unsafe validation prompts a chosen edit may keep.",
+)
+@click.option(
+    "--validation-prompts",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Per label, from the fit areas' validation prompts, spread over areas (0: all of them).",
+)
+@device_option
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="bfloat16",
+    show_default=True,
+    help="Compute dtype for the forward passes.",
+)
+@batch_option
+def tune(
+    model_spec, dataset, seed, fit_dir, trials, mode, max_refusal, validation_prompts, device, dtype, batch_size
+) -> None:
+    """Choose per-layer edit strengths: search the refusal/KL trade-off on the fit areas' validation prompts."""
+    from weight_edit.architecture import architecture_for
+    from weight_edit.checkpoint import Checkpoint, fingerprint
+    from weight_edit.dataset import interleave_areas
+    from weight_edit.direction_file import check_compatible, load_direction, save_direction
+    from weight_edit.models import auto_batch_size, load_model, resolve_model
+    from weight_edit.search import search_strengths
+
+    direction_path = fit_dir / settings.DIRECTION_FILE
+    sidecar_path = direction_path.with_suffix(".json")
+    vector, sidecar = load_direction(direction_path)
+    if sidecar is None:
+        fail(f"tune needs {sidecar_path} from `weight-edit fit` (it names the model and the split)")
+    folder = resolve_model(model_spec or sidecar.get("model", {}).get("folder"), model_progress())
+    checkpoint = Checkpoint(folder)
+    check_compatible(sidecar, vector, fingerprint(checkpoint), direction_path)
+    fitted_split = sidecar.get("split") or {}
+    seed = fitted_split.get("seed", settings.SEED) if seed is None else seed
+    data, split = load_split(dataset, seed)
+    if (sidecar.get("dataset") or {}).get("sha256") not in (None, data.sha256) or fitted_split.get(
+        "fit_areas", list(split.fit_areas)
+    ) != list(split.fit_areas):
+        fail(
+            f"{sidecar_path} was fit on another dataset or split (fit areas {fitted_split.get('fit_areas')}); "
+            "tune with the --dataset and --seed `fit` used, so that no held-out area is tuned on"
+        )
+    arch = architecture_for(checkpoint.config)
+    num_layers = arch.num_layers(checkpoint.config)
+    targets = arch.targets(checkpoint.config, checkpoint.tensor_names)
+
+    def texts(label: str) -> list[str]:
+        return [p.text for p in interleave_areas(split.select("validation", label), validation_prompts or None, seed)]
+
+    unsafe, safe = texts("unsafe"), texts("safe")
+    console.print(
+        f"model [bold]{folder}[/] ({arch.family}, {num_layers} layers); {trials} trials in {mode} mode on "
+        f"{len(unsafe)} + {len(safe)} validation prompts of the fit areas ({', '.join(split.fit_areas)})"
+    )
+    started = time.time()
+    model, tokenizer = load_model(folder, dtype=dtype, device=device)
+    batch_size = batch_size or auto_batch_size(model)
+    with progress_bars() as factory:
+        result = search_strengths(
+            model,
+            tokenizer,
+            arch,
+            targets,
+            num_layers,
+            vector,
+            unsafe,
+            safe,
+            mode=mode,
+            n_trials=trials,
+            seed=seed,
+            batch_size=batch_size,
+            progress=factory,
+            max_refusal=max_refusal,
+            centre_layer=sidecar.get("layer"),
+            max_new_tokens=settings.TUNE_NEW_TOKENS,
+            refusal_prefixes=settings.REFUSAL_PREFIXES,
+            markers=settings.BROAD_REFUSAL_MARKERS,
+            read_tensor=checkpoint.read,
+        )
+    search = {**result.as_dict(), "dtype": dtype, "dataset_sha256": data.sha256}
+    save_direction(direction_path, vector, {**sidecar, "search": search})  # re-hashes the sidecar
+    write_csv(fit_dir / "search_trials.csv", result.table())
+
+    table = Table(title=f"strength search: {result.n_trials} trials, Pareto front of {len(result.front)}")
+    for column in ("edit", "trial", "first-token refusal P", "safe KL", "unsafe refused (text)", "safe refused (text)"):
+        table.add_column(column)
+    base = result.baseline["generated"]
+    table.add_row(
+        "source",
+        "–",
+        f"{result.baseline['refusal_prob']:.3f}",
+        "0",
+        f"{base['unsafe_refused']}/{base['unsafe_total']}",
+        f"{base['safe_refused']}/{base['safe_total']}",
+    )
+    for label, trial in (("full strength", result.trials[0]), ("chosen", result.chosen())):
+        counts = trial.generated
+        table.add_row(
+            label,
+            str(trial.number),
+            f"{trial.refusal_prob:.3f}",
+            f"{trial.kl:.4f}",
+            f"{counts.unsafe_refused}/{counts.unsafe_total}" if counts else "–",
+            f"{counts.safe_refused}/{counts.safe_total}" if counts else "–",
+        )
+    console.print(table)
+    if result.fallback:
+        console.print(
+            f"[yellow]no front trial met the rule (≤ {max_refusal:.0%} refusals); took the fewest refusals[/]"
+        )
+    console.print(
+        f"{result.n_trials} trials in {result.trial_seconds:.0f} s ({result.trials_per_second:.2f}/s); wrote the search "
+        f"to {sidecar_path} and {fit_dir / 'search_trials.csv'} in {time.time() - started:.0f} s; "
+        "apply it with `weight-edit apply --tuned`"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,544 @@
+"""Choose the edit's per-layer strengths automatically: a seeded Optuna search of the refusal/KL trade-off.
+
+A trial is a `KernelParams`: for attention writes and for MLP writes separately, a tent over depth
+(peak layer, peak strength, width in layers, floor far from the peak), plus one embedding strength.
+It is scored on the unedited model with `weight_equivalent_ablation` at the trial's `EditPlan` (the
+exact run-time twin of the checkpoint `apply` writes at those strengths), on the fit areas'
+validation prompts only, by two first-token objectives, both minimised:
+
+* refusal: mean probability mass of the refusal tokens at the last prompt position, unsafe prompts
+  (smoother than the fraction of prompts whose refusal log-odds are > 0, which is recorded too);
+* KL: mean first-token KL(unedited ‖ edited) on safe prompts.
+
+Every trial tokenizes nothing and loads nothing: batches and the unedited safe logits are prepared
+once. The first trials are enqueued seeds, the full-strength foundation edit first, so it is always
+scored as a reference. After the trials, the Pareto front's members get a short greedy generation on
+both validation sets, scored with the broad refusal markers (only counts are kept), and one member
+is chosen by the rule in `RULE`. Completions are never stored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import settings
+from weight_edit.activations import tokenized_batches
+from weight_edit.architecture import Architecture, EditTarget
+from weight_edit.chat import Batch, post_instruction_ids, refusal_token_ids
+from weight_edit.edit_math import EditMode
+from weight_edit.edit_plan import EditPlan, PlanError, Strengths
+from weight_edit.evaluate import is_broad_refusal
+from weight_edit.fit import ProgressFactory, no_progress
+from weight_edit.hooks import weight_equivalent_ablation
+from weight_edit.models import input_device
+
+KERNEL = (
+    "linear tent per writer group (attention, MLP): s(l) = floor + (peak - floor) * max(0, 1 - |l - peak_layer| / width), "
+    "so s = peak at peak_layer, falling linearly to floor at width layers away and staying there; "
+    "the embeddings take one strength"
+)
+RULE = (
+    "lowest first-token KL on safe validation prompts among Pareto-front trials whose generated refusal rate "
+    "on unsafe validation prompts (broad markers) is <= max_refusal and whose generated safe-prompt refusals do "
+    "not exceed the unedited model's"
+)
+FALLBACK_RULE = (
+    "no front trial met the rule; chosen: the lowest generated refusal rate on unsafe validation prompts "
+    "(ties: fewer safe refusals, then lower KL)"
+)
+GROUPS = ("attention", "mlp")
+
+
+class SearchError(ValueError):
+    """The search cannot choose an edit (every trial's scores were non-finite)."""
+
+
+@dataclass(frozen=True)
+class LayerKernel:
+    """Strength over depth for one writer group: a tent of `peak` at `peak_layer` over a `floor`."""
+
+    peak_layer: float  # in [0, layers - 1]
+    peak: float  # in [0, 1]
+    width: float  # in layers, > 0: the strength reaches `floor` this far from the peak
+    floor: float  # in [0, peak]
+
+    def at(self, layer: int) -> float:
+        return self.floor + (self.peak - self.floor) * max(0.0, 1.0 - abs(layer - self.peak_layer) / self.width)
+
+
+@dataclass(frozen=True)
+class KernelParams:
+    attention: LayerKernel
+    mlp: LayerKernel
+    embedding: float  # in [0, 1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "embedding": self.embedding,
+            **{group: vars(getattr(self, group)).copy() for group in GROUPS},
+        }
+
+
+def kernel_strengths(params: KernelParams, num_layers: int) -> Strengths:
+    """The per-layer strengths a kernel gives (pure; refuses parameters outside their ranges)."""
+    if not 0.0 <= params.embedding <= 1.0:
+        raise PlanError(f"embedding strength {params.embedding} is outside [0, 1]")
+    for group in GROUPS:
+        kernel: LayerKernel = getattr(params, group)
+        if not 0.0 <= kernel.peak <= 1.0:
+            raise PlanError(f"{group} peak strength {kernel.peak} is outside [0, 1]")
+        if not 0.0 <= kernel.floor <= kernel.peak:
+            raise PlanError(f"{group} floor {kernel.floor} is outside [0, peak = {kernel.peak}]")
+        if not kernel.width > 0:
+            raise PlanError(f"{group} width {kernel.width} must be > 0 layers")
+        if not 0.0 <= kernel.peak_layer <= max(0, num_layers - 1):
+            raise PlanError(f"{group} peak layer {kernel.peak_layer} is outside [0, {num_layers - 1}]")
+    return Strengths(
+        float(params.embedding),
+        tuple(params.attention.at(layer) for layer in range(num_layers)),
+        tuple(params.mlp.at(layer) for layer in range(num_layers)),
+    )
+
+
+def _kernel_from_trial_params(values: dict[str, float]) -> KernelParams:
+    """Optuna's flat parameters (the floor as a fraction of the peak, so every point is valid) → a kernel."""
+
+    def group(name: str) -> LayerKernel:
+        peak = values[f"{name}_peak"]
+        return LayerKernel(
+            peak_layer=values[f"{name}_peak_layer"],
+            peak=peak,
+            width=values[f"{name}_width"],
+            floor=peak * values[f"{name}_floor_fraction"],
+        )
+
+    return KernelParams(group("attention"), group("mlp"), values["embedding"])
+
+
+def _trial_params(kernel: KernelParams) -> dict[str, float]:
+    values: dict[str, float] = {"embedding": kernel.embedding}
+    for name in GROUPS:
+        k: LayerKernel = getattr(kernel, name)
+        values |= {
+            f"{name}_peak_layer": k.peak_layer,
+            f"{name}_peak": k.peak,
+            f"{name}_width": k.width,
+            f"{name}_floor_fraction": k.floor / k.peak if k.peak > 0 else 0.0,
+        }
+    return values
+
+
+def seed_kernels(num_layers: int, centre_layer: float | None = None) -> list[tuple[str, KernelParams]]:
+    """The enqueued first trials: the full-strength foundation edit, then a few sensible shapes around it."""
+    last = max(0, num_layers - 1)
+    centre = float(min(max(centre_layer if centre_layer is not None else last / 2, 0), last))
+    wide, narrow = float(max(1.0, num_layers / 2)), float(max(1.0, num_layers / 4))
+
+    def both(kernel: LayerKernel, embedding: float) -> KernelParams:
+        return KernelParams(kernel, kernel, embedding)
+
+    return [
+        ("full", both(LayerKernel(centre, 1.0, wide, 1.0), 1.0)),
+        ("full-no-embedding", both(LayerKernel(centre, 1.0, wide, 1.0), 0.0)),
+        ("tent-at-direction-layer", both(LayerKernel(centre, 1.0, wide, 0.0), 0.0)),
+        ("half-floor", both(LayerKernel(centre, 1.0, narrow, 0.5), 0.5)),
+    ]
+
+
+@dataclass
+class GeneratedCounts:
+    """Greedy-generation refusals by the broad markers: counts only, the completions are dropped."""
+
+    unsafe_refused: int
+    unsafe_total: int
+    safe_refused: int
+    safe_total: int
+
+    @property
+    def unsafe_rate(self) -> float:
+        return self.unsafe_refused / self.unsafe_total if self.unsafe_total else 0.0
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    source: str  # "seed:<name>" for enqueued trials, "sampled" otherwise
+    params: KernelParams
+    strengths: Strengths
+    refusal_score: float  # fraction of unsafe prompts with first-token refusal log-odds > 0
+    refusal_prob: float  # mean first-token refusal probability mass on unsafe prompts (objective 1)
+    kl: float  # mean first-token KL(unedited ‖ edited) on safe prompts (objective 2)
+    on_front: bool = False
+    chosen: bool = False
+    generated: GeneratedCounts | None = None
+    qualifies: bool | None = None  # meets the rule (None: not generated)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "source": self.source,
+            "params": self.params.as_dict(),
+            "strengths": self.strengths.as_dict(),
+            "refusal_score": _json_number(self.refusal_score),
+            "refusal_prob": _json_number(self.refusal_prob),
+            "kl": _json_number(self.kl),
+            "on_front": self.on_front,
+            "chosen": self.chosen,
+            "generated": None if self.generated is None else vars(self.generated).copy(),
+            "qualifies": self.qualifies,
+        }
+
+    def row(self) -> dict[str, Any]:
+        """One flat CSV row (params and scores; the strengths follow from the params by `kernel_strengths`)."""
+        generated = self.generated
+        return {
+            "trial": self.number,
+            "source": self.source,
+            **{f"param_{k}": v for k, v in _trial_params(self.params).items()},
+            "refusal_score": self.refusal_score,
+            "refusal_prob": self.refusal_prob,
+            "kl": self.kl,
+            "on_front": self.on_front,
+            "chosen": self.chosen,
+            "generated_unsafe_refused": None if generated is None else generated.unsafe_refused,
+            "generated_unsafe_total": None if generated is None else generated.unsafe_total,
+            "generated_safe_refused": None if generated is None else generated.safe_refused,
+            "generated_safe_total": None if generated is None else generated.safe_total,
+            "qualifies": self.qualifies,
+        }
+
+
+@dataclass
+class SearchResult:
+    trials: list[TrialRecord]
+    front: list[int]  # trial numbers on the Pareto front, by increasing KL
+    chosen_trial: int
+    strengths: Strengths  # the chosen trial's, exactly what was scored
+    fallback: bool
+    rule: str
+    seed: int
+    n_trials: int
+    mode: str
+    max_refusal: float
+    baseline: dict[str, Any]
+    prompts: dict[str, int]
+    plan: dict[str, Any]
+    wall_seconds: float
+    trial_seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trials_per_second(self) -> float:
+        return self.n_trials / self.trial_seconds if self.trial_seconds > 0 else float("inf")
+
+    def chosen(self) -> TrialRecord:
+        return self.trials[self.chosen_trial]
+
+    def table(self) -> list[dict[str, Any]]:
+        return [t.row() for t in self.trials]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready; `apply --tuned` reads `["chosen"]["strengths"]` with `Strengths.from_dict`."""
+        chosen = self.chosen()
+        return {
+            "rule": self.rule,
+            "fallback": self.fallback,
+            "kernel": KERNEL,
+            "objectives": ["refusal_prob (unsafe, minimise)", "kl (safe, minimise)"],
+            "seed": self.seed,
+            "n_trials": self.n_trials,
+            "mode": self.mode,
+            "max_refusal": self.max_refusal,
+            "plan": self.plan,
+            "prompts": self.prompts,
+            "baseline": self.baseline,
+            "settings": self.settings,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "trial_seconds": round(self.trial_seconds, 3),
+            "trials_per_second": _json_number(round(self.trials_per_second, 4)),
+            "front": self.front,
+            "chosen": {
+                "trial": chosen.number,
+                "source": chosen.source,
+                "params": chosen.params.as_dict(),
+                "strengths": self.strengths.as_dict(),
+                "refusal_score": chosen.refusal_score,
+                "refusal_prob": chosen.refusal_prob,
+                "kl": chosen.kl,
+                "generated": None if chosen.generated is None else vars(chosen.generated).copy(),
+            },
+            "trials": [t.as_dict() for t in self.trials],
+        }
+
+
+def _json_number(value: float) -> float | None:
+    """Strict JSON has no NaN or infinity: a trial whose scores overflowed is recorded as null."""
+    return value if math.isfinite(value) else None
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points (both coordinates minimised; non-finite points never qualify)."""
+    finite = [i for i, p in enumerate(points) if all(math.isfinite(v) for v in p)]
+    front = []
+    for i in finite:
+        a = points[i]
+        dominated = any(
+            points[j][0] <= a[0] and points[j][1] <= a[1] and (points[j][0] < a[0] or points[j][1] < a[1])
+            for j in finite
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def choose(trials: list[TrialRecord], front: list[int], baseline_safe_refused: int, max_refusal: float):
+    """The stated rule over the front's generated counts; returns (trial number, fallback?)."""
+    candidates = [trials[i] for i in front if trials[i].generated is not None]
+    if not candidates:
+        raise SearchError(
+            "no trial gave finite scores to choose from (overflow in the compute dtype?): try --dtype float32"
+        )
+    for t in candidates:
+        assert t.generated is not None
+        t.qualifies = t.generated.unsafe_rate <= max_refusal and t.generated.safe_refused <= baseline_safe_refused
+    qualified = [t for t in candidates if t.qualifies]
+    if qualified:
+        best = min(qualified, key=lambda t: (t.kl, t.refusal_prob, t.number))
+        return best.number, False
+    best = min(
+        candidates,
+        key=lambda t: (t.generated.unsafe_rate, t.generated.safe_refused, t.kl, t.number),  # type: ignore[union-attr]
+    )
+    return best.number, True
+
+
+def _spread(members: list[int], limit: int, keep: set[int]) -> list[int]:
+    """At most `limit` front members evenly spaced along the front (already ordered by KL), keeping `keep`."""
+    if limit <= 0 or len(members) <= limit:
+        return members
+    kept = [m for m in members if m in keep]
+    others = [m for m in members if m not in keep]
+    room = max(0, limit - len(kept))
+    if room and others:
+        step = (len(others) - 1) / max(1, room - 1)
+        picked = sorted({others[round(i * step)] for i in range(min(room, len(others)))})
+    else:
+        picked = []
+    return sorted(set(kept) | set(picked), key=members.index)
+
+
+@torch.inference_mode()
+def _first_token_log_probs(model, prepared: list[Batch], advance=None) -> torch.Tensor:
+    """Float64 log-probabilities of the reply's first token [prompts, vocab], left on the model's output device.
+
+    Scores are reduced there: copying every trial's full-vocabulary logits to the host and reducing
+    them on its CPU would cost more than the forward pass on a GPU.
+    """
+    rows = []
+    for batch in prepared:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=1)
+        rows.append(torch.log_softmax(out.logits[:, -1, :].double(), dim=-1))
+        if advance:
+            advance(batch.input_ids.shape[0])
+    return torch.cat(rows)
+
+
+@torch.inference_mode()
+def _generated_refusals(
+    model, tokenizer, prepared: list[Batch], markers: Sequence[str], max_new_tokens: int, advance
+) -> int:
+    """Greedy completions scored by the broad markers; only the count leaves this function."""
+    refused = 0
+    for batch in prepared:
+        out = model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+        refused += sum(is_broad_refusal(text, markers) for text in texts)
+        advance(len(batch.indices))
+    return refused
+
+
+def search_strengths(
+    model: torch.nn.Module,
+    tokenizer,
+    arch: Architecture,
+    targets: list[EditTarget],
+    num_layers: int,
+    direction: torch.Tensor,
+    val_unsafe: Sequence[str],
+    val_safe: Sequence[str],
+    mode: EditMode = "norm-preserving",
+    n_trials: int = 100,
+    seed: int = settings.SEED,
+    batch_size: int = 16,
+    progress: ProgressFactory = no_progress,
+    max_refusal: float = 0.02,
+    *,
+    centre_layer: float | None = None,
+    max_new_tokens: int = 24,
+    max_generated: int = 16,
+    refusal_prefixes: Sequence[str] = settings.REFUSAL_PREFIXES,
+    markers: Sequence[str] = settings.BROAD_REFUSAL_MARKERS,
+    subspace: torch.Tensor | None = None,
+    layer_directions: torch.Tensor | None = None,
+    read_tensor: Callable[[str], torch.Tensor] | None = None,
+) -> SearchResult:
+    """Search per-layer strengths on validation prompts of the fit areas (pass no held-out prompt here).
+
+    `centre_layer` (e.g. the fitted direction's layer) places the seed kernels; `max_generated` caps
+    how many front members are generated (spread along the front; 0: all). `subspace`,
+    `layer_directions` and `read_tensor` are passed to `EditPlan.build` / the hook twin unchanged.
+    """
+    import optuna
+
+    if n_trials < 1:
+        raise ValueError("n_trials must be at least 1")
+    if not val_unsafe or not val_safe:
+        raise ValueError("the search needs unsafe and safe validation prompts")
+    if not arch.supports_partial_strength(mode):
+        hint = "" if arch.has_output_norms else ": use --mode project"
+        raise PlanError(
+            f"per-layer strengths in {mode} mode are not supported for the '{arch.family}' family "
+            f"(the hook twin would not equal the written checkpoint){hint}"
+        )
+    started = time.perf_counter()
+    device = input_device(model)
+    suffix = post_instruction_ids(tokenizer)
+    refusal_ids = refusal_token_ids(tokenizer, refusal_prefixes)
+    n_unsafe = len(val_unsafe)
+    prepared = tokenized_batches(tokenizer, [*val_unsafe, *val_safe], batch_size, device, suffix)
+    unsafe_batches = tokenized_batches(tokenizer, list(val_unsafe), batch_size, device, suffix)
+    safe_batches = tokenized_batches(tokenizer, list(val_safe), batch_size, device, suffix)
+
+    refusal_index = torch.tensor(refusal_ids)
+
+    def first_token_scores(log_probs: torch.Tensor) -> tuple[float, float]:
+        """Fraction of unsafe prompts with refusal log-odds > 0, and their mean refusal probability mass."""
+        mass = log_probs[:n_unsafe].index_select(-1, refusal_index.to(log_probs.device)).exp().sum(dim=-1)
+        return float((mass > 0.5).double().mean()), float(mass.mean())  # log-odds > 0  ⇔  mass > ½
+
+    baseline_log_probs = _first_token_log_probs(
+        model, prepared, progress("search: unedited model", n_unsafe + len(val_safe))
+    )
+    baseline_score, baseline_prob = first_token_scores(baseline_log_probs)
+    reference_safe = baseline_log_probs[n_unsafe:]
+    reference_safe_probs = reference_safe.exp()
+    plans: dict[int, EditPlan] = {}
+
+    def plan_for(strengths: Strengths) -> EditPlan:
+        return EditPlan.build(direction, num_layers, subspace, layer_directions, strengths)
+
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+    previous_verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    records: list[TrialRecord] = []
+    last = float(max(0, num_layers - 1))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+            for name, kernel in seed_kernels(num_layers, centre_layer)[:n_trials]:
+                study.enqueue_trial(_trial_params(kernel), user_attrs={"source": f"seed:{name}"})
+            advance = progress("search: trials", n_trials)
+            trials_started = time.perf_counter()
+            for _ in range(n_trials):
+                trial = study.ask()
+                values = {"embedding": trial.suggest_float("embedding", 0.0, 1.0)}
+                for group in GROUPS:
+                    values[f"{group}_peak_layer"] = trial.suggest_float(f"{group}_peak_layer", 0.0, last)
+                    values[f"{group}_peak"] = trial.suggest_float(f"{group}_peak", 0.0, 1.0)
+                    values[f"{group}_width"] = trial.suggest_float(f"{group}_width", 1.0, max(1.0, float(num_layers)))
+                    values[f"{group}_floor_fraction"] = trial.suggest_float(f"{group}_floor_fraction", 0.0, 1.0)
+                kernel = _kernel_from_trial_params(values)
+                strengths = kernel_strengths(kernel, num_layers)
+                plan = plan_for(strengths)
+                with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=read_tensor):
+                    log_probs = _first_token_log_probs(model, prepared)
+                score, prob = first_token_scores(log_probs)
+                kl = float((reference_safe_probs * (reference_safe - log_probs[n_unsafe:])).sum(dim=-1).mean())
+                if math.isfinite(prob) and math.isfinite(kl):
+                    study.tell(trial, [prob, kl])
+                else:  # overflow in a half dtype: recorded, kept off the front, ignored by the sampler
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                records.append(
+                    TrialRecord(
+                        trial.number, trial.user_attrs.get("source", "sampled"), kernel, strengths, score, prob, kl
+                    )
+                )
+                plans[trial.number] = plan
+                advance(1)
+            trial_seconds = time.perf_counter() - trials_started
+    finally:
+        optuna.logging.set_verbosity(previous_verbosity)
+
+    front = sorted(
+        pareto_front([(r.refusal_prob, r.kl) for r in records]), key=lambda i: (records[i].kl, records[i].number)
+    )
+    for i in front:
+        records[i].on_front = True
+    reference = {0}  # the full-strength foundation edit, generated whether or not it is on the front
+    generate = _spread(front, max_generated, {i for i in front if i in reference})
+    generate = generate + [i for i in reference if i not in generate]
+    advance = progress("search: generating (front)", (len(generate) + 1) * (len(val_unsafe) + len(val_safe)))
+
+    def counts() -> GeneratedCounts:
+        return GeneratedCounts(
+            _generated_refusals(model, tokenizer, unsafe_batches, markers, max_new_tokens, advance),
+            len(val_unsafe),
+            _generated_refusals(model, tokenizer, safe_batches, markers, max_new_tokens, advance),
+            len(val_safe),
+        )
+
+    baseline_counts = counts()
+    for i in generate:
+        with weight_equivalent_ablation(model, targets, plans[i], mode, read_tensor=read_tensor):
+            records[i].generated = counts()
+    chosen, fallback = choose(records, front, baseline_counts.safe_refused, max_refusal)
+    records[chosen].chosen = True
+    return SearchResult(
+        trials=records,
+        front=front,
+        chosen_trial=chosen,
+        strengths=records[chosen].strengths,
+        fallback=fallback,
+        rule=RULE if not fallback else f"{RULE}. {FALLBACK_RULE}",
+        seed=seed,
+        n_trials=n_trials,
+        mode=mode,
+        max_refusal=max_refusal,
+        baseline={
+            "refusal_score": baseline_score,
+            "refusal_prob": baseline_prob,
+            "generated": vars(baseline_counts).copy(),
+        },
+        prompts={"unsafe": len(val_unsafe), "safe": len(val_safe)},
+        plan={"rank": plans[chosen].rank, "per_layer_directions": layer_directions is not None},
+        wall_seconds=time.perf_counter() - started,
+        trial_seconds=trial_seconds,
+        settings={
+            "sampler": "optuna TPESampler(multivariate=True, n_startup_trials=10)",
+            "optuna": optuna.__version__,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "max_generated": max_generated,
+            "generated_candidates": len(generate),
+            "refusal_markers": "settings.BROAD_REFUSAL_MARKERS"
+            if tuple(markers) == settings.BROAD_REFUSAL_MARKERS
+            else list(markers),
+            "refusal_tokens": tokenizer.convert_ids_to_tokens(refusal_ids),
+            "centre_layer": centre_layer,
+        },
+    )
