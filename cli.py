@@ -80,6 +80,7 @@ def fail(message: str) -> None:
 def expected_errors() -> tuple[type[Exception], ...]:
     from weight_edit.adapter import AdapterError
     from weight_edit.architecture import ArchitectureError
+    from weight_edit.capability import BenchmarkError
     from weight_edit.chat import TemplateError
     from weight_edit.checkpoint import CheckpointError
     from weight_edit.dataset import DatasetError
@@ -92,6 +93,7 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from weight_edit.writer import OutputError
 
     return (
+        BenchmarkError,
         SearchError,
         AdapterError,
         PlanError,
@@ -836,6 +838,149 @@ def report(fit_dir, eval_dir, diagnose_dir, out) -> None:
         if line.startswith("Not run"):
             console.print(f"[yellow]{escape(line)}[/]", highlight=False)
     console.print(f"wrote {readme}")
+
+
+@main.command(cls=Command)
+@click.argument("edited", type=click.Path(file_okay=False, path_type=Path), default=Path("edited"))
+@click.option(
+    "--model", "model_spec", default=None, help="Source model (default: the source recorded in EDITED's provenance)."
+)
+@click.option(
+    "--mmlu",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="MMLU folder: headerless <subject>_test.csv files (and <subject>_dev.csv for shots), flat or in test/ and dev/.",
+)
+@click.option(
+    "--arc", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="ARC JSONL questions."
+)
+@click.option(
+    "--arc-train",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="ARC JSONL file the k-shot examples are drawn from (needed with --shots > 0 and --arc).",
+)
+@click.option(
+    "--text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Plain-text file for perplexity (CRLF read as LF), e.g. WikiText-2 raw test.",
+)
+@click.option("--shots", type=click.IntRange(0, 25), default=0, show_default=True, help="0 or 5 (the standard MMLU k).")
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=None,
+    help="At most this many questions per benchmark, spread over subjects round-robin (seeded).",
+)
+@click.option(
+    "--text-tokens", type=click.IntRange(2), default=None, help="Score only the text's first N tokens (default: all)."
+)
+@click.option(
+    "--max-length", type=click.IntRange(2), default=1024, show_default=True, help="Perplexity window, tokens."
+)
+@click.option(
+    "--stride", type=click.IntRange(1), default=512, show_default=True, help="Perplexity window step, tokens."
+)
+@click.option("--seed", type=int, default=settings.SEED, show_default=True, help="Seed of --limit and the ARC shots.")
+@device_option
+@max_memory_option
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="bfloat16", show_default=True
+)
+@batch_option
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs") / "capability",
+    show_default=True,
+)
+def benchmark(
+    edited,
+    model_spec,
+    mmlu,
+    arc,
+    arc_train,
+    text,
+    shots,
+    limit,
+    text_tokens,
+    max_length,
+    stride,
+    seed,
+    device,
+    max_memory,
+    dtype,
+    batch_size,
+    out_dir,
+) -> None:
+    """What the edit cost: MMLU/ARC accuracy (answer-letter log-likelihood) and perplexity, source vs edited, paired."""
+    import shlex
+
+    from weight_edit.capability import compare, item_rows, load_suite, markdown_report, score_checkpoint
+    from weight_edit.models import resolve_model
+    from weight_edit.verify import read_provenance
+
+    if stride >= max_length:
+        raise click.BadParameter(f"must be below --max-length ({max_length})", param_hint="--stride")
+    suite = load_suite(mmlu, arc, arc_train, text, shots, limit, seed, max_length, stride, text_tokens)
+    if model_spec:
+        source_folder = resolve_model(model_spec, model_progress())
+    else:
+        source_folder = Path(read_provenance(Path(edited))["source"]["path"])
+    started = time.time()
+    scores = {}
+    with progress_bars() as factory:
+        for name, folder in (("source", source_folder), ("edited", Path(edited))):
+            scores[name] = score_checkpoint(folder, suite, dtype, device, batch_size, factory, name, max_memory)
+    comparison = compare(scores["source"], scores["edited"])
+    command = "weight-edit " + shlex.join(sys.argv[1:])
+    write_csv(out_dir / "capability_by_subject.csv", comparison["rows"])
+    items = [
+        row
+        for name in scores["source"].items
+        for row in item_rows(name, scores["source"].items[name], scores["edited"].items[name])
+    ]
+    if items:
+        write_csv(out_dir / "capability_items.csv", items)
+    write_json(
+        out_dir / "capability_summary.json",
+        {
+            "command": command,
+            "source": str(source_folder),
+            "edited": str(edited),
+            "dtype": dtype,
+            "settings": suite.settings,
+            "sizes": suite.sizes(),
+            "overall": [r for r in comparison["rows"] if r["subject"] == "ALL"],
+            "perplexity": comparison["perplexity"],
+            "seconds": {name: s.seconds for name, s in scores.items()},
+        },
+    )
+    (out_dir / "README.md").write_text(markdown_report({Path(edited).name: comparison}, suite, [command]))
+    table = Table(title="capability: edited − source, paired on the same items")
+    for column in ("benchmark", "n", "source", "edited", "edited − source [95 % CI]", "lost / gained", "McNemar p"):
+        table.add_column(column)
+    for r in comparison["rows"]:
+        if r["subject"] == "ALL":
+            table.add_row(
+                r["benchmark"],
+                str(r["n"]),
+                f"{100 * r['source_accuracy']:.1f} %",
+                f"{100 * r['edited_accuracy']:.1f} %",
+                f"{100 * r['difference']:+.1f} pp [{100 * r['difference_ci_low']:+.1f}, {100 * r['difference_ci_high']:+.1f}]",
+                f"{r['lost']} / {r['gained']}",
+                f"{r['mcnemar_p']:.2g}",
+            )
+    console.print(table)
+    if comparison["perplexity"]:
+        p = comparison["perplexity"]
+        console.print(
+            f"perplexity on {p['tokens']} tokens: source {p['source_perplexity']:.3f}, edited {p['edited_perplexity']:.3f}, ratio {p['perplexity_ratio']:.4f}"
+        )
+    console.print(
+        f"wrote {out_dir}/README.md, capability_summary.json and per-subject tables in {time.time() - started:.0f} s"
+    )
 
 
 @main.command(cls=Command)
