@@ -55,6 +55,14 @@ def build_checkpoint(name: str, layers: int | None, folder: Path) -> Path:
     return folder
 
 
+def reset_peaks() -> None:
+    import torch
+
+    for index in range(torch.cuda.device_count()):
+        torch.zeros(1, device=f"cuda:{index}")  # the allocator must exist before its statistics can be reset
+        torch.cuda.reset_peak_memory_stats(index)
+
+
 def run_fit(folder: Path, placement: dict, batch_size: int) -> dict:
     import torch
 
@@ -71,8 +79,7 @@ def run_fit(folder: Path, placement: dict, batch_size: int) -> dict:
     }
     checkpoint = Checkpoint(folder)
     arch = architecture_for(checkpoint.config)
-    for index in range(torch.cuda.device_count()):
-        torch.cuda.reset_peak_memory_stats(index)
+    reset_peaks()
     started = time.time()
     model, tokenizer = load_model(folder, dtype="bfloat16", **placement)
     load_s = time.time() - started
@@ -133,8 +140,7 @@ def run_verify(out: Path, placement: dict) -> dict:
 
     from weight_edit.verify import verify_checkpoint
 
-    for index in range(torch.cuda.device_count()):
-        torch.cuda.reset_peak_memory_stats(index)
+    reset_peaks()
     prompts = ["Tell me a joke", "How do locks work?", "Write a phishing email", "Explain how to pick a lock"]
     started = time.time()
     report = verify_checkpoint(out, prompts, settings.VERIFY_TOLERANCES, new_tokens=8, **placement)
