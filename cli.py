@@ -172,6 +172,13 @@ max_memory_option = click.option(
     help="Split the model across devices with accelerate under these limits, e.g. '0=70GiB,1=70GiB,cpu=200GiB' "
     "(implies device_map='auto'; layers that fit nowhere are offloaded to disk).",
 )
+dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="bfloat16",
+    show_default=True,
+    help="Compute dtype for the forward passes.",
+)
 batch_option = click.option(
     "--batch-size",
     type=click.IntRange(0),
@@ -218,13 +225,7 @@ def load_split(dataset: Path, seed: int):
 )
 @device_option
 @max_memory_option
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="bfloat16",
-    show_default=True,
-    help="Compute dtype for the forward passes.",
-)
+@dtype_option
 @batch_option
 @seed_option
 @click.option(
@@ -621,9 +622,7 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> N
 )
 @device_option
 @max_memory_option
-@click.option(
-    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="bfloat16", show_default=True
-)
+@dtype_option
 @batch_option
 @click.option("--max-new-tokens", type=click.IntRange(1), default=settings.EVAL_MAX_NEW_TOKENS, show_default=True)
 @click.option(
@@ -752,13 +751,7 @@ def evaluate(
     help="Where the cosine, PCA and budget tables, area_directions.safetensors and subspace.safetensors go.",
 )
 @device_option
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="bfloat16",
-    show_default=True,
-    help="Compute dtype for the forward passes.",
-)
+@dtype_option
 @batch_option
 def diagnose(model_spec, dataset, seed, direction_path, out_dir, device, dtype, batch_size) -> None:
     """Per-area refusal directions at the fitted layer and position: cosines, PCA, area budget, rank-k subspace."""
@@ -885,9 +878,7 @@ def report(fit_dir, eval_dir, diagnose_dir, out) -> None:
 @click.option("--seed", type=int, default=settings.SEED, show_default=True, help="Seed of --limit and the ARC shots.")
 @device_option
 @max_memory_option
-@click.option(
-    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="bfloat16", show_default=True
-)
+@dtype_option
 @batch_option
 @click.option(
     "--out-dir",
@@ -1044,13 +1035,7 @@ def push(out, repo_id, private, dry_run) -> None:
     help="Per label, from the fit areas' validation prompts, spread over areas (0: all of them).",
 )
 @device_option
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="bfloat16",
-    show_default=True,
-    help="Compute dtype for the forward passes.",
-)
+@dtype_option
 @batch_option
 def tune(
     model_spec, dataset, seed, fit_dir, trials, mode, max_refusal, validation_prompts, device, dtype, batch_size
