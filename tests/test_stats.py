@@ -70,3 +70,23 @@ def test_paired_summary_fields():
     summary = paired_summary([True] * 95 + [False] * 9, [False] * 99 + [True] * 5)
     assert summary["source_rate"] == pytest.approx(95 / 104) and summary["edited_rate"] == pytest.approx(5 / 104)
     assert summary["difference_ci_high"] < 0 < summary["source_ci_low"] and summary["mcnemar_p"] < 1e-20
+
+
+@pytest.mark.parametrize(
+    "b,c,expected",
+    [
+        (0, 5, 2 / 32),  # 2 × P(X ≤ 0), X ~ Bin(5, ½)
+        (1, 2, 1.0),  # 2 × (1 + 3)/8 = 1, capped at 1
+        (2, 10, 2 * (1 + 12 + 66) / 4096),  # 2 × P(X ≤ 2), X ~ Bin(12, ½)
+        (90, 0, 2 / 2**90),
+    ],
+)
+def test_mcnemar_exact_hand_computed(b, c, expected):
+    assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-12)
+
+
+def test_wilson_hand_computed():
+    """k = 0 of n = 10: the interval is [0, z²/(n + z²)]."""
+    z2 = 1.959963984540054**2
+    low, high = wilson_interval(0, 10)
+    assert low == pytest.approx(0.0, abs=1e-15) and high == pytest.approx(z2 / (10 + z2), rel=1e-9)
