@@ -174,10 +174,11 @@ max_memory_option = click.option(
 )
 dtype_option = click.option(
     "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="bfloat16",
+    type=click.Choice(["fast", "auto", "float32", "bfloat16", "float16"]),
+    default="fast",
     show_default=True,
-    help="Compute dtype for the forward passes.",
+    help="Compute dtype for the forward passes: fast = bfloat16 on GPUs and on CPUs with bf16 instructions, "
+    "float32 on other CPUs (where bf16 is emulated and ~100x slower); auto = the checkpoint's own.",
 )
 batch_option = click.option(
     "--batch-size",
@@ -264,7 +265,7 @@ def fit(
     from weight_edit.dataset import interleave_areas
     from weight_edit.direction_file import save_direction
     from weight_edit.fit import FitSettings, fit_direction
-    from weight_edit.models import auto_batch_size, load_model, resolve_model
+    from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model
 
     data, split = load_split(dataset, seed)
     folder = resolve_model(model_spec, model_progress())
@@ -275,6 +276,7 @@ def fit(
         f"model [bold]{folder}[/] ({arch.family}, {num_layers} layers); fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}"
     )
     started = time.time()
+    dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
     model, tokenizer = load_model(folder, dtype=dtype, device=device, max_memory=max_memory)
     batch_size = batch_size or auto_batch_size(model)
     fit_settings = FitSettings(
@@ -645,7 +647,7 @@ def evaluate(
     """Compare source and edited models on the held-out policy areas (aggregates only)."""
     from weight_edit.dataset import interleave_areas
     from weight_edit.evaluate import load_judge, score_model, summarise
-    from weight_edit.models import auto_batch_size, load_model, resolve_model
+    from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model
     from weight_edit.verify import read_provenance
 
     provenance = read_provenance(Path(edited))
@@ -657,6 +659,7 @@ def evaluate(
     results = {}
     started = time.time()
     judge = load_judge(judge_path, "cuda" if device == "cuda" else "cpu") if judge_path else None
+    dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
     with progress_bars() as factory:
         for name, folder in (("source", source_folder), ("edited", Path(edited))):
             model, tokenizer = load_model(folder, dtype=dtype, device=device, max_memory=max_memory)
@@ -758,7 +761,7 @@ def diagnose(model_spec, dataset, seed, direction_path, out_dir, device, dtype, 
     from weight_edit.checkpoint import Checkpoint, fingerprint
     from weight_edit.diagnose import run_diagnostics, save_diagnostics
     from weight_edit.direction_file import check_compatible, load_direction
-    from weight_edit.models import auto_batch_size, load_model, resolve_model
+    from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model
 
     vector, sidecar = load_direction(direction_path)
     if sidecar is None or "layer" not in sidecar or "position" not in sidecar:
@@ -777,6 +780,7 @@ def diagnose(model_spec, dataset, seed, direction_path, out_dir, device, dtype, 
             f"with {', '.join(fitted_held_out)} held out; pass the dataset and seed used by `fit`"
         )
     started = time.time()
+    dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
     model, tokenizer = load_model(folder, dtype=dtype, device=device)
     batch_size = batch_size or auto_batch_size(model)
     with progress_bars() as factory:
@@ -909,12 +913,13 @@ def benchmark(
     import shlex
 
     from weight_edit.capability import compare, item_rows, load_suite, markdown_report, score_checkpoint
-    from weight_edit.models import resolve_model
+    from weight_edit.models import resolve_dtype, resolve_model
     from weight_edit.verify import read_provenance
 
     if stride >= max_length:
         raise click.BadParameter(f"must be below --max-length ({max_length})", param_hint="--stride")
     suite = load_suite(mmlu, arc, arc_train, text, shots, limit, seed, max_length, stride, text_tokens)
+    dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
     if model_spec:
         source_folder = resolve_model(model_spec, model_progress())
     else:
@@ -1045,7 +1050,7 @@ def tune(
     from weight_edit.checkpoint import Checkpoint, fingerprint
     from weight_edit.dataset import interleave_areas
     from weight_edit.direction_file import check_compatible, load_direction, save_direction
-    from weight_edit.models import auto_batch_size, load_model, resolve_model
+    from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model
     from weight_edit.search import search_strengths
 
     direction_path = fit_dir / settings.DIRECTION_FILE
@@ -1079,6 +1084,7 @@ def tune(
         f"{len(unsafe)} + {len(safe)} validation prompts of the fit areas ({', '.join(split.fit_areas)})"
     )
     started = time.time()
+    dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
     model, tokenizer = load_model(folder, dtype=dtype, device=device)
     batch_size = batch_size or auto_batch_size(model)
     with progress_bars() as factory:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import settings  # noqa: E402
 from weight_edit.capability import compare, load_suite, markdown_report, score_checkpoint  # noqa: E402
+from weight_edit.models import resolve_dtype  # noqa: E402
 
 BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
 
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024, help="perplexity window, tokens")
     parser.add_argument("--stride", type=int, default=512, help="perplexity window step, tokens")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["fast", "auto", "float32", "bfloat16", "float16"], default="fast")
     parser.add_argument("--batch-size", type=int, default=0, help="0: automatic")
     parser.add_argument("--out-dir", type=Path, default=settings.ARTIFACTS_DIR / "reference" / "capability")
     args = parser.parse_args()
@@ -125,7 +126,7 @@ def main() -> None:
         "command": command,
         "source": str(source_folder),
         "edited": {label: str(folder) for label, folder in zip(comparisons, args.edited, strict=True)},
-        "dtype": args.dtype,
+        "dtype": resolve_dtype(args.dtype, args.device),
         "device": args.device,
         "settings": suite.settings,
         "sizes": suite.sizes(),

@@ -154,3 +154,15 @@ def test_batched_screen_matches_one_candidate_at_a_time(fitted):
             safe = last_logits(model, tokenized_batches(tokenizer, SAFE[:3], 3, "cpu", suffix))
         assert score.screen_bypass == pytest.approx(float(alone), abs=1e-4)
         assert score.screen_kl == pytest.approx(float(kl_divergence(reference, safe).mean()), abs=1e-5)
+
+
+def test_fast_dtype_is_float32_on_cpus_without_native_bf16(monkeypatch):
+    """bf16 matmul is emulated (~100x slower) on CPUs without AVX512-BF16/AMX: 'fast' must avoid it there."""
+    from weight_edit import models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert models.resolve_dtype("fast", "cpu") == "float32"
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.resolve_dtype("fast", "cpu") == "bfloat16"
+    assert models.resolve_dtype("bfloat16", "cpu") == "bfloat16" and models.resolve_dtype("auto", "cpu") == "auto"
+    assert models.resolve_dtype("fast", "cuda") == "bfloat16"

@@ -647,7 +647,7 @@ def score_suite(
 def score_checkpoint(
     folder: Path,
     suite: Suite,
-    dtype: str = "bfloat16",
+    dtype: str = "fast",
     device: str = "cpu",
     batch_size: int = 0,
     progress: ProgressFactory = no_progress,
