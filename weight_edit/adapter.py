@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -38,10 +37,10 @@ from weight_edit.edit_math import EditMode, unit
 from weight_edit.writer import (
     DIRECTION_COPY,
     LAYER_DIRECTIONS_COPY,
-    _remove_abandoned_staging,
     _replace_atomically,
     check_output_location,
     direction_sha256,
+    new_staging,
 )
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # the names PeftModel.from_pretrained looks for
@@ -266,12 +265,7 @@ def write_adapter(
         "ensure_weight_tying": False,  # tied models: the adapter must change the lookup only, as `apply` unties
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(out)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    staging = new_staging(out)
     try:
         weights_path = staging / ADAPTER_WEIGHTS_FILE
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(weights_path), metadata={"format": "pt"})

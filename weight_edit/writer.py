@@ -336,12 +336,7 @@ def apply_direction(
             if on_progress:
                 on_progress(done, total)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(out)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    staging = new_staging(out)
     try:
         source_shards: dict[str, Any] = {}
         output_shards: dict[str, Any] = {}
@@ -443,6 +438,17 @@ def apply_direction(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ApplyResult(out, sorted(targets), untie, provenance)
+
+
+def new_staging(out: Path) -> Path:
+    """An empty folder beside `out` to build a result in, after clearing what killed runs left behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(out)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    return staging
 
 
 def _remove_abandoned_staging(out: Path) -> None:
