@@ -1016,7 +1016,7 @@ def push(out, repo_id, private, dry_run) -> None:
     type=click.IntRange(1),
     default=settings.TUNE_TRIALS,
     show_default=True,
-    help="Optuna trials; the first four are fixed seeds, the full-strength edit first.",
+    help="Optuna trials; the first five are fixed seeds, the full-strength edit first.",
 )
 @click.option(
     "--mode",
@@ -1039,11 +1039,29 @@ def push(out, repo_id, private, dry_run) -> None:
     show_default=True,
     help="Per label, from the fit areas' validation prompts, spread over areas (0: all of them).",
 )
+@click.option(
+    "--max-strength",
+    type=click.FloatRange(min=1.0),
+    default=settings.TUNE_MAX_STRENGTH,
+    show_default=True,
+    help="Highest per-layer strength tried (1 removes the component; above 1 overshoots, as peers' searches allow).",
+)
 @device_option
 @dtype_option
 @batch_option
 def tune(
-    model_spec, dataset, seed, fit_dir, trials, mode, max_refusal, validation_prompts, device, dtype, batch_size
+    model_spec,
+    dataset,
+    seed,
+    fit_dir,
+    trials,
+    mode,
+    max_refusal,
+    validation_prompts,
+    max_strength,
+    device,
+    dtype,
+    batch_size,
 ) -> None:
     """Choose per-layer edit strengths: search the refusal/KL trade-off on the fit areas' validation prompts."""
     from weight_edit.architecture import architecture_for
@@ -1103,6 +1121,7 @@ def tune(
             batch_size=batch_size,
             progress=factory,
             max_refusal=max_refusal,
+            max_strength=max_strength,
             centre_layer=sidecar.get("layer"),
             max_new_tokens=settings.TUNE_NEW_TOKENS,
             refusal_prefixes=settings.REFUSAL_PREFIXES,

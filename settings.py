@@ -123,6 +123,7 @@ DEFAULT_FIT_DIR = Path("runs") / "fit"
 DEFAULT_DIAGNOSE_DIR = Path("runs") / "diagnose"
 
 # --- tune: per-layer strength search ------------------------------------------------------------
-TUNE_TRIALS = 100  # Optuna trials; the first four are fixed seeds (the full-strength edit first)
+TUNE_TRIALS = 100  # Optuna trials; the first five are fixed seeds (the full-strength edit first)
 TUNE_MAX_REFUSAL = 0.02  # highest generated refusal rate on unsafe validation prompts a chosen edit may keep
+TUNE_MAX_STRENGTH = 1.5  # highest per-layer strength the search tries (> 1 overshoots; peers search up to 1.5)
 TUNE_NEW_TOKENS = 24  # greedy tokens generated per prompt for the Pareto front's candidates

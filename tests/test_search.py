@@ -59,7 +59,7 @@ def test_full_kernel_is_exactly_the_foundation_edit():
     "kernel,message",
     [
         (LayerKernel(1.0, 0.5, 1.0, 0.6), "floor"),
-        (LayerKernel(1.0, 1.2, 1.0, 0.0), "peak strength"),
+        (LayerKernel(1.0, 1.7, 1.0, 0.0), "peak strength"),
         (LayerKernel(1.0, 1.0, 0.0, 0.0), "width"),
         (LayerKernel(3.5, 1.0, 1.0, 0.0), "peak layer"),
     ],
@@ -157,7 +157,9 @@ def test_trials_front_and_reference(searched):
     assert len(result.trials) == result.n_trials == 6
     reference = result.trials[0]
     assert reference.source == "seed:full" and reference.strengths.is_full and reference.generated is not None
-    assert [t.source for t in result.trials[:4]] == [f"seed:{name}" for name, _ in seed_kernels(LAYERS, 1)]
+    seeds = seed_kernels(LAYERS, 1)
+    assert len(seeds) == 5 and seeds[-1][1].attention.peak == 1.5  # the overshooting seed, at max_strength
+    assert [t.source for t in result.trials[:5]] == [f"seed:{name}" for name, _ in seeds]
     points = [(t.refusal_prob, t.kl) for t in result.trials]
     front = set(result.front)
     assert front and {t.number for t in result.trials if t.on_front} == front

@@ -65,7 +65,7 @@ class LayerKernel:
     """Strength over depth for one writer group: a tent of `peak` at `peak_layer` over a `floor`."""
 
     peak_layer: float  # in [0, layers - 1]
-    peak: float  # in [0, 1]
+    peak: float  # in [0, max_strength]
     width: float  # in layers, > 0: the strength reaches `floor` this far from the peak
     floor: float  # in [0, peak]
 
@@ -86,14 +86,16 @@ class KernelParams:
         }
 
 
-def kernel_strengths(params: KernelParams, num_layers: int) -> Strengths:
+def kernel_strengths(
+    params: KernelParams, num_layers: int, max_strength: float = settings.TUNE_MAX_STRENGTH
+) -> Strengths:
     """The per-layer strengths a kernel gives (pure; refuses parameters outside their ranges)."""
     if not 0.0 <= params.embedding <= 1.0:
         raise PlanError(f"embedding strength {params.embedding} is outside [0, 1]")
     for group in GROUPS:
         kernel: LayerKernel = getattr(params, group)
-        if not 0.0 <= kernel.peak <= 1.0:
-            raise PlanError(f"{group} peak strength {kernel.peak} is outside [0, 1]")
+        if not 0.0 <= kernel.peak <= max_strength:
+            raise PlanError(f"{group} peak strength {kernel.peak} is outside [0, {max_strength}]")
         if not 0.0 <= kernel.floor <= kernel.peak:
             raise PlanError(f"{group} floor {kernel.floor} is outside [0, peak = {kernel.peak}]")
         if not kernel.width > 0:
@@ -135,7 +137,9 @@ def _trial_params(kernel: KernelParams) -> dict[str, float]:
     return values
 
 
-def seed_kernels(num_layers: int, centre_layer: float | None = None) -> list[tuple[str, KernelParams]]:
+def seed_kernels(
+    num_layers: int, centre_layer: float | None = None, max_strength: float = settings.TUNE_MAX_STRENGTH
+) -> list[tuple[str, KernelParams]]:
     """The enqueued first trials: the full-strength foundation edit, then a few sensible shapes around it."""
     last = max(0, num_layers - 1)
     centre = float(min(max(centre_layer if centre_layer is not None else last / 2, 0), last))
@@ -149,6 +153,11 @@ def seed_kernels(num_layers: int, centre_layer: float | None = None) -> list[tup
         ("full-no-embedding", both(LayerKernel(centre, 1.0, wide, 1.0), 0.0)),
         ("tent-at-direction-layer", both(LayerKernel(centre, 1.0, wide, 0.0), 0.0)),
         ("half-floor", both(LayerKernel(centre, 1.0, narrow, 0.5), 0.5)),
+        *(
+            [("overshoot-at-direction-layer", both(LayerKernel(centre, max_strength, narrow, 1.0), 1.0))]
+            if max_strength > 1.0
+            else []
+        ),
     ]
 
 
@@ -387,6 +396,7 @@ def search_strengths(
     progress: ProgressFactory = no_progress,
     max_refusal: float = 0.02,
     *,
+    max_strength: float = settings.TUNE_MAX_STRENGTH,
     centre_layer: float | None = None,
     max_new_tokens: int = 24,
     max_generated: int = 16,
@@ -398,7 +408,9 @@ def search_strengths(
 ) -> SearchResult:
     """Search per-layer strengths on validation prompts of the fit areas (pass no held-out prompt here).
 
-    `centre_layer` (e.g. the fitted direction's layer) places the seed kernels; `max_generated` caps
+    Layer strengths range over [0, `max_strength`]: above 1 the projection overshoots (flips part of
+    the component), which peers' searches also allow. `centre_layer` (e.g. the fitted direction's
+    layer) places the seed kernels; `max_generated` caps
     how many front members are generated (spread along the front; 0: all). `subspace`,
     `layer_directions` and `read_tensor` are passed to `EditPlan.build` / the hook twin unchanged.
     """
@@ -406,6 +418,8 @@ def search_strengths(
 
     if n_trials < 1:
         raise ValueError("n_trials must be at least 1")
+    if not max_strength >= 1.0 or not math.isfinite(max_strength):
+        raise ValueError(f"max_strength must be a finite number ≥ 1 (the full-strength edit), got {max_strength}")
     if not val_unsafe or not val_safe:
         raise ValueError("the search needs unsafe and safe validation prompts")
     if not arch.supports_partial_strength(mode):
@@ -450,7 +464,7 @@ def search_strengths(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-            for name, kernel in seed_kernels(num_layers, centre_layer)[:n_trials]:
+            for name, kernel in seed_kernels(num_layers, centre_layer, max_strength)[:n_trials]:
                 study.enqueue_trial(_trial_params(kernel), user_attrs={"source": f"seed:{name}"})
             advance = progress("search: trials", n_trials)
             trials_started = time.perf_counter()
@@ -459,11 +473,11 @@ def search_strengths(
                 values = {"embedding": trial.suggest_float("embedding", 0.0, 1.0)}
                 for group in GROUPS:
                     values[f"{group}_peak_layer"] = trial.suggest_float(f"{group}_peak_layer", 0.0, last)
-                    values[f"{group}_peak"] = trial.suggest_float(f"{group}_peak", 0.0, 1.0)
+                    values[f"{group}_peak"] = trial.suggest_float(f"{group}_peak", 0.0, max_strength)
                     values[f"{group}_width"] = trial.suggest_float(f"{group}_width", 1.0, max(1.0, float(num_layers)))
                     values[f"{group}_floor_fraction"] = trial.suggest_float(f"{group}_floor_fraction", 0.0, 1.0)
                 kernel = _kernel_from_trial_params(values)
-                strengths = kernel_strengths(kernel, num_layers)
+                strengths = kernel_strengths(kernel, num_layers, max_strength)
                 plan = plan_for(strengths)
                 with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=read_tensor):
                     log_probs = _first_token_log_probs(model, prepared)
@@ -540,5 +554,6 @@ def search_strengths(
             else list(markers),
             "refusal_tokens": tokenizer.convert_ids_to_tokens(refusal_ids),
             "centre_layer": centre_layer,
+            "max_strength": max_strength,
         },
     )
