@@ -153,7 +153,62 @@ def test_batched_screen_matches_one_candidate_at_a_time(fitted):
             ).mean()
             safe = last_logits(model, tokenized_batches(tokenizer, SAFE[:3], 3, "cpu", suffix))
         assert score.screen_bypass == pytest.approx(float(alone), abs=1e-4)
-        assert score.screen_kl == pytest.approx(float(kl_divergence(reference, safe).mean()), abs=1e-5)
+        if score.screen_kl is not None:  # computed lazily, best screened bypass first
+            assert score.screen_kl == pytest.approx(float(kl_divergence(reference, safe).mean()), abs=1e-5)
+    assert sum(s.screen_kl is not None for s in screened) >= 2
+
+
+def test_lazy_scoring_chooses_as_scoring_every_candidate(fitted):
+    """Stage 1's KL screen and stage 2's KL/induce run best-bypass-first and stop early; with filters
+    that reject some candidates, the kept set and the choice must be those of the eager rule."""
+    from weight_edit.activations import kl_divergence, last_logits
+    from weight_edit.hooks import activation_addition, residual_ablation
+
+    model, tokenizer, arch = fitted
+    suffix = post_instruction_ids(tokenizer)
+    n_pos = len(suffix)
+    probe = FitSettings(batch_size=6, screen_prompts=3, screen_keep=0, max_layer_fraction=1.0)
+    refusal_ids = refusal_token_ids(tokenizer, probe.refusal_prefixes)
+    first = fit_direction(model, tokenizer, arch, 2, UNSAFE, SAFE, UNSAFE[:4], SAFE[:4], probe)
+    eligible = [s for s in first.scores if s.eligible]
+
+    def batches(texts):
+        return tokenized_batches(tokenizer, texts, 6, "cpu", suffix)
+
+    def mean_odds(texts):
+        return float(refusal_log_odds(last_logits(model, batches(texts)), refusal_ids).mean())
+
+    base_safe = last_logits(model, batches(SAFE[:4]))
+    eager = {}
+    for score in eligible:
+        v = (
+            first.means["unsafe"][score.layer, score.position + n_pos]
+            - first.means["safe"][score.layer, score.position + n_pos]
+        )
+        with residual_ablation(model, arch, 2, v):
+            screen_bypass, bypass = mean_odds(UNSAFE[:3]), mean_odds(UNSAFE[:4])
+            safe = last_logits(model, batches(SAFE[:4]))
+        with activation_addition(model, arch, score.layer, v):
+            induce = mean_odds(SAFE[:4])
+        kls = kl_divergence(base_safe, safe)
+        eager[(score.layer, score.position)] = (screen_bypass, float(kls[:3].mean()), bypass, float(kls.mean()), induce)
+    # Filters at the medians, so that about half the candidates fail each.
+    max_kl = sorted(e[3] for e in eager.values())[len(eager) // 2]
+    min_induce = sorted(e[4] for e in eager.values())[len(eager) // 2]
+    keep = 3
+    by_screen = sorted(eager, key=lambda k: eager[k][0])
+    low = [k for k in by_screen if eager[k][1] < max_kl]
+    kept = (low + [k for k in by_screen if k not in low])[:keep]
+    passing = [k for k in kept if eager[k][3] < max_kl and eager[k][4] > min_induce]
+    expected = min(passing or kept, key=lambda k: eager[k][2])
+
+    settings = FitSettings(
+        batch_size=6, screen_prompts=3, screen_keep=keep, max_layer_fraction=1.0, max_kl=max_kl, min_induce=min_induce
+    )
+    lazy = fit_direction(model, tokenizer, arch, 2, UNSAFE, SAFE, UNSAFE[:4], SAFE[:4], settings)
+    assert {(s.layer, s.position) for s in lazy.scores if s.bypass is not None} == set(kept)
+    assert (lazy.layer, lazy.position) == expected
+    assert sum(s.kl is not None for s in lazy.scores) <= keep
 
 
 def test_fast_dtype_is_float32_on_cpus_without_native_bf16(monkeypatch):

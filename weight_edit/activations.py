@@ -1,19 +1,146 @@
-"""Forward passes: residual activations at post-instruction positions, and last-position logits."""
+"""Forward passes: residual activations at post-instruction positions, and last-position logits.
+
+Every chat prompt starts with the same template tokens (for Qwen2.5, a 24-token system turn: over
+half of a typical prompt). `forward` computes that shared prefix once per batch, expands its
+key/value cache to every row, and runs only the rest: the same causal computation on fewer tokens
+(equal to the plain forward up to floating-point rounding; tested), about twice as fast on a CPU.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from weight_edit.chat import Batch, batches
 
 Advance = Callable[[int], None]
+HookContext = Callable[[], AbstractContextManager]
+
+MIN_SHARED_PREFIX = 4  # tokens; below this a second pass costs more than it saves
 
 
-def tokenized_batches(tokenizer, instructions: Sequence[str], batch_size: int, device, suffix_ids) -> list[Batch]:
-    """Tokenize once; scoring reuses the same batches for every candidate."""
-    return list(batches(tokenizer, instructions, batch_size, device, suffix_ids))
+@dataclass
+class SharedPrefix:
+    """A left-padded batch split into the prefix every row shares and the left-padded rest of each row."""
+
+    prefix_ids: torch.Tensor  # [P]
+    rest_ids: torch.Tensor  # [B, R], left-padded
+    rest_mask: torch.Tensor  # [B, R]
+
+    @property
+    def length(self) -> int:
+        return self.prefix_ids.shape[0]
+
+    def attention_mask(self) -> torch.Tensor:
+        ones = torch.ones(
+            self.rest_mask.shape[0], self.length, dtype=self.rest_mask.dtype, device=self.rest_mask.device
+        )
+        return torch.cat([ones, self.rest_mask], dim=1)
+
+    def position_ids(self) -> torch.Tensor:
+        """Positions of the rest's tokens right after the prefix, as if unpadded (pads get the first one)."""
+        return self.length + (self.rest_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def split_shared_prefix(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 1, min_length: int = MIN_SHARED_PREFIX
+) -> SharedPrefix | None:
+    """The longest prefix all rows share, leaving every row at least its last `keep_last` tokens.
+
+    None when that prefix is shorter than `min_length`.
+    """
+    lengths = attention_mask.sum(dim=1).tolist()
+    width = input_ids.shape[1]
+    rows = [input_ids[i, width - n :] for i, n in enumerate(lengths)]
+    limit = min(lengths, default=0) - max(1, keep_last)
+    if limit < min_length:
+        return None
+    first = rows[0][:limit]
+    shared = limit
+    for row in rows[1:]:
+        differs = (row[:limit] != first).nonzero()
+        if len(differs):
+            shared = min(shared, int(differs[0]))
+    if shared < min_length:
+        return None
+    rest_width = max(lengths) - shared
+    rest_ids = input_ids.new_full((len(rows), rest_width), int(input_ids[0, -1]))
+    rest_mask = attention_mask.new_zeros((len(rows), rest_width))
+    for i, row in enumerate(rows):
+        rest = row[shared:]
+        rest_ids[i, rest_width - len(rest) :] = rest
+        rest_mask[i, rest_width - len(rest) :] = 1
+    return SharedPrefix(first[:shared].clone(), rest_ids, rest_mask)
+
+
+def forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    prefix_rows: int = 1,
+    prefix_hooks: HookContext | None = None,
+    rest_hooks: HookContext | None = None,
+    shared_prefix: bool = True,
+    keep_last: int = 1,
+    **kwargs,
+):
+    """The model's forward on a left-padded batch, computing the shared prefix once (see the module note).
+
+    Outputs cover the rest's positions only, at least the last `keep_last` of every row (give the
+    number of positions whose hidden states are read). Run-time hooks active around the call
+    apply to both passes; hooks that differ per row (screening) are entered by the two callbacks
+    instead: the prefix pass has `prefix_rows` rows, each repeated for consecutive batch rows.
+    """
+    # Sliding-window attention counts the pads between prefix and rest as distance: keep such prompts whole.
+    window = getattr(model.config, "sliding_window", None)
+    shared_prefix = shared_prefix and not (window and input_ids.shape[1] > window)
+    split = split_shared_prefix(input_ids, attention_mask, keep_last) if shared_prefix else None
+    if split is None or input_ids.shape[0] % prefix_rows:
+        with (rest_hooks or nullcontext)():
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    with (prefix_hooks or nullcontext)():
+        cache = model(input_ids=split.prefix_ids.expand(prefix_rows, -1), use_cache=True).cache
+    if input_ids.shape[0] != prefix_rows:
+        cache.batch_repeat_interleave(input_ids.shape[0] // prefix_rows)
+    with (rest_hooks or nullcontext)():
+        return model(
+            input_ids=split.rest_ids,
+            attention_mask=split.attention_mask(),
+            position_ids=split.position_ids(),
+            cache=cache,
+            use_cache=True,
+            **kwargs,
+        )
+
+
+def tokenized_batches(
+    tokenizer, instructions: Sequence[str], batch_size: int, device, suffix_ids, by_length: bool = False
+) -> list[Batch]:
+    """Tokenize once; scoring reuses the same batches for every candidate.
+
+    `by_length` batches prompts of similar length together (less padding); each `Batch.indices` still
+    names its prompts' places in `instructions`, and `last_logits` returns rows in that order.
+    """
+    if not by_length:
+        return list(batches(tokenizer, instructions, batch_size, device, suffix_ids))
+    lengths = [len(ids) for ids in tokenizer(list(instructions), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(instructions)), key=lambda i: (lengths[i], i))
+    prepared = list(batches(tokenizer, [instructions[i] for i in order], batch_size, device, suffix_ids))
+    for batch in prepared:
+        batch.indices = [order[i] for i in batch.indices]
+    return prepared
+
+
+def in_prompt_order(rows: torch.Tensor, prepared: list[Batch]) -> torch.Tensor:
+    """Rows computed batch by batch, put back in the order of the prompts the batches were made from."""
+    indices = [i for batch in prepared for i in batch.indices]
+    if indices == list(range(len(indices))):
+        return rows
+    return rows[torch.argsort(torch.tensor(indices, device=rows.device))]
 
 
 @torch.inference_mode()
@@ -24,11 +151,12 @@ def mean_residuals(
     total: torch.Tensor | None = None
     count = 0
     for batch in prepared:
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
+        out = forward(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            keep_last=num_positions,
             output_hidden_states=True,
-            use_cache=False,
             logits_to_keep=1,
         )
         # hidden_states[l] is the input of layer l for l < num_layers (the last entry is post-norm).
@@ -48,11 +176,11 @@ def last_logits(model: torch.nn.Module, prepared: list[Batch], advance: Advance 
     """Float32 logits at the last prompt position (where the reply's first token is chosen)."""
     rows = []
     for batch in prepared:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=1)
+        out = forward(model, batch.input_ids, batch.attention_mask, logits_to_keep=1)
         rows.append(out.logits[:, -1, :].float().cpu())
         if advance:
             advance(batch.input_ids.shape[0])
-    return torch.cat(rows)
+    return in_prompt_order(torch.cat(rows), prepared)
 
 
 def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

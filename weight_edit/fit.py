@@ -5,9 +5,12 @@ residual input. Selection follows Arditi et al. (2024): bypass score (refusal lo
 validation prompts with the direction ablated everywhere; lower is better), induce score (refusal
 log-odds on safe validation prompts with r added at its layer; must be > 0), KL on safe validation
 prompts under ablation (< 0.1), and layer < 0.8 × layers. To keep the cost near that of a few dozen
-forward passes per kept candidate, stage 1 screens every eligible candidate's bypass score and KL on a
-few prompts, and stage 2 scores in full the `screen_keep` lowest screened bypass scores among the
-candidates whose screened KL passes the filter (topped up from the rest when too few pass).
+forward passes per kept candidate, stage 1 screens every eligible candidate's bypass score on a few
+prompts and keeps the `screen_keep` lowest among the candidates whose screened KL passes the filter
+(topped up from the rest when too few pass); stage 2 scores the kept candidates' bypass on all
+validation prompts. KL and induce scores are computed lazily, best bypass first, and stop once the
+outcome is decided: the kept set and the choice are those of scoring everything (tested), at about
+half the passes.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from weight_edit.activations import kl_divergence, last_logits, mean_residuals, tokenized_batches
+from weight_edit.activations import forward, kl_divergence, last_logits, mean_residuals, tokenized_batches
 from weight_edit.architecture import Architecture
 from weight_edit.chat import post_instruction_ids, refusal_log_odds, refusal_token_ids, tokenize_instructions
 from weight_edit.hooks import activation_addition, residual_ablation
@@ -88,8 +91,15 @@ def _screen(model, arch, num_layers: int, vectors: torch.Tensor, encoded, device
     """Last-position logits of every prompt under ablation of every vector: [vectors × prompts, vocab]."""
     ids, mask = (t.repeat(len(vectors), 1).to(device) for t in encoded)
     per_row = vectors.repeat_interleave(encoded[0].shape[0], dim=0)
-    with residual_ablation(model, arch, num_layers, per_row, per_row=True):
-        out = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    out = forward(
+        model,
+        ids,
+        mask,
+        prefix_rows=len(vectors),  # one shared prefix per candidate, expanded to its prompts
+        prefix_hooks=lambda: residual_ablation(model, arch, num_layers, vectors, per_row=True),
+        rest_hooks=lambda: residual_ablation(model, arch, num_layers, per_row, per_row=True),
+        logits_to_keep=1,
+    )
     return out.logits[:, -1, :].float().cpu()
 
 
@@ -111,7 +121,7 @@ def fit_direction(
     refusal_ids = refusal_token_ids(tokenizer, settings.refusal_prefixes)
 
     def prepare(texts: list[str]):
-        return tokenized_batches(tokenizer, texts, settings.batch_size, device, suffix)
+        return tokenized_batches(tokenizer, texts, settings.batch_size, device, suffix, by_length=True)
 
     # 1. candidates: diff-in-means at every layer and post-instruction position
     mean_unsafe = mean_residuals(
@@ -156,13 +166,14 @@ def fit_direction(
     def vector(score: CandidateScore) -> torch.Tensor:
         return candidates[score.layer, score.position + n_pos]
 
-    # 2. stage 1: bypass score and KL of every eligible candidate on a few prompts
+    # 2. stage 1: every eligible candidate's bypass score on a few prompts; then their screened KL in
+    # order of that score, only until `screen_keep` candidates pass (the rest could not be kept).
     full_search = settings.screen_keep <= 0 or settings.screen_keep >= len(eligible)
     if full_search:
         kept = eligible
     else:
         screen_unsafe, screen_safe = val_unsafe[: settings.screen_prompts], val_safe[: settings.screen_prompts]
-        advance = progress("stage 1: screening candidates", len(eligible) * (len(screen_unsafe) + len(screen_safe)))
+        advance = progress("stage 1: screening candidates", len(eligible) * len(screen_unsafe))
         reference = baseline_safe_logits[: len(screen_safe)]
         unsafe_ids = tokenize_instructions(tokenizer, screen_unsafe, suffix)
         safe_ids = tokenize_instructions(tokenizer, screen_safe, suffix)
@@ -170,33 +181,52 @@ def fit_direction(
         group = max(1, settings.batch_size // max(len(screen_unsafe), len(screen_safe)))
         for start in range(0, len(eligible), group):
             chunk = eligible[start : start + group]
-            vectors = torch.stack([vector(s) for s in chunk])
-            bypass = _screen(model, arch, num_layers, vectors, unsafe_ids, device)
+            bypass = _screen(model, arch, num_layers, torch.stack([vector(s) for s in chunk]), unsafe_ids, device)
             bypass = refusal_log_odds(bypass, refusal_ids).view(len(chunk), -1).mean(dim=1)
-            safe_logits = _screen(model, arch, num_layers, vectors, safe_ids, device)
-            kl = kl_divergence(reference.repeat(len(chunk), 1), safe_logits).view(len(chunk), -1).mean(dim=1)
-            for score, b, k in zip(chunk, bypass.tolist(), kl.tolist(), strict=True):
-                score.screen_bypass, score.screen_kl = b, k
-            advance(len(chunk) * (len(screen_unsafe) + len(screen_safe)))
+            for score, b in zip(chunk, bypass.tolist(), strict=True):
+                score.screen_bypass = b
+            advance(len(chunk) * len(screen_unsafe))
         by_bypass = sorted(eligible, key=lambda s: s.screen_bypass)
-        low_kl = [s for s in by_bypass if s.screen_kl < settings.max_kl]
+        advance = progress("stage 1: screened KL, best first", settings.screen_keep * len(screen_safe))
+        low_kl: list[CandidateScore] = []
+        for start in range(0, len(by_bypass), group):
+            if len(low_kl) >= settings.screen_keep:
+                break
+            chunk = by_bypass[start : start + group]
+            safe_logits = _screen(model, arch, num_layers, torch.stack([vector(s) for s in chunk]), safe_ids, device)
+            kl = kl_divergence(reference.repeat(len(chunk), 1), safe_logits).view(len(chunk), -1).mean(dim=1)
+            for score, k in zip(chunk, kl.tolist(), strict=True):
+                score.screen_kl = k
+                if k < settings.max_kl:
+                    low_kl.append(score)
+            advance(min(len(chunk), max(0, settings.screen_keep - len(low_kl))) * len(screen_safe))
+        # Lowest screened bypass among those passing the KL screen, topped up from the rest if too few pass.
         kept = (low_kl + [s for s in by_bypass if s not in low_kl])[: settings.screen_keep]
 
-    # 3. stage 2: full bypass, KL and induce scores
-    advance = progress("stage 2: scoring candidates", len(kept) * (len(val_unsafe) + 2 * len(val_safe)))
+    # 3. stage 2: full bypass score of every kept candidate; then, best bypass first, KL and induce
+    # until one passes the filters: it is the choice (scoring the others could not change it).
+    advance = progress("stage 2: bypass scores", len(kept) * len(val_unsafe))
     for score in kept:
         with residual_ablation(model, arch, num_layers, vector(score)):
             score.bypass = _mean_refusal(model, unsafe_batches, refusal_ids, advance)
+    advance = progress("stage 2: KL and induce, best first", 2 * len(val_safe))
+    for score in sorted(kept, key=lambda s: s.bypass):
+        with residual_ablation(model, arch, num_layers, vector(score)):
             ablated_safe = last_logits(model, safe_batches, advance)
         score.kl = float(kl_divergence(baseline_safe_logits, ablated_safe).mean())
         with activation_addition(model, arch, score.layer, vector(score)):
             score.induce = _mean_refusal(model, safe_batches, refusal_ids, advance)
         score.passes_filters = score.induce > settings.min_induce and score.kl < settings.max_kl
+        if score.passes_filters:
+            break
 
     passing = [s for s in kept if s.passes_filters]
     if passing:
         chosen = min(passing, key=lambda s: s.bypass)
-        note = f"lowest bypass among {len(passing)} of {len(kept)} fully scored candidates passing the filters"
+        note = (
+            f"lowest bypass among the {len(kept)} fully scored candidates that passes the filters "
+            f"({sum(s.kl is not None for s in kept)} checked, best bypass first)"
+        )
     else:
         chosen = min(kept, key=lambda s: s.bypass)
         note = f"no candidate passed induce > {settings.min_induce} and KL < {settings.max_kl}; lowest bypass taken"

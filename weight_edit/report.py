@@ -158,7 +158,9 @@ def _direction_section(fit_dir: Path | None, figures: _Figures) -> list[str]:
                     _num(r.get("bypass")),
                     _num(r.get("induce")),
                     _num(r.get("kl"), 4),
-                    "yes" if r.get("passes_filters") == "True" else "no",
+                    "yes"
+                    if r.get("passes_filters") == "True"
+                    else ("no" if r.get("kl") not in (None, "") else "not needed"),
                     "**yes**" if r.get("selected") == "True" else "",
                 )
                 for r in sorted(full, key=lambda r: _f(r.get("bypass")))

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 import settings
-from weight_edit.activations import tokenized_batches
+from weight_edit.activations import forward, in_prompt_order, tokenized_batches
 from weight_edit.architecture import Architecture, EditTarget
 from weight_edit.chat import Batch, post_instruction_ids, refusal_token_ids
 from weight_edit.edit_math import EditMode
@@ -353,11 +353,11 @@ def _first_token_log_probs(model, prepared: list[Batch], advance=None) -> torch.
     """
     rows = []
     for batch in prepared:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=1)
+        out = forward(model, batch.input_ids, batch.attention_mask, logits_to_keep=1)
         rows.append(torch.log_softmax(out.logits[:, -1, :].double(), dim=-1))
         if advance:
             advance(batch.input_ids.shape[0])
-    return torch.cat(rows)
+    return in_prompt_order(torch.cat(rows), prepared)
 
 
 @torch.inference_mode()
@@ -433,7 +433,7 @@ def search_strengths(
     suffix = post_instruction_ids(tokenizer)
     refusal_ids = refusal_token_ids(tokenizer, refusal_prefixes)
     n_unsafe = len(val_unsafe)
-    prepared = tokenized_batches(tokenizer, [*val_unsafe, *val_safe], batch_size, device, suffix)
+    prepared = tokenized_batches(tokenizer, [*val_unsafe, *val_safe], batch_size, device, suffix, by_length=True)
     unsafe_batches = tokenized_batches(tokenizer, list(val_unsafe), batch_size, device, suffix)
     safe_batches = tokenized_batches(tokenizer, list(val_safe), batch_size, device, suffix)
 
