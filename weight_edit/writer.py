@@ -91,12 +91,13 @@ def _plan_shard(infos: list[TensorInfo], extra_after: dict[str, tuple[str, Tenso
 class _BackgroundHash:
     """sha256 on its own thread (hashlib releases the GIL), so hashing overlaps reading, editing and writing.
 
-    The queue holds at most a few chunks; each stays alive until hashed.
+    The queue holds at most two chunks; each stays alive until hashed, so the queue's length sets how
+    much memory every parallel worker adds (apply's peak RSS must not grow with the worker count).
     """
 
     def __init__(self) -> None:
         self.hasher = hashlib.sha256()
-        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
