@@ -641,13 +641,42 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> N
     help="A local sequence-classification checkpoint that labels (prompt, completion) pairs; "
     "its label counts are added per area.",
 )
+@click.option(
+    "--reuse-source/--no-reuse-source",
+    default=True,
+    show_default=True,
+    help="Reuse the source model's scores from an earlier evaluation with identical settings (cached under "
+    "the weight-edit cache, keyed by the source's shard hashes from the provenance); never with --model or --judge.",
+)
 def evaluate(
-    edited, model_spec, dataset, seed, out_dir, device, max_memory, dtype, batch_size, max_new_tokens, limit, judge_path
+    edited,
+    model_spec,
+    dataset,
+    seed,
+    out_dir,
+    device,
+    max_memory,
+    dtype,
+    batch_size,
+    max_new_tokens,
+    limit,
+    judge_path,
+    reuse_source,
 ) -> None:
     """Compare source and edited models on the held-out policy areas (aggregates only)."""
+    import torch
+    import transformers
+
     from weight_edit.dataset import interleave_areas
-    from weight_edit.evaluate import load_judge, score_model, summarise
-    from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model
+    from weight_edit.evaluate import (
+        load_cached_scores,
+        load_judge,
+        save_cached_scores,
+        score_model,
+        source_cache_key,
+        summarise,
+    )
+    from weight_edit.models import auto_batch_size, cache_dir, load_model, resolve_dtype, resolve_model
     from weight_edit.verify import read_provenance
 
     provenance = read_provenance(Path(edited))
@@ -660,8 +689,36 @@ def evaluate(
     started = time.time()
     judge = load_judge(judge_path, "cuda" if device == "cuda" else "cpu") if judge_path else None
     dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
+    cache_key = (
+        source_cache_key(
+            provenance["source"].get("shards", {}),
+            source_folder,
+            {
+                "prompts": [(p.text, p.label, p.category) for p in prompts],
+                "dtype": dtype,
+                "device": "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu",
+                "max_memory": max_memory,
+                "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens,
+                "prefixes": settings.REFUSAL_PREFIXES,
+                "substrings": settings.REFUSAL_SUBSTRINGS,
+                "markers": settings.BROAD_REFUSAL_MARKERS,
+                "preview_words": settings.COMPLETION_PREVIEW_WORDS,
+                "versions": [torch.__version__, transformers.__version__],
+            },
+        )
+        if reuse_source and not model_spec and not judge_path
+        else None
+    )
+    cache_folder = cache_dir() / "evaluations" / cache_key if cache_key else None
+    cached = load_cached_scores(cache_folder) if cache_folder else None
+    if cached:
+        results["source"] = cached
+        console.print(f"source scores reused from an identical earlier evaluation ({cache_folder})")
     with progress_bars() as factory:
         for name, folder in (("source", source_folder), ("edited", Path(edited))):
+            if name in results:
+                continue
             model, tokenizer = load_model(folder, dtype=dtype, device=device, max_memory=max_memory)
             batch_size = batch_size or auto_batch_size(model)
             results[name] = score_model(
@@ -679,6 +736,8 @@ def evaluate(
                 judge=judge,
             )
             del model
+            if name == "source" and cache_folder:
+                save_cached_scores(cache_folder, *results["source"], cache_key)
     summary = summarise(results["source"][0], results["edited"][0], results["source"][1], results["edited"][1])
     rows = summary["rows"]
     write_csv(out_dir / "evaluation_by_area.csv", rows)
@@ -692,6 +751,7 @@ def evaluate(
             "refusal_substrings": list(settings.REFUSAL_SUBSTRINGS),
             "broad_refusal_markers": list(settings.BROAD_REFUSAL_MARKERS),
             "judge": str(judge_path.resolve()) if judge_path else None,
+            "source_scores_reused": str(cache_folder) if cached else None,
             "overall": overall,
             "seconds": round(time.time() - started, 1),
         },

@@ -86,6 +86,12 @@ def build_tiny_model(
     return folder
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Nothing a test caches (converted models, source evaluation scores) lands in the user's cache."""
+    monkeypatch.setenv("WEIGHT_EDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def tiny_model(tmp_path, chat_tokenizer) -> Path:
     return build_tiny_model(tmp_path / "tiny", chat_tokenizer)

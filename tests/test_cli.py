@@ -63,28 +63,26 @@ def test_fit_apply_verify_evaluate(tmp_path, tiny_model, runner):
     assert result.exit_code == 0, result.output
     assert json.loads((biprojected / "weight_edit_verify.json").read_text())["guarantee"] == "hook-exact-per-layer"
 
-    eval_dir = tmp_path / "eval"
-    result = runner.invoke(
-        cli.main,
-        [
-            "evaluate",
-            str(out),
-            "--out-dir",
-            str(eval_dir),
-            "--limit",
-            "4",
-            "--max-new-tokens",
-            "3",
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    summary = json.loads((eval_dir / "evaluation_summary.json").read_text())
+    def evaluate(edited, eval_dir, *extra):
+        options = ["--limit", "4", "--max-new-tokens", "3", "--device", "cpu", "--dtype", "float32", *extra]
+        result = runner.invoke(cli.main, ["evaluate", str(edited), "--out-dir", str(eval_dir), *options])
+        assert result.exit_code == 0, result.output
+        return json.loads((eval_dir / "evaluation_summary.json").read_text())
+
+    summary = evaluate(out, tmp_path / "eval")
     assert summary["overall"]["unsafe"]["n"] == 4 and summary["overall"]["safe"]["n"] == 4
     assert set(summary["held_out_areas"]) == set(sidecar["split"]["held_out_areas"])
+    assert summary["source_scores_reused"] is None
+
+    # A second edit of the same source, same settings: the source's scores are reused, and equal.
+    again = evaluate(biprojected, tmp_path / "eval-bi")
+    assert again["source_scores_reused"] is not None
+    fresh = evaluate(biprojected, tmp_path / "eval-bi-fresh", "--no-reuse-source")
+    assert fresh["source_scores_reused"] is None
+    assert (tmp_path / "eval-bi" / "evaluation_by_area.csv").read_text() == (
+        tmp_path / "eval-bi-fresh" / "evaluation_by_area.csv"
+    ).read_text()
+    assert evaluate(out, tmp_path / "eval-5", "--max-new-tokens", "5")["source_scores_reused"] is None
 
 
 def test_apply_accepts_a_bare_direction_and_refuses_a_wrong_size(tmp_path, tiny_model, runner):

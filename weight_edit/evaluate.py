@@ -6,10 +6,14 @@ completion leave this module, so nothing harmful is ever stored.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -186,3 +190,45 @@ def summarise(
                 row |= {f"{name}_judge_{label}": count for label, count in sorted(counts.items())}
         rows.append(row)
     return {"rows": rows, "kl_per_prompt": kl}
+
+
+# --- the source model's scores, kept between evaluations of several edits of the same source ---------
+
+SCORES_FILE = "scores.json"
+LOGITS_FILE = "first_token_logits.safetensors"
+
+
+def source_cache_key(source_shards: dict[str, Any], folder: Path, settings: dict[str, Any]) -> str | None:
+    """A key for the source's scores: its shard hashes (from `apply`'s provenance) and everything that
+    changes the scores; None when a shard on disk no longer has the recorded size (do not reuse)."""
+    if not source_shards:
+        return None
+    for name, shard in source_shards.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != shard.get("bytes"):
+            return None
+    payload = {"shards": {k: v.get("sha256") for k, v in sorted(source_shards.items())}, **settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_cached_scores(folder: Path) -> tuple[list[PromptScore], torch.Tensor] | None:
+    """Scores saved by `save_cached_scores`, or None if absent or incomplete."""
+    from safetensors.torch import load_file
+
+    scores_path, logits_path = folder / SCORES_FILE, folder / LOGITS_FILE
+    if not (scores_path.is_file() and logits_path.is_file()):
+        return None
+    scores = [PromptScore(**row) for row in json.loads(scores_path.read_text())["scores"]]
+    logits = load_file(str(logits_path))["logits"]
+    return (scores, logits) if len(scores) == logits.shape[0] else None
+
+
+def save_cached_scores(folder: Path, scores: list[PromptScore], logits: torch.Tensor, key: str) -> None:
+    """Write atomically (a half-written cache entry must never be read): logits first, scores last."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"logits": logits.contiguous()}, str(folder / (LOGITS_FILE + ".tmp")))
+    os.replace(folder / (LOGITS_FILE + ".tmp"), folder / LOGITS_FILE)
+    (folder / (SCORES_FILE + ".tmp")).write_text(json.dumps({"key": key, "scores": [asdict(s) for s in scores]}))
+    os.replace(folder / (SCORES_FILE + ".tmp"), folder / SCORES_FILE)
