@@ -160,7 +160,14 @@ def draw_front(search: dict, out: Path) -> None:
         for t in search["trials"]
         if t["refusal_prob"] is not None and t["kl"] is not None
     ]
-    pareto_front(trials, None, out, refusal_label="first-token refusal probability on unsafe validation prompts (%)")
+    full = next((t for t in search["trials"] if t.get("source") == "seed:full"), None)
+    pareto_front(
+        trials,
+        None,
+        out,
+        refusal_label="first-token refusal probability on unsafe validation prompts (%)",
+        reference={"refusal": full["refusal_prob"], "kl": full["kl"]} if full else None,
+    )
 
 
 def write_markdown(out: Path, variant: str, options: list[str]) -> None:

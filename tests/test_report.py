@@ -99,6 +99,7 @@ def test_pareto_front_figure(tmp_path):
     front[0]["chosen"] = True
     assert_png(figures.pareto_front(trials, None, tmp_path / "p.png"))
     assert_png(figures.pareto_front(trials, 3, tmp_path / "p3.png", log_kl=True))
+    assert_png(figures.pareto_front(trials, None, tmp_path / "pr.png", reference=trials[0]))
     with pytest.raises(ValueError):
         figures.pareto_front([], None, tmp_path / "empty.png")
 

@@ -303,8 +303,11 @@ def pareto_front(
     kl_label: str = "first-token KL on safe prompts (nats)",
     refusal_is_fraction: bool = True,
     log_kl: bool = False,
+    reference: Mapping[str, Any] | None = None,
 ) -> Path:
     """Every search trial as refusal vs KL, the Pareto front drawn as a step line, the choice starred.
+
+    `reference` (a trial, e.g. the full-strength edit) is marked with a diamond for comparison.
 
     `trials` are dicts with "refusal", "kl", "on_front" (bool) and "chosen" (bool); `chosen` is a trial's
     index or the trial itself, or None to take the trial flagged "chosen". Refusal is a fraction unless
@@ -353,6 +356,19 @@ def pareto_front(
             zorder=5,
             label=f"chosen: refusal {scale * _number(pick['refusal']):.1f}{'%' if refusal_is_fraction else ''}, "
             f"KL {_number(pick['kl']):.3f}",
+        )
+    if reference is not None:
+        ax.scatter(
+            [_number(reference["kl"])],
+            [scale * _number(reference["refusal"])],
+            marker="D",
+            s=60,
+            facecolor="none",
+            edgecolor="crimson",
+            linewidth=1.5,
+            zorder=6,
+            label=f"full strength: refusal {scale * _number(reference['refusal']):.1f}"
+            f"{'%' if refusal_is_fraction else ''}, KL {_number(reference['kl']):.3f}",
         )
     if log_kl:
         ax.set_xscale("log")
