@@ -112,7 +112,7 @@ def source(tmp_path_factory, chat_tokenizer):
     return build_tiny_model(tmp_path_factory.mktemp("search") / "src", chat_tokenizer, bias=True, layers=LAYERS)
 
 
-def run_search(folder, prompts, mode="norm-preserving", seed=7, max_refusal=0.02, n_trials=6):
+def run_search(folder, prompts, mode="norm-preserving", seed=7, max_refusal=0.02, n_trials=6, **options):
     model, tokenizer = load_model(folder, dtype="float32")
     checkpoint = Checkpoint(folder)
     arch = architecture_for(checkpoint.config)
@@ -134,6 +134,7 @@ def run_search(folder, prompts, mode="norm-preserving", seed=7, max_refusal=0.02
         max_refusal=max_refusal,
         centre_layer=1,
         max_new_tokens=4,
+        **options,
     ), direction
 
 
@@ -186,6 +187,7 @@ def test_chosen_trial_satisfies_the_rule(searched):
         if t.on_front
         and t.generated is not None
         and t.generated.unsafe_rate <= result.max_refusal
+        and t.generated.safe_refused is not None
         and t.generated.safe_refused <= baseline_safe
     ]
     if result.fallback:
@@ -249,3 +251,19 @@ def test_search_round_trips_through_the_direction_sidecar(tmp_path, searched):
     _, sidecar = load_direction(tmp_path / "direction.safetensors")  # the self-hash still holds
     assert Strengths.from_dict(sidecar["search"]["chosen"]["strengths"], LAYERS) == result.strengths
     assert sidecar["search"]["chosen"]["trial"] == result.chosen_trial and sidecar["search"]["seed"] == 7
+
+
+@pytest.mark.parametrize("markers,max_refusal", [(("e",), 0.5), (("th",), 0.34), (("e",), 0.02), ((), 0.02)])
+def test_lazy_generation_chooses_as_generating_every_member(source, prompts, markers, max_refusal):
+    """Markers that match some tiny-model completions make members fail the rule, so skipping bites."""
+    options = dict(max_refusal=max_refusal, n_trials=10, markers=markers, max_generated=0)
+    lazy, _ = run_search(source, prompts, **options)
+    eager, _ = run_search(source, prompts, lazy=False, **options)
+    assert (lazy.chosen_trial, lazy.fallback) == (eager.chosen_trial, eager.fallback)
+    assert lazy.baseline == eager.baseline
+    for mine, full in zip(lazy.trials, eager.trials, strict=True):
+        if mine.generated is not None:
+            assert mine.generated.unsafe_refused == full.generated.unsafe_refused
+            assert mine.generated.safe_refused in (None, full.generated.safe_refused)
+    assert lazy.chosen().generated == eager.chosen().generated
+    assert all(t.generated is not None and t.generated.safe_refused is not None for t in eager.trials if t.on_front)

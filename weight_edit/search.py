@@ -23,6 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,7 +168,7 @@ class GeneratedCounts:
 
     unsafe_refused: int
     unsafe_total: int
-    safe_refused: int
+    safe_refused: int | None  # None: not generated (the unsafe count already ruled the trial out)
     safe_total: int
 
     @property
@@ -317,16 +318,19 @@ def choose(trials: list[TrialRecord], front: list[int], baseline_safe_refused: i
         )
     for t in candidates:
         assert t.generated is not None
-        t.qualifies = t.generated.unsafe_rate <= max_refusal and t.generated.safe_refused <= baseline_safe_refused
+        safe = t.generated.safe_refused
+        t.qualifies = t.generated.unsafe_rate <= max_refusal and safe is not None and safe <= baseline_safe_refused
     qualified = [t for t in candidates if t.qualifies]
     if qualified:
         best = min(qualified, key=lambda t: (t.kl, t.refusal_prob, t.number))
         return best.number, False
-    best = min(
-        candidates,
-        key=lambda t: (t.generated.unsafe_rate, t.generated.safe_refused, t.kl, t.number),  # type: ignore[union-attr]
-    )
-    return best.number, True
+
+    def fallback_key(t: TrialRecord) -> tuple:
+        assert t.generated is not None
+        safe = t.generated.safe_refused
+        return (t.generated.unsafe_rate, math.inf if safe is None else safe, t.kl, t.number)
+
+    return min(candidates, key=fallback_key).number, True
 
 
 def _spread(members: list[int], limit: int, keep: set[int]) -> list[int]:
@@ -405,6 +409,7 @@ def search_strengths(
     subspace: torch.Tensor | None = None,
     layer_directions: torch.Tensor | None = None,
     read_tensor: Callable[[str], torch.Tensor] | None = None,
+    lazy: bool = True,
 ) -> SearchResult:
     """Search per-layer strengths on validation prompts of the fit areas (pass no held-out prompt here).
 
@@ -413,6 +418,8 @@ def search_strengths(
     layer) places the seed kernels; `max_generated` caps
     how many front members are generated (spread along the front; 0: all). `subspace`,
     `layer_directions` and `read_tensor` are passed to `EditPlan.build` / the hook twin unchanged.
+    `lazy=False` generates every front member on both prompt sets (the reference the lazy order is
+    tested against).
     """
     import optuna
 
@@ -503,23 +510,53 @@ def search_strengths(
     )
     for i in front:
         records[i].on_front = True
-    reference = {0}  # the full-strength foundation edit, generated whether or not it is on the front
-    generate = _spread(front, max_generated, {i for i in front if i in reference})
-    generate = generate + [i for i in reference if i not in generate]
-    advance = progress("search: generating (front)", (len(generate) + 1) * (len(val_unsafe) + len(val_safe)))
+    reference = 0  # the full-strength foundation edit, generated in full whether or not it is on the front
+    generate = _spread(front, max_generated, {reference} & set(front))
+    advance = progress("search: generating (front)", (len(generate) + 2) * (len(val_unsafe) + len(val_safe)))
 
-    def counts() -> GeneratedCounts:
-        return GeneratedCounts(
-            _generated_refusals(model, tokenizer, unsafe_batches, markers, max_new_tokens, advance),
-            len(val_unsafe),
-            _generated_refusals(model, tokenizer, safe_batches, markers, max_new_tokens, advance),
-            len(val_safe),
-        )
+    def unsafe_count(plan: EditPlan | None) -> int:
+        with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=read_tensor) if plan else nullcontext():
+            return _generated_refusals(model, tokenizer, unsafe_batches, markers, max_new_tokens, advance)
 
-    baseline_counts = counts()
-    for i in generate:
-        with weight_equivalent_ablation(model, targets, plans[i], mode, read_tensor=read_tensor):
-            records[i].generated = counts()
+    def safe_count(plan: EditPlan | None) -> int:
+        with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=read_tensor) if plan else nullcontext():
+            return _generated_refusals(model, tokenizer, safe_batches, markers, max_new_tokens, advance)
+
+    def counts(unsafe: int, safe: int | None) -> GeneratedCounts:
+        return GeneratedCounts(unsafe, len(val_unsafe), safe, len(val_safe))
+
+    baseline_counts = counts(unsafe_count(None), safe_count(None))
+    records[reference].generated = counts(unsafe_count(plans[reference]), safe_count(plans[reference]))
+    # The rule takes the lowest KL among qualifying members: visit the likeliest to qualify first (lowest
+    # refusal probability), skip members whose KL cannot beat a qualifying one, and generate the safe
+    # prompts only for members whose unsafe count is within the limit. The choice is the one generating
+    # every member would give (tested); only the work differs.
+    best_kl = math.inf
+    for i in sorted(generate, key=lambda i: (records[i].refusal_prob, records[i].kl, i)):
+        record = records[i]
+        if record.generated is None:
+            if lazy and record.kl > best_kl:
+                advance(len(val_unsafe) + len(val_safe))
+                continue
+            unsafe = unsafe_count(plans[i])
+            if lazy and unsafe / len(val_unsafe) > max_refusal:
+                record.generated = counts(unsafe, None)
+                advance(len(val_safe))
+            else:
+                record.generated = counts(unsafe, safe_count(plans[i]))
+        g = record.generated
+        if (
+            g.unsafe_rate <= max_refusal
+            and g.safe_refused is not None
+            and g.safe_refused <= baseline_counts.safe_refused
+        ):
+            best_kl = min(best_kl, record.kl)
+    if best_kl == math.inf:  # fallback rule: ties at the lowest unsafe rate are broken by safe refusals
+        generated = [records[i] for i in generate if records[i].generated is not None]
+        lowest = min(r.generated.unsafe_rate for r in generated)  # type: ignore[union-attr]
+        for record in generated:
+            if record.generated.unsafe_rate == lowest and record.generated.safe_refused is None:  # type: ignore[union-attr]
+                record.generated.safe_refused = safe_count(plans[record.number])  # type: ignore[union-attr]
     chosen, fallback = choose(records, front, baseline_counts.safe_refused, max_refusal)
     records[chosen].chosen = True
     return SearchResult(
@@ -548,7 +585,9 @@ def search_strengths(
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
             "max_generated": max_generated,
-            "generated_candidates": len(generate),
+            "generated_candidates": sum(records[i].generated is not None for i in generate),
+            "front_members_considered": len(generate),
+            "lazy_generation": lazy,
             "refusal_markers": "settings.BROAD_REFUSAL_MARKERS"
             if tuple(markers) == settings.BROAD_REFUSAL_MARKERS
             else list(markers),
