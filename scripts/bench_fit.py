@@ -7,6 +7,12 @@ model-FLOPs utilisation (2 × parameters × tokens / time / peak), and the wall 
 
     python scripts/bench_fit.py --config llama3-8b --device cuda --batch-size 64      # GPU machine
     python scripts/bench_fit.py --config qwen2.5-1.5b --device cpu --dtype bfloat16   # here
+    python scripts/bench_fit.py --model ~/.cache/weight-edit/models/qwen2.5-coder-1.5b-instruct \
+        --device cpu --dtype float32 --batch-size 16 --reference-direction runs/reference/fit/direction.safetensors
+
+`--model` times the real checkpoint with its own tokenizer instead (then the cosine with a reference
+direction, e.g. an earlier `fit`'s, shows whether the choice changed). Model FLOPs count every prompt
+token, including the chat template's shared prefix that the forward passes compute once per batch.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from weight_edit.architecture import architecture_for
-    from weight_edit.dataset import load_dataset, split_dataset
+    from weight_edit.dataset import interleave_areas, load_dataset, split_dataset
     from weight_edit.fit import FitSettings, fit_direction
     from weight_edit.synthetic import train_chat_tokenizer
 
@@ -44,26 +50,36 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--screen-keep", type=int, default=settings.SCREEN_KEEP)
+    parser.add_argument("--model", type=Path, help="a real checkpoint folder (its tokenizer too) instead of --config")
+    parser.add_argument("--reference-direction", type=Path, help="direction.safetensors to compare the result with")
     args = parser.parse_args()
 
-    spec = dict(CONFIGS[args.config])
-    if args.layers:
-        spec["num_hidden_layers"] = args.layers
-    model_type = spec.pop("model_type")
-    config = AutoConfig.for_model(model_type, **spec)
     started = time.time()
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    if args.model:
+        from weight_edit.models import load_model
+
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        config = model.config
+        model_type = config.model_type
+        args.config = str(args.model)
+    else:
+        spec = dict(CONFIGS[args.config])
+        if args.layers:
+            spec["num_hidden_layers"] = args.layers
+        model_type = spec.pop("model_type")
+        config = AutoConfig.for_model(model_type, **spec)
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+        tokenizer = train_chat_tokenizer(vocab_size=4000)
     model.eval()
     build_s = time.time() - started
     parameters = sum(p.numel() for p in model.parameters())
 
     data = load_dataset(settings.DEFAULT_DATASET)
     split = split_dataset(data, settings.SEED, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION)
-    tokenizer = train_chat_tokenizer(vocab_size=4000)
     texts = {
-        (part, label): [p.text for p in split.select(part, label)]
+        (part, label): [p.text for p in interleave_areas(split.select(part, label), None, settings.SEED)]  # as `fit`
         for part in ("train", "validation")
         for label in ("unsafe", "safe")
     }
@@ -106,8 +122,15 @@ def main() -> None:
         texts[("train", "safe")],
         texts[("validation", "unsafe")],
         texts[("validation", "safe")],
-        FitSettings(
-            batch_size=args.batch_size, screen_keep=args.screen_keep, refusal_prefixes=settings.REFUSAL_PREFIXES
+        FitSettings(  # the settings `weight-edit fit` uses by default
+            batch_size=args.batch_size,
+            screen_prompts=settings.SCREEN_PROMPTS,
+            screen_keep=args.screen_keep,
+            max_validation_prompts=settings.MAX_VALIDATION_PROMPTS,
+            max_layer_fraction=settings.MAX_LAYER_FRACTION,
+            max_kl=settings.MAX_SELECTION_KL,
+            min_induce=settings.MIN_INDUCE_SCORE,
+            refusal_prefixes=settings.REFUSAL_PREFIXES,
         ),
         progress,
     )
@@ -136,9 +159,16 @@ def main() -> None:
         "activation_tokens": tokens,
         "activation_tflops": round(achieved, 1),
         "activation_mfu": round(achieved / peak, 3) if peak else None,
-        "chosen": {"layer": result.layer, "position": result.position},
+        "chosen": {"layer": result.layer, "position": result.position, "selection": result.selection_note},
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1) if args.device == "cuda" else None,
     }
+    if args.reference_direction:
+        from weight_edit.direction_file import load_direction
+
+        reference, _ = load_direction(args.reference_direction)
+        report["cosine_with_reference"] = round(
+            float(torch.nn.functional.cosine_similarity(result.direction.double(), reference.double(), dim=0)), 6
+        )
     print(json.dumps(report, indent=2))
     print(
         f"{args.config} ({parameters / 1e9:.2f} B params) on {device_name}: fit {fit_s:.0f} s; activations "
