@@ -886,11 +886,24 @@ def diagnose(model_spec, dataset, seed, direction_path, out_dir, device, dtype, 
     show_default=True,
     help="Folder for README.md and figures/*.png.",
 )
-def report(fit_dir, eval_dir, diagnose_dir, out) -> None:
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    metavar="NAME=DIR",
+    help="An edit variant's `evaluate` folder (evaluation_summary.json) for the variants table; repeatable.",
+)
+def report(fit_dir, eval_dir, diagnose_dir, out, variants) -> None:
     """Write a Markdown report with tables and figures from the outputs of fit, evaluate and diagnose."""
     from weight_edit.report import write_report
 
-    readme = write_report(out, fit_dir, eval_dir, diagnose_dir)
+    named = {}
+    for item in variants:
+        name, separator, folder = item.partition("=")
+        if not separator or not name or not folder:
+            fail(f"--variant takes NAME=DIR, got {item!r}")
+        named[name] = Path(folder)
+    readme = write_report(out, fit_dir, eval_dir, diagnose_dir, variants=named)
     for line in readme.read_text().splitlines():
         if line.startswith("Not run"):
             console.print(f"[yellow]{escape(line)}[/]", highlight=False)

@@ -124,6 +124,11 @@ def main() -> None:
                 str(work / "diagnose"),
                 "--out",
                 str(report_dir),
+                *[
+                    f"--variant={name}={artifacts / name}"
+                    for name in variants(work)
+                    if (artifacts / name / "evaluation_summary.json").is_file()
+                ],
             ]
         )
         front = artifacts / "search" / "pareto_front.png"

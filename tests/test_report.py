@@ -118,7 +118,9 @@ def test_report_from_every_input_names_each_section_and_links_existing_figures(t
     shutil.copytree(REFERENCE / "default", eval_dir)
     # A per-prompt file with first words of completions sits beside the aggregates: it must never be read.
     (eval_dir / "evaluation_prompts.csv").write_text("category,source_first_words\nx,MARKER_COMPLETION_WORDS\n")
-    readme = write_report(tmp_path / "report", REFERENCE, eval_dir, diagnostics_dir)
+    readme = write_report(
+        tmp_path / "report", REFERENCE, eval_dir, diagnostics_dir, variants={"default": eval_dir, "absent": tmp_path}
+    )
     text = readme.read_text()
     bodies = section_bodies(text)
     assert list(bodies) == list(SECTIONS)
@@ -139,6 +141,9 @@ def test_report_from_every_input_names_each_section_and_links_existing_figures(t
     assert f"| 1 | {float(pca[0]['singular_value']):.3f} |" in bodies[SECTIONS[3]]
     assert "| 6 | 1 |" in bodies[SECTIONS[4]]  # all six fit areas, one subset
     assert "[3, d]" in bodies[SECTIONS[5]]
+    variant_rows = [line for line in bodies[SECTIONS[6]].splitlines() if line.startswith("| `default`")]
+    assert len(variant_rows) == 1 and "95/104 → 5/104" in variant_rows[0] and "1.6e-27" in variant_rows[0]
+    assert "| absent | not run |" in bodies[SECTIONS[6]]
 
 
 def test_report_with_missing_inputs_says_not_run(tmp_path):

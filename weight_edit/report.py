@@ -25,6 +25,7 @@ SECTIONS = (
     "Principal components of the area directions",
     "Direction budget: how many areas transfer",
     "Refusal subspace",
+    "Edit variants compared",
 )
 
 
@@ -371,6 +372,55 @@ def _subspace_section(data: dict[str, Any] | None, where: Path | None) -> list[s
     return lines
 
 
+def _variants_section(variants: dict[str, Path]) -> list[str]:
+    """One row per edit variant (rank-k, tuned strengths, …): the same held-out prompts, each against the source."""
+    lines = [f"## 7. {SECTIONS[6]}", ""]
+    if not variants:
+        return lines + ["Not run: no variant evaluations given (`weight-edit report --variant NAME=DIR`).", ""]
+    lines += [
+        "Each variant's `evaluate` on the same held-out prompts, paired with the source: refusal by the paper's "
+        "substrings with Wilson 95 % intervals, the paired difference with Newcombe's interval and the exact "
+        "McNemar p; safe-prompt refusals (flips source only / edited only); mean first-token KL on safe prompts.",
+        "",
+    ]
+    rows = []
+    for name, folder in variants.items():
+        summary = _read_json(folder / "evaluation_summary.json")
+        if summary is None:
+            rows.append((name, "not run", "", "", "", "", ""))
+            continue
+        unsafe, safe = summary["overall"]["unsafe"], summary["overall"]["safe"]
+        n_u, n_s = _f(unsafe["n"]), _f(safe["n"])
+        rows.append(
+            (
+                f"`{name}`",
+                f"{unsafe['source_refused_text']}/{int(n_u)} → {unsafe['edited_refused_text']}/{int(n_u)} "
+                f"[{_pct(_f(unsafe.get('text_edited_ci_low')))}, {_pct(_f(unsafe.get('text_edited_ci_high')))}]",
+                f"{100 * _f(unsafe.get('text_difference')):+.1f} pp [{100 * _f(unsafe.get('text_difference_ci_low')):+.1f}, "
+                f"{100 * _f(unsafe.get('text_difference_ci_high')):+.1f}], p = {_p(unsafe.get('text_mcnemar_p'))}",
+                f"{unsafe.get('edited_refused_broad', '–')}/{int(n_u)}",
+                f"{safe['source_refused_text']}/{int(n_s)} → {safe['edited_refused_text']}/{int(n_s)} "
+                f"({safe.get('text_source_only', '–')} / {safe.get('text_edited_only', '–')}), "
+                f"p = {_p(safe.get('text_mcnemar_p'))}",
+                _num(safe.get("mean_first_token_kl"), 3),
+                summary.get("dtype", "?"),
+            )
+        )
+    lines += _table(
+        [
+            "variant",
+            "unsafe refused: source → edited [95 % CI]",
+            "edited − source [95 % CI], McNemar p",
+            "unsafe, broad markers",
+            "safe refused: source → edited (flips), McNemar p",
+            "safe KL",
+            "compute dtype",
+        ],
+        rows,
+    )
+    return lines
+
+
 def write_report(
     folder: Path | str,
     fit_dir: Path | str | None = None,
@@ -378,6 +428,7 @@ def write_report(
     diagnose_dir: Path | str | None = None,
     draw_figures: bool = True,
     title: str = "Evaluation and generalization report",
+    variants: dict[str, Path | str] | None = None,
 ) -> Path:
     """Write FOLDER/README.md (and FOLDER/figures/*.png) from whichever inputs exist; returns the README path."""
     folder = Path(folder)
@@ -401,6 +452,7 @@ def write_report(
     lines += _pca_section(data, diagnose_dir)
     lines += _budget_section(data, diagnose_dir, figures)
     lines += _subspace_section(data, diagnose_dir)
+    lines += _variants_section({name: Path(path) for name, path in (variants or {}).items()})
     readme = folder / "README.md"
     readme.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return readme
