@@ -411,7 +411,7 @@ def fit(
     type=click.IntRange(0),
     default=0,
     show_default=True,
-    help="Shards written in parallel (0: automatic, up to 4; memory grows with it).",
+    help="Shards written in parallel (0: automatic, up to 3; memory grows with it).",
 )
 def apply(
     model_spec,
