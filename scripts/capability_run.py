@@ -106,42 +106,46 @@ def main() -> None:
         source_folder, suite, args.dtype, args.device, args.batch_size, printing_progress, "source"
     )
     timings["source"] = source.seconds
-    comparisons = {}
+    comparisons: dict[str, dict] = {}
+    out = args.out_dir
+
+    def write_outputs() -> None:
+        """Everything compared so far: rewritten after each edited checkpoint, so a stopped run keeps its results."""
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [{"edited": label, **row} for label, comparison in comparisons.items() for row in comparison["rows"]]
+        if rows:
+            with (out / "capability_by_subject.csv").open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        summary = {
+            "command": command,
+            "source": str(source_folder),
+            "edited": {label: str(folder) for label, folder in zip(comparisons, args.edited, strict=False)},
+            "dtype": resolve_dtype(args.dtype, args.device),
+            "device": args.device,
+            "settings": suite.settings,
+            "sizes": suite.sizes(),
+            "comparisons": {
+                label: {
+                    "overall": [r for r in comparison["rows"] if r["subject"] == "ALL"],
+                    "perplexity": comparison["perplexity"],
+                }
+                for label, comparison in comparisons.items()
+            },
+            "seconds": timings,
+            "wall_seconds": round(time.time() - started, 1),
+        }
+        (out / "capability_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "README.md").write_text(markdown_report(comparisons, suite, [command]))
+
     for folder in args.edited:
         label = label_for(folder, set(comparisons))
         print(f"edited {folder}", flush=True)
         edited = score_checkpoint(folder, suite, args.dtype, args.device, args.batch_size, printing_progress, label)
         timings[label] = edited.seconds
         comparisons[label] = compare(source, edited)
-
-    out = args.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [{"edited": label, **row} for label, comparison in comparisons.items() for row in comparison["rows"]]
-    if rows:
-        with (out / "capability_by_subject.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    summary = {
-        "command": command,
-        "source": str(source_folder),
-        "edited": {label: str(folder) for label, folder in zip(comparisons, args.edited, strict=True)},
-        "dtype": resolve_dtype(args.dtype, args.device),
-        "device": args.device,
-        "settings": suite.settings,
-        "sizes": suite.sizes(),
-        "comparisons": {
-            label: {
-                "overall": [r for r in comparison["rows"] if r["subject"] == "ALL"],
-                "perplexity": comparison["perplexity"],
-            }
-            for label, comparison in comparisons.items()
-        },
-        "seconds": timings,
-        "wall_seconds": round(time.time() - started, 1),
-    }
-    (out / "capability_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "README.md").write_text(markdown_report(comparisons, suite, [command]))
+        write_outputs()
     print(f"wrote {out}/README.md, capability_summary.json, capability_by_subject.csv in {time.time() - started:.0f} s")
 
 
