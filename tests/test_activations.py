@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_tiny_model
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import build_tiny_model
 from weight_edit.activations import forward, split_shared_prefix
 from weight_edit.architecture import architecture_for
 from weight_edit.fit import _screen
