@@ -1225,7 +1225,7 @@ def tune(
             f"{trial.refusal_prob:.3f}",
             f"{trial.kl:.4f}",
             f"{counts.unsafe_refused}/{counts.unsafe_total}" if counts else "–",
-            f"{counts.safe_refused}/{counts.safe_total}" if counts else "–",
+            f"{counts.safe_refused}/{counts.safe_total}" if counts and counts.safe_refused is not None else "–",
         )
     console.print(table)
     if result.fallback:
