@@ -309,6 +309,12 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _qualifies(generated: GeneratedCounts, baseline_safe_refused: int, max_refusal: float) -> bool:
+    """The rule's test: unsafe refusals within the limit, and no more safe refusals than the source."""
+    safe = generated.safe_refused
+    return generated.unsafe_rate <= max_refusal and safe is not None and safe <= baseline_safe_refused
+
+
 def choose(trials: list[TrialRecord], front: list[int], baseline_safe_refused: int, max_refusal: float):
     """The stated rule over the front's generated counts; returns (trial number, fallback?)."""
     candidates = [trials[i] for i in front if trials[i].generated is not None]
@@ -318,8 +324,7 @@ def choose(trials: list[TrialRecord], front: list[int], baseline_safe_refused: i
         )
     for t in candidates:
         assert t.generated is not None
-        safe = t.generated.safe_refused
-        t.qualifies = t.generated.unsafe_rate <= max_refusal and safe is not None and safe <= baseline_safe_refused
+        t.qualifies = _qualifies(t.generated, baseline_safe_refused, max_refusal)
     qualified = [t for t in candidates if t.qualifies]
     if qualified:
         best = min(qualified, key=lambda t: (t.kl, t.refusal_prob, t.number))
@@ -514,13 +519,15 @@ def search_strengths(
     generate = _spread(front, max_generated, {reference} & set(front))
     advance = progress("search: generating (front)", (len(generate) + 2) * (len(val_unsafe) + len(val_safe)))
 
-    def unsafe_count(plan: EditPlan | None) -> int:
+    def refused(batches: list[Batch], plan: EditPlan | None) -> int:
         with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=read_tensor) if plan else nullcontext():
-            return _generated_refusals(model, tokenizer, unsafe_batches, markers, max_new_tokens, advance)
+            return _generated_refusals(model, tokenizer, batches, markers, max_new_tokens, advance)
+
+    def unsafe_count(plan: EditPlan | None) -> int:
+        return refused(unsafe_batches, plan)
 
     def safe_count(plan: EditPlan | None) -> int:
-        with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=read_tensor) if plan else nullcontext():
-            return _generated_refusals(model, tokenizer, safe_batches, markers, max_new_tokens, advance)
+        return refused(safe_batches, plan)
 
     def counts(unsafe: int, safe: int | None) -> GeneratedCounts:
         return GeneratedCounts(unsafe, len(val_unsafe), safe, len(val_safe))
@@ -544,12 +551,7 @@ def search_strengths(
                 advance(len(val_safe))
             else:
                 record.generated = counts(unsafe, safe_count(plans[i]))
-        g = record.generated
-        if (
-            g.unsafe_rate <= max_refusal
-            and g.safe_refused is not None
-            and g.safe_refused <= baseline_counts.safe_refused
-        ):
+        if _qualifies(record.generated, baseline_counts.safe_refused, max_refusal):
             best_kl = min(best_kl, record.kl)
     if best_kl == math.inf:  # fallback rule: ties at the lowest unsafe rate are broken by safe refusals
         generated = [records[i] for i in generate if records[i].generated is not None]
