@@ -279,15 +279,8 @@ def fit(
     dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
     model, tokenizer = load_model(folder, dtype=dtype, device=device, max_memory=max_memory)
     batch_size = batch_size or auto_batch_size(model)
-    fit_settings = FitSettings(
-        batch_size=batch_size,
-        screen_prompts=screen_prompts,
-        screen_keep=screen_keep,
-        max_validation_prompts=validation_prompts,
-        max_layer_fraction=settings.MAX_LAYER_FRACTION,
-        max_kl=settings.MAX_SELECTION_KL,
-        min_induce=settings.MIN_INDUCE_SCORE,
-        refusal_prefixes=settings.REFUSAL_PREFIXES,
+    fit_settings = FitSettings.from_project_settings(
+        batch_size, screen_prompts=screen_prompts, screen_keep=screen_keep, max_validation_prompts=validation_prompts
     )
 
     def texts(part: str, label: str, limit: int | None = None) -> list[str]:

@@ -122,16 +122,7 @@ def main() -> None:
         texts[("train", "safe")],
         texts[("validation", "unsafe")],
         texts[("validation", "safe")],
-        FitSettings(  # the settings `weight-edit fit` uses by default
-            batch_size=args.batch_size,
-            screen_prompts=settings.SCREEN_PROMPTS,
-            screen_keep=args.screen_keep,
-            max_validation_prompts=settings.MAX_VALIDATION_PROMPTS,
-            max_layer_fraction=settings.MAX_LAYER_FRACTION,
-            max_kl=settings.MAX_SELECTION_KL,
-            min_induce=settings.MIN_INDUCE_SCORE,
-            refusal_prefixes=settings.REFUSAL_PREFIXES,
-        ),
+        FitSettings.from_project_settings(args.batch_size, screen_keep=args.screen_keep),  # as `fit`
         progress,
     )
     fit_s = time.time() - fit_started

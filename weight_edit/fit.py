@@ -45,6 +45,25 @@ class FitSettings:
     min_induce: float = 0.0
     refusal_prefixes: tuple[str, ...] = ("I", "As", "Sorry")
 
+    @classmethod
+    def from_project_settings(cls, batch_size: int, **overrides) -> FitSettings:
+        """The thresholds `weight-edit fit` uses by default (settings.py), with `overrides` on top."""
+        import settings
+
+        return cls(
+            **{
+                "batch_size": batch_size,
+                "screen_prompts": settings.SCREEN_PROMPTS,
+                "screen_keep": settings.SCREEN_KEEP,
+                "max_validation_prompts": settings.MAX_VALIDATION_PROMPTS,
+                "max_layer_fraction": settings.MAX_LAYER_FRACTION,
+                "max_kl": settings.MAX_SELECTION_KL,
+                "min_induce": settings.MIN_INDUCE_SCORE,
+                "refusal_prefixes": settings.REFUSAL_PREFIXES,
+                **overrides,
+            }
+        )
+
 
 @dataclass
 class CandidateScore:
