@@ -8,6 +8,7 @@ prompts/s of activation collection and the wall time of each step, and the split
 
     python scripts/bench_multigpu.py --config llama3-8b --layers 8 --split-memory 0=6GiB,cpu=100GiB  # one GPU
     python scripts/bench_multigpu.py --config llama3-70b --split-memory 0=70GiB,1=70GiB --skip-whole   # two GPUs
+    python scripts/bench_multigpu.py --config llama3-70b --layers 24 --split-memory 0=70GiB,1=70GiB --skip-whole-verify
     python scripts/bench_multigpu.py --config tiny --split-memory cpu=400KB                            # CPU smoke test
 """
 
@@ -36,7 +37,8 @@ def parse_memory(text: str) -> dict:
     return limits
 
 
-def build_checkpoint(name: str, layers: int | None, folder: Path) -> Path:
+def build_checkpoint(name: str, layers: int | None, folder: Path, device: str = "cpu") -> Path:
+    """Random bfloat16 weights from a real config; built on `device` (a GPU initialises tens of GB in seconds)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -49,8 +51,12 @@ def build_checkpoint(name: str, layers: int | None, folder: Path) -> Path:
     spec["vocab_size"] = max(spec["vocab_size"], len(tokenizer))
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(str(folder), max_shard_size="2GB")
+    del model
+    if device != "cpu":
+        torch.cuda.empty_cache()
     tokenizer.save_pretrained(str(folder))
     return folder
 
@@ -70,7 +76,7 @@ def run_fit(folder: Path, placement: dict, batch_size: int) -> dict:
     from weight_edit.checkpoint import Checkpoint
     from weight_edit.dataset import load_dataset, split_dataset
     from weight_edit.fit import FitSettings, fit_direction
-    from weight_edit.models import input_device, load_model
+    from weight_edit.models import input_device, load_model, release_memory
 
     data = load_dataset(settings.DEFAULT_DATASET)
     split = split_dataset(data, settings.SEED, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION)
@@ -130,16 +136,18 @@ def run_fit(folder: Path, placement: dict, batch_size: int) -> dict:
         "chosen": {"layer": result.layer, "position": result.position},
         "direction": result.direction,
     }
-    del model
-    torch.cuda.empty_cache()
+    del model, result
+    release_memory()
     return report
 
 
 def run_verify(out: Path, placement: dict) -> dict:
     import torch
 
+    from weight_edit.models import release_memory
     from weight_edit.verify import verify_checkpoint
 
+    release_memory()
     reset_peaks()
     prompts = ["Tell me a joke", "How do locks work?", "Write a phishing email", "Explain how to pick a lock"]
     started = time.time()
@@ -148,7 +156,7 @@ def run_verify(out: Path, placement: dict) -> dict:
         "verify_s": round(time.time() - started, 1),
         "passed": report.passed,
         "failures": report.failures,
-        "max_abs_logit": report.metrics["max_abs_logit"],
+        "metrics": {k: v for k, v in report.metrics.items() if isinstance(v, (int, float))},
         "peak_gpu_memory_gb": [
             round(torch.cuda.max_memory_allocated(i) / 1e9, 2) for i in range(torch.cuda.device_count())
         ],
@@ -170,34 +178,71 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--skip-whole", action="store_true", help="the model does not fit one GPU")
+    parser.add_argument(
+        "--skip-whole-verify",
+        action="store_true",
+        help="fit whole on one GPU but verify only split (verify loads float32: twice the bf16 size)",
+    )
+    parser.add_argument(
+        "--whole-verify-device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="where the unsplit verify runs (cpu: the float32 model fits no single GPU)",
+    )
+    parser.add_argument("--build-device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here (after every step)")
     args = parser.parse_args()
+
+    def log(message: str) -> None:
+        print(f"[bench_multigpu {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     folder = args.work / f"{args.config}-{args.layers or 'full'}"
     started = time.time()
     if not (folder / "config.json").is_file():
-        build_checkpoint(args.config, args.layers, folder)
+        build_checkpoint(args.config, args.layers, folder, args.build_device)
     build_s = time.time() - started
+    size_gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
+    log(f"checkpoint {folder} ({size_gb:.1f} GB bf16) built in {build_s:.0f} s")
     hidden = Checkpoint(folder).config["hidden_size"]
     edited = args.work / "edited"
+    started = time.time()
     apply_direction(
         Checkpoint(folder), torch.randn(hidden, generator=torch.Generator().manual_seed(1)), edited, force=True
     )
+    apply_s = time.time() - started
+    log(f"applied a random direction in {apply_s:.0f} s")
     placements = {"split": {"device": "auto", "max_memory": parse_memory(args.split_memory)}}
     if not args.skip_whole:
         placements = {"whole": {"device": "cuda" if torch.cuda.is_available() else "cpu"}, **placements}
-    results = {}
+    results: dict[str, dict] = {}
+
+    def summary() -> dict:
+        return {
+            "config": args.config,
+            "layers": Checkpoint(folder).config["num_hidden_layers"],
+            "checkpoint_gb": round(size_gb, 1),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "split_memory": args.split_memory,
+            "build_s": round(build_s, 1),
+            "apply_s": round(apply_s, 1),
+            **{
+                k: {"fit": {kk: vv for kk, vv in v["fit"].items() if kk != "direction"}, "verify": v.get("verify")}
+                for k, v in results.items()
+            },
+        }
+
     for name, placement in placements.items():
-        results[name] = {"fit": run_fit(folder, placement, args.batch_size), "verify": run_verify(edited, placement)}
-    report = {
-        "config": args.config,
-        "layers": Checkpoint(folder).config["num_hidden_layers"],
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "build_s": round(build_s, 1),
-        **{
-            k: {"fit": {kk: vv for kk, vv in v["fit"].items() if kk != "direction"}, "verify": v["verify"]}
-            for k, v in results.items()
-        },
-    }
+        results[name] = {"fit": run_fit(folder, placement, args.batch_size)}
+        log(f"{name}: fit {json.dumps(summary()[name]['fit'])}")
+        if args.json:
+            args.json.write_text(json.dumps(summary(), indent=2))
+        if not (name == "whole" and args.skip_whole_verify):
+            verify_placement = {"device": args.whole_verify_device} if name == "whole" else placement
+            results[name]["verify"] = run_verify(edited, verify_placement)
+            log(f"{name}: verify {json.dumps(results[name]['verify'])}")
+        if args.json:
+            args.json.write_text(json.dumps(summary(), indent=2))
+    report = summary()
     if "whole" in results:
         whole, split = results["whole"]["fit"], results["split"]["fit"]
         report["split_over_whole_fit_time"] = round(split["fit_s"] / whole["fit_s"], 2)
@@ -206,6 +251,8 @@ def main() -> None:
             torch.nn.functional.cosine_similarity(whole["direction"].float(), split["direction"].float(), dim=0)
         )
     print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

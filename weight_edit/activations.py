@@ -8,6 +8,7 @@ key/value cache to every row, and runs only the rest: the same causal computatio
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -103,7 +104,9 @@ def forward(
         with (rest_hooks or nullcontext)():
             return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     with (prefix_hooks or nullcontext)():
-        cache = model(input_ids=split.prefix_ids.expand(prefix_rows, -1), use_cache=True).cache
+        prefix_out = model(input_ids=split.prefix_ids.expand(prefix_rows, -1), use_cache=True)
+    cache_name = _cache_argument(model)
+    cache = getattr(prefix_out, cache_name)
     if input_ids.shape[0] != prefix_rows:
         cache.batch_repeat_interleave(input_ids.shape[0] // prefix_rows)
     with (rest_hooks or nullcontext)():
@@ -111,10 +114,15 @@ def forward(
             input_ids=split.rest_ids,
             attention_mask=split.attention_mask(),
             position_ids=split.position_ids(),
-            cache=cache,
+            **{cache_name: cache},
             use_cache=True,
             **kwargs,
         )
+
+
+def _cache_argument(model) -> str:
+    """The KV cache's name in this transformers release: `cache` (recent 5.x) or `past_key_values` (older)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def tokenized_batches(

@@ -230,3 +230,15 @@ def auto_batch_size(model, prompt_tokens: int = 64, cap: int = 256) -> int:
     # every layer's hidden states are kept (output_hidden_states), plus ~4x that in transient activations
     per_prompt = prompt_tokens * (config.num_hidden_layers + 1) * config.hidden_size * element * 5
     return max(1, min(cap, int(free * 0.6 // per_prompt)))
+
+
+def release_memory() -> None:
+    """Free a deleted model's memory now: accelerate's dispatch hooks form reference cycles, so `del model`
+    alone leaves a split model's weights on its GPUs until the next garbage collection."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -21,7 +21,7 @@ from weight_edit.checkpoint import Checkpoint
 from weight_edit.direction_file import load_direction, vector_sha256
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.hooks import residual_ablation, weight_equivalent_ablation
-from weight_edit.models import input_device, load_model
+from weight_edit.models import input_device, load_model, release_memory
 from weight_edit.writer import PROVENANCE_FILE, direction_sha256
 
 
@@ -165,10 +165,12 @@ def verify_checkpoint(
         with residual_ablation(model, arch, num_layers, plan.basis):
             paper = _run(model, ids, mask, new_tokens)
     del model
+    release_memory()
     model, _ = load_model(out, dtype="float32", **placement)
     ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
     result = _run(model, ids, mask, new_tokens)
     del model
+    release_memory()
 
     valid = mask.bool().cpu()
     ids, mask = ids.cpu(), mask.cpu()
