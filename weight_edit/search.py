@@ -354,7 +354,7 @@ def _spread(members: list[int], limit: int, keep: set[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def _first_token_log_probs(model, prepared: list[Batch], advance=None) -> torch.Tensor:
+def first_token_log_probs(model, prepared: list[Batch], advance=None) -> torch.Tensor:
     """Float64 log-probabilities of the reply's first token [prompts, vocab], left on the model's output device.
 
     Scores are reduced there: copying every trial's full-vocabulary logits to the host and reducing
@@ -456,7 +456,7 @@ def search_strengths(
         mass = log_probs[:n_unsafe].index_select(-1, refusal_index.to(log_probs.device)).exp().sum(dim=-1)
         return float((mass > 0.5).double().mean()), float(mass.mean())  # log-odds > 0  ⇔  mass > ½
 
-    baseline_log_probs = _first_token_log_probs(
+    baseline_log_probs = first_token_log_probs(
         model, prepared, progress("search: unedited model", n_unsafe + len(val_safe))
     )
     baseline_score, baseline_prob = first_token_scores(baseline_log_probs)
@@ -492,7 +492,7 @@ def search_strengths(
                 strengths = kernel_strengths(kernel, num_layers, max_strength)
                 plan = plan_for(strengths)
                 with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=read_tensor):
-                    log_probs = _first_token_log_probs(model, prepared)
+                    log_probs = first_token_log_probs(model, prepared)
                 score, prob = first_token_scores(log_probs)
                 kl = float((reference_safe_probs * (reference_safe - log_probs[n_unsafe:])).sum(dim=-1).mean())
                 if math.isfinite(prob) and math.isfinite(kl):
