@@ -103,10 +103,11 @@ def forward(
     if split is None or input_ids.shape[0] % prefix_rows:
         with (rest_hooks or nullcontext)():
             return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-    with (prefix_hooks or nullcontext)():
-        prefix_out = model(input_ids=split.prefix_ids.expand(prefix_rows, -1), use_cache=True)
     cache_name = _cache_argument(model)
-    cache = getattr(prefix_out, cache_name)
+    with (prefix_hooks or nullcontext)():
+        # Only the cache is used: the prefix pass computes one position's logits and drops them at once.
+        prefix_ids = split.prefix_ids.expand(prefix_rows, -1)
+        cache = getattr(model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1), cache_name)
     if input_ids.shape[0] != prefix_rows:
         cache.batch_repeat_interleave(input_ids.shape[0] // prefix_rows)
     with (rest_hooks or nullcontext)():
