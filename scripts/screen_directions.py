@@ -47,7 +47,7 @@ def main() -> None:
     from weight_edit.edit_plan import EditPlan, Strengths
     from weight_edit.hooks import weight_equivalent_ablation
     from weight_edit.models import auto_batch_size, input_device, load_model, resolve_model
-    from weight_edit.search import first_token_log_probs
+    from weight_edit.search import TrialScorer, first_token_log_probs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit-dir", type=Path, default=Path("runs/reference/fit"))
@@ -87,18 +87,12 @@ def main() -> None:
     prepared = tokenized_batches(
         tokenizer, [*unsafe, *safe], batch_size, input_device(model), post_instruction_ids(tokenizer), by_length=True
     )
-    refusal_ids = torch.tensor(refusal_token_ids(tokenizer, settings.REFUSAL_PREFIXES))
-    n = len(unsafe)
     source = first_token_log_probs(model, prepared)
+    trial_scores = TrialScorer(source, len(unsafe), refusal_token_ids(tokenizer, settings.REFUSAL_PREFIXES))
 
     def scores(log_probs: torch.Tensor) -> dict[str, float]:
-        mass = log_probs[:n].index_select(-1, refusal_ids.to(log_probs.device)).exp().sum(-1)
-        kl = (source[n:].exp() * (source[n:] - log_probs[n:])).sum(-1).mean()
-        return {
-            "refusal_prob": round(float(mass.mean()), 5),
-            "refusal_score": round(float((mass > 0.5).double().mean()), 4),
-            "kl": round(float(kl), 5),
-        }
+        fraction, mass, kl = trial_scores(log_probs)
+        return {"refusal_prob": round(mass, 5), "refusal_score": round(fraction, 4), "kl": round(kl, 5)}
 
     def layer_direction(index: int) -> torch.Tensor | None:
         """The unit diff-in-means at (index, position); None where it vanishes (e.g. the embedding's layer 0)."""

@@ -353,6 +353,26 @@ def _spread(members: list[int], limit: int, keep: set[int]) -> list[int]:
     return sorted(set(kept) | set(picked), key=members.index)
 
 
+class TrialScorer:
+    """A trial's first-token scores against the unedited model's log-probabilities (unsafe rows first).
+
+    Returns (fraction of unsafe prompts with refusal log-odds > 0, their mean refusal probability
+    mass, mean KL(unedited ‖ edited) over the safe rows): what `tune` minimises, and what
+    `scripts/screen_directions.py` reports for other directions.
+    """
+
+    def __init__(self, source_log_probs: torch.Tensor, n_unsafe: int, refusal_ids: Sequence[int]) -> None:
+        self.n_unsafe = n_unsafe
+        self.refusal_index = torch.tensor(list(refusal_ids), device=source_log_probs.device)
+        self.reference_safe = source_log_probs[n_unsafe:]
+        self.reference_safe_probs = self.reference_safe.exp()  # once, not per trial
+
+    def __call__(self, log_probs: torch.Tensor) -> tuple[float, float, float]:
+        mass = log_probs[: self.n_unsafe].index_select(-1, self.refusal_index.to(log_probs.device)).exp().sum(dim=-1)
+        kl = (self.reference_safe_probs * (self.reference_safe - log_probs[self.n_unsafe :])).sum(dim=-1).mean()
+        return float((mass > 0.5).double().mean()), float(mass.mean()), float(kl)  # log-odds > 0  ⇔  mass > ½
+
+
 @torch.inference_mode()
 def first_token_log_probs(model, prepared: list[Batch], advance=None) -> torch.Tensor:
     """Float64 log-probabilities of the reply's first token [prompts, vocab], left on the model's output device.
@@ -449,19 +469,11 @@ def search_strengths(
     unsafe_batches = tokenized_batches(tokenizer, list(val_unsafe), batch_size, device, suffix)
     safe_batches = tokenized_batches(tokenizer, list(val_safe), batch_size, device, suffix)
 
-    refusal_index = torch.tensor(refusal_ids)
-
-    def first_token_scores(log_probs: torch.Tensor) -> tuple[float, float]:
-        """Fraction of unsafe prompts with refusal log-odds > 0, and their mean refusal probability mass."""
-        mass = log_probs[:n_unsafe].index_select(-1, refusal_index.to(log_probs.device)).exp().sum(dim=-1)
-        return float((mass > 0.5).double().mean()), float(mass.mean())  # log-odds > 0  ⇔  mass > ½
-
     baseline_log_probs = first_token_log_probs(
         model, prepared, progress("search: unedited model", n_unsafe + len(val_safe))
     )
-    baseline_score, baseline_prob = first_token_scores(baseline_log_probs)
-    reference_safe = baseline_log_probs[n_unsafe:]
-    reference_safe_probs = reference_safe.exp()
+    scores = TrialScorer(baseline_log_probs, n_unsafe, refusal_ids)
+    baseline_score, baseline_prob, _ = scores(baseline_log_probs)
     plans: dict[int, EditPlan] = {}
 
     def plan_for(strengths: Strengths) -> EditPlan:
@@ -493,8 +505,7 @@ def search_strengths(
                 plan = plan_for(strengths)
                 with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=read_tensor):
                     log_probs = first_token_log_probs(model, prepared)
-                score, prob = first_token_scores(log_probs)
-                kl = float((reference_safe_probs * (reference_safe - log_probs[n_unsafe:])).sum(dim=-1).mean())
+                score, prob, kl = scores(log_probs)
                 if math.isfinite(prob) and math.isfinite(kl):
                     study.tell(trial, [prob, kl])
                 else:  # overflow in a half dtype: recorded, kept off the front, ignored by the sampler
