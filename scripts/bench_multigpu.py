@@ -8,8 +8,8 @@ prompts/s of activation collection and the wall time of each step, and the split
 
     python scripts/bench_multigpu.py --config llama3-8b --layers 8 --split-memory 0=6GiB,cpu=100GiB  # one GPU
     python scripts/bench_multigpu.py --config llama3-70b --split-memory 0=70GiB,1=70GiB --skip-whole   # two GPUs
-    python scripts/bench_multigpu.py --config llama3-70b --layers 24 --split-memory 0=70GiB,1=70GiB --skip-whole-verify
-    python scripts/bench_multigpu.py --config tiny --split-memory cpu=400KB                            # CPU smoke test
+    python scripts/bench_multigpu.py --config llama3-70b --layers 24 --split-memory 0=30GiB,1=70GiB --whole-verify-device cpu
+    python scripts/bench_multigpu.py --config tiny --split-memory cpu=3MB --skip-whole                 # CPU smoke test
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def build_checkpoint(name: str, layers: int | None, folder: Path, device: str = 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from weight_edit.models import release_memory
     from weight_edit.synthetic import train_chat_tokenizer
 
     spec = dict(CONFIGS[name])
@@ -55,8 +56,7 @@ def build_checkpoint(name: str, layers: int | None, folder: Path, device: str = 
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(str(folder), max_shard_size="2GB")
     del model
-    if device != "cpu":
-        torch.cuda.empty_cache()
+    release_memory()
     tokenizer.save_pretrained(str(folder))
     return folder
 
@@ -203,7 +203,8 @@ def main() -> None:
     build_s = time.time() - started
     size_gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
     log(f"checkpoint {folder} ({size_gb:.1f} GB bf16) built in {build_s:.0f} s")
-    hidden = Checkpoint(folder).config["hidden_size"]
+    config = Checkpoint(folder).config
+    hidden = config["hidden_size"]
     edited = args.work / "edited"
     started = time.time()
     apply_direction(
@@ -219,7 +220,7 @@ def main() -> None:
     def summary() -> dict:
         return {
             "config": args.config,
-            "layers": Checkpoint(folder).config["num_hidden_layers"],
+            "layers": config["num_hidden_layers"],
             "checkpoint_gb": round(size_gb, 1),
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             "split_memory": args.split_memory,
