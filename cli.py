@@ -87,6 +87,7 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from weight_edit.direction_file import DirectionError
     from weight_edit.edit_plan import PlanError
     from weight_edit.models import ModelResolutionError
+    from weight_edit.prompt_files import PromptFileError
     from weight_edit.publish import PublishError
     from weight_edit.search import SearchError
     from weight_edit.verify import VerifyError
@@ -106,6 +107,7 @@ def expected_errors() -> tuple[type[Exception], ...]:
         ModelResolutionError,
         VerifyError,
         OutputError,
+        PromptFileError,
     )
 
 
@@ -165,6 +167,20 @@ def parse_max_memory(ctx: click.Context, param: click.Parameter, value: str | No
     return limits
 
 
+def parse_benchmarks(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list:
+    """Each --benchmark KIND:NAME=FILE → a BenchmarkSpec; names must be unique (they label the table's rows)."""
+    from weight_edit.prompt_files import PromptFileError, parse_benchmark_spec
+
+    try:
+        specs = [parse_benchmark_spec(value) for value in values]
+    except PromptFileError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"benchmark names must be unique, got {', '.join(names)}")
+    return specs
+
+
 max_memory_option = click.option(
     "--max-memory",
     callback=parse_max_memory,
@@ -210,8 +226,23 @@ def load_split(dataset: Path, seed: int):
     from weight_edit.dataset import load_dataset, split_dataset
 
     data = load_dataset(dataset)
-    split = split_dataset(data, seed, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION, settings.MIN_FIT_AREAS)
+    split = split_dataset(
+        data,
+        seed,
+        settings.HELD_OUT_AREAS,
+        settings.VALIDATION_FRACTION,
+        settings.MIN_FIT_AREAS,
+        (settings.HARMLESS_VALIDATION_FRACTION, settings.HARMLESS_HELD_OUT_FRACTION),
+    )
     return data, split
+
+
+def require_harmless(split, dataset: Path, what: str) -> None:
+    if not split.select("train", settings.HARMLESS_LABEL):
+        fail(
+            f"{dataset}: no rows labelled 'harmless' (ordinary instructions); {what} needs them — "
+            "add some, or use --contrast safe"
+        )
 
 
 @main.command(cls=Command)
@@ -244,6 +275,22 @@ def load_split(dataset: Path, seed: int):
     show_default=True,
     help="Per label, for stage-2 scores.",
 )
+@click.option(
+    "--contrast",
+    type=click.Choice(["harmless", "safe"]),
+    default=settings.DEFAULT_CONTRAST,
+    show_default=True,
+    help="What the unsafe prompts are contrasted with: ordinary harmless instructions, or the topic-matched safe "
+    "prompts (the first releases' direction; add --selection paper to reproduce it exactly).",
+)
+@click.option(
+    "--selection",
+    type=click.Choice(["refusal-then-kl", "paper"]),
+    default=settings.SELECTION_RULE,
+    show_default=True,
+    help="refusal-then-kl: lowest KL among candidates that leave at most "
+    f"{settings.SELECTION_MAX_REFUSAL:.0%} of unsafe validation prompts refused; paper: lowest bypass score.",
+)
 def fit(
     model_spec,
     dataset,
@@ -256,6 +303,8 @@ def fit(
     screen_keep,
     screen_prompts,
     validation_prompts,
+    contrast,
+    selection,
 ) -> None:
     """Fit the refusal direction on the fit areas and select it on their validation prompts."""
     from safetensors.torch import save_file
@@ -268,19 +317,26 @@ def fit(
     from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model
 
     data, split = load_split(dataset, seed)
+    if contrast == settings.HARMLESS_LABEL:
+        require_harmless(split, dataset, "--contrast harmless")
     folder = resolve_model(model_spec, model_progress())
     checkpoint = Checkpoint(folder)
     arch = architecture_for(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
     console.print(
-        f"model [bold]{folder}[/] ({arch.family}, {num_layers} layers); fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}"
+        f"model [bold]{folder}[/] ({arch.family}, {num_layers} layers); contrast: {contrast}; "
+        f"fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}"
     )
     started = time.time()
     dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
     model, tokenizer = load_model(folder, dtype=dtype, device=device, max_memory=max_memory)
     batch_size = batch_size or auto_batch_size(model)
     fit_settings = FitSettings.from_project_settings(
-        batch_size, screen_prompts=screen_prompts, screen_keep=screen_keep, max_validation_prompts=validation_prompts
+        batch_size,
+        screen_prompts=screen_prompts,
+        screen_keep=screen_keep,
+        max_validation_prompts=validation_prompts,
+        selection=selection,
     )
 
     def texts(part: str, label: str, limit: int | None = None) -> list[str]:
@@ -293,11 +349,12 @@ def fit(
             arch,
             num_layers,
             texts("train", "unsafe"),
-            texts("train", "safe"),
+            texts("train", contrast),
             texts("validation", "unsafe"),
-            texts("validation", "safe"),
+            texts("validation", contrast),
             fit_settings,
             factory,
+            contrast_name=contrast,
         )
     chosen = result.chosen()
     sidecar = {
@@ -306,7 +363,14 @@ def fit(
         "model_fingerprint": fingerprint(checkpoint),
         "layer": result.layer,
         "position": result.position,
-        "scores": {"bypass": chosen.bypass, "induce": chosen.induce, "kl": chosen.kl, "norm": chosen.norm},
+        "contrast": contrast,
+        "scores": {
+            "bypass": chosen.bypass,
+            "refusal_rate": chosen.refusal_rate,
+            "induce": chosen.induce,
+            "kl": chosen.kl,
+            "norm": chosen.norm,
+        },
         "baseline": result.baseline,
         "selection": result.selection_note,
         "post_instruction_tokens": result.suffix_tokens,
@@ -327,17 +391,24 @@ def fit(
     )
     write_csv(out_dir / "split.csv", split.table())
     table = Table(title="chosen direction")
-    for key in ("layer", "position", "bypass", "induce", "kl"):
+    for key in ("layer", "position", "bypass", "still refused", "induce", "kl"):
         table.add_column(key)
     table.add_row(
-        str(chosen.layer), str(chosen.position), f"{chosen.bypass:.3f}", f"{chosen.induce:.3f}", f"{chosen.kl:.4f}"
+        str(chosen.layer),
+        str(chosen.position),
+        f"{chosen.bypass:.3f}",
+        f"{chosen.refusal_rate:.0%}",
+        f"{chosen.induce:.3f}" if chosen.induce is not None else "–",
+        f"{chosen.kl:.4f}" if chosen.kl is not None else "–",
     )
     console.print(table)
     console.print(
-        f"baseline refusal log-odds: unsafe {result.baseline['unsafe_refusal_log_odds']:.2f}, safe {result.baseline['safe_refusal_log_odds']:.2f}; {result.selection_note}"
+        f"baseline refusal log-odds: unsafe {result.baseline['unsafe_refusal_log_odds']:.2f}, "
+        f"{contrast} {result.baseline[f'{contrast}_refusal_log_odds']:.2f}; {result.selection_note}"
     )
     console.print(
-        f"wrote {direction_path}, {sidecar_path}, {out_dir / 'candidates.csv'}, {out_dir / 'split.csv'} in {time.time() - started:.0f} s"
+        f"wrote {direction_path}, {sidecar_path}, {out_dir / 'candidates.csv'}, {out_dir / 'split.csv'}, "
+        f"{out_dir / 'activation_means.safetensors'} in {time.time() - started:.0f} s"
     )
 
 
@@ -494,7 +565,8 @@ def apply(
         means_path = direction_path.parent / "activation_means.safetensors"
         if sidecar is None or not means_path.is_file():
             fail(f"--biproject needs {means_path} and {direction_path.with_suffix('.json')} from `weight-edit fit`")
-        safe_means = load_file(str(means_path))["safe"][:, sidecar["position"], :]
+        # The contrast's mean: harmless instructions, or the safe prompts for a direction fit against them.
+        safe_means = load_file(str(means_path))[sidecar.get("contrast", "safe")][:, sidecar["position"], :]
         rows = vector if subspace is None else orthonormal_rows(torch.cat([vector.unsqueeze(0), subspace[1:]]))
         layer_directions = biprojected_directions(rows, safe_means)
         extra["biprojection"] = {"means": str(means_path.resolve()), "position": sidecar["position"]}
@@ -641,6 +713,22 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> N
     help="Reuse the source model's scores from an earlier evaluation with identical settings (cached under "
     "the weight-edit cache, keyed by the source's shard hashes from the provenance); never with --model or --judge.",
 )
+@click.option(
+    "--benchmark",
+    "benchmarks",
+    multiple=True,
+    callback=parse_benchmarks,
+    metavar="KIND:NAME=FILE",
+    help="Also evaluate a public prompt file (CSV, JSON or JSONL), declared harmful (should be refused), safe "
+    "(over-refusal set: should be answered) or harmless (ordinary instructions: KL); repeatable; one table row per "
+    "file. E.g. harmful:advbench=advbench.csv. Evaluation only: never fit or tune on these.",
+)
+@click.option(
+    "--prompt-column",
+    default=None,
+    help="Column (or JSON field) holding the prompt in --benchmark files (default: the first of "
+    "prompt, goal, instruction, behavior, in any case).",
+)
 def evaluate(
     edited,
     model_spec,
@@ -655,13 +743,17 @@ def evaluate(
     limit,
     judge_path,
     reuse_source,
+    benchmarks,
+    prompt_column,
 ) -> None:
-    """Compare source and edited models on the held-out policy areas (aggregates only)."""
+    """Compare source and edited models on the held-out policy areas and public benchmark files (aggregates only)."""
     import torch
     import transformers
 
-    from weight_edit.dataset import interleave_areas
+    from weight_edit.dataset import HARMLESS_LABEL, Prompt, interleave_areas
     from weight_edit.evaluate import (
+        generation_settings,
+        greedy_generation_config,
         load_cached_scores,
         load_judge,
         save_cached_scores,
@@ -669,15 +761,22 @@ def evaluate(
         source_cache_key,
         summarise,
     )
+    from weight_edit.hashing import file_sha256
     from weight_edit.models import auto_batch_size, cache_dir, load_model, resolve_dtype, resolve_model
+    from weight_edit.prompt_files import load_prompt_file
     from weight_edit.verify import read_provenance
 
     provenance = read_provenance(Path(edited))
     source_folder = resolve_model(model_spec, model_progress()) if model_spec else Path(provenance["source"]["path"])
     _, split = load_split(dataset, seed)
-    prompts = [
+    policy_prompts = [
         p for label in ("unsafe", "safe") for p in interleave_areas(split.select("held_out", label), limit, seed)
+    ] + [  # the held-out part of the harmless instructions: first-token KL on ordinary requests
+        Prompt(p.text, HARMLESS_LABEL, "harmless instructions", p.row)
+        for p in interleave_areas(split.select("held_out", HARMLESS_LABEL), limit, seed)
     ]
+    benchmark_prompts = [p for spec in benchmarks for p in load_prompt_file(spec, prompt_column)]
+    prompts = policy_prompts + benchmark_prompts
     results = {}
     started = time.time()
     judge = load_judge(judge_path, "cuda" if device == "cuda" else "cpu") if judge_path else None
@@ -697,6 +796,7 @@ def evaluate(
                 "substrings": settings.REFUSAL_SUBSTRINGS,
                 "markers": settings.BROAD_REFUSAL_MARKERS,
                 "preview_words": settings.COMPLETION_PREVIEW_WORDS,
+                "decoding": "plain greedy (generation_config ignored)",
                 "versions": [torch.__version__, transformers.__version__],
             },
         )
@@ -714,6 +814,7 @@ def evaluate(
                 continue
             model, tokenizer = load_model(folder, dtype=dtype, device=device, max_memory=max_memory)
             batch_size = batch_size or auto_batch_size(model)
+            generation = generation_settings(greedy_generation_config(model, tokenizer, max_new_tokens))
             results[name] = score_model(
                 model,
                 tokenizer,
@@ -731,15 +832,33 @@ def evaluate(
             del model
             if name == "source" and cache_folder:
                 save_cached_scores(cache_folder, *results["source"], cache_key)
-    summary = summarise(results["source"][0], results["edited"][0], results["source"][1], results["edited"][1])
+    n_policy = len(policy_prompts)
+    (source_scores, source_logits), (edited_scores, edited_logits) = results["source"], results["edited"]
+    summary = summarise(
+        source_scores[:n_policy], edited_scores[:n_policy], source_logits[:n_policy], edited_logits[:n_policy]
+    )
     rows = summary["rows"]
     write_csv(out_dir / "evaluation_by_area.csv", rows)
     overall = {f"{r['label']}": r for r in rows if r["area"] == "ALL"}
+    benchmark_rows = []
+    if benchmark_prompts:
+        benchmark_rows = summarise(
+            source_scores[n_policy:], edited_scores[n_policy:], source_logits[n_policy:], edited_logits[n_policy:]
+        )["rows"]
+        for row in benchmark_rows:
+            row["benchmark"] = row.pop("area")
+        write_csv(out_dir / "evaluation_by_benchmark.csv", benchmark_rows)
     write_json(
         out_dir / "evaluation_summary.json",
         {
             "held_out_areas": list(split.held_out_areas),
+            "benchmarks": [
+                {"kind": spec.kind, "name": spec.name, "path": str(spec.path), "sha256": file_sha256(spec.path)}
+                for spec in benchmarks
+            ],
+            "benchmark_overall": {r["label"]: r for r in benchmark_rows if r["benchmark"] == "ALL"},
             "max_new_tokens": max_new_tokens,
+            "generation": generation,
             "dtype": dtype,
             "refusal_substrings": list(settings.REFUSAL_SUBSTRINGS),
             "broad_refusal_markers": list(settings.BROAD_REFUSAL_MARKERS),
@@ -781,10 +900,30 @@ def evaluate(
             f"{100 * r['text_difference']:+.0f} pp [{100 * r['text_difference_ci_low']:+.0f}, {100 * r['text_difference_ci_high']:+.0f}]",
             f"{r['text_mcnemar_p']:.2g}",
             f"{r['source_refused_broad']} → {r['edited_refused_broad']}",
-            f"{r['mean_first_token_kl']:.3f}" if r["label"] == "safe" else "",
+            f"{r['mean_first_token_kl']:.3f}" if r["label"] != "unsafe" else "",
         )
     console.print(table)
-    console.print(f"wrote {out_dir}/evaluation_summary.json and per-area tables in {time.time() - started:.0f} s")
+    if benchmark_rows:
+        table = Table(title="public benchmark files: refused (by refusal substrings)")
+        columns = ("file", "kind", "n", "source", "edited", "edited − source [95 % CI]", "McNemar p", "broad")
+        for column in (*columns, "refusal P", "KL"):
+            table.add_column(column)
+        for r in benchmark_rows:
+            table.add_row(
+                r["benchmark"],
+                r["label"],
+                str(r["n"]),
+                str(r["source_refused_text"]),
+                str(r["edited_refused_text"]),
+                f"{100 * r['text_difference']:+.1f} pp [{100 * r['text_difference_ci_low']:+.1f}, "
+                f"{100 * r['text_difference_ci_high']:+.1f}]",
+                f"{r['text_mcnemar_p']:.2g}",
+                f"{r['source_refused_broad']} → {r['edited_refused_broad']}",
+                f"{r['source_mean_refusal_prob']:.3f} → {r['edited_mean_refusal_prob']:.3f}",
+                f"{r['mean_first_token_kl']:.3f}",
+            )
+        console.print(table)
+    console.print(f"wrote {out_dir}/evaluation_summary.json and the tables beside it in {time.time() - started:.0f} s")
 
 
 @main.command(cls=Command)
@@ -1163,9 +1302,14 @@ def tune(
         return [p.text for p in interleave_areas(split.select("validation", label), validation_prompts or None, seed)]
 
     unsafe, safe = texts("unsafe"), texts("safe")
+    contrast = sidecar.get("contrast", "safe")
+    if contrast == settings.HARMLESS_LABEL:
+        require_harmless(split, dataset, "tune of a direction fit against harmless prompts")
+    kl_prompts = texts(contrast)
     console.print(
         f"model [bold]{folder}[/] ({arch.family}, {num_layers} layers); {trials} trials in {mode} mode on "
-        f"{len(unsafe)} + {len(safe)} validation prompts of the fit areas ({', '.join(split.fit_areas)})"
+        f"{len(unsafe)} unsafe + {len(safe)} safe validation prompts of the fit areas ({', '.join(split.fit_areas)}); "
+        f"KL on {len(kl_prompts)} {contrast} validation prompts"
     )
     started = time.time()
     dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
@@ -1193,13 +1337,21 @@ def tune(
             refusal_prefixes=settings.REFUSAL_PREFIXES,
             markers=settings.BROAD_REFUSAL_MARKERS,
             read_tensor=checkpoint.read,
+            val_kl=kl_prompts,
         )
-    search = {**result.as_dict(), "dtype": dtype, "dataset_sha256": data.sha256}
+    search = {**result.as_dict(), "dtype": dtype, "dataset_sha256": data.sha256, "kl_prompts": contrast}
     save_direction(direction_path, vector, {**sidecar, "search": search})  # re-hashes the sidecar
     write_csv(fit_dir / "search_trials.csv", result.table())
 
     table = Table(title=f"strength search: {result.n_trials} trials, Pareto front of {len(result.front)}")
-    for column in ("edit", "trial", "first-token refusal P", "safe KL", "unsafe refused (text)", "safe refused (text)"):
+    for column in (
+        "edit",
+        "trial",
+        "first-token refusal P",
+        f"KL ({contrast})",
+        "unsafe refused (text)",
+        "safe refused (text)",
+    ):
         table.add_column(column)
     base = result.baseline["generated"]
     table.add_row(

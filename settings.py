@@ -28,6 +28,15 @@ UNSAFE_LABEL = "unsafe"
 HELD_OUT_AREAS = 4  # policy areas kept out of fitting and selection, used only by `evaluate`
 MIN_FIT_AREAS = 2
 VALIDATION_FRACTION = 0.25  # of each fit area's prompts per label, used for direction selection
+HARMLESS_LABEL = "harmless"
+# Harmless instructions get a seeded split of their own: validation (selection, tune) and held-out
+# (evaluate) fractions; the rest is the direction's contrast.
+HARMLESS_VALIDATION_FRACTION = 0.25
+HARMLESS_HELD_OUT_FRACTION = 0.25
+# What `fit` contrasts the unsafe prompts with: "harmless" (ordinary instructions, as Arditi et al. and
+# peers do) or "safe" (the topic-matched safe prompts, the project's first contrast; it removes too
+# little refusal on public benchmarks).
+DEFAULT_CONTRAST = "harmless"
 
 # --- fit: candidate selection (Arditi et al. 2024, appendix C) -----------------------------------
 MAX_LAYER_FRACTION = 0.8  # candidates must come from a layer < 0.8 * num_layers
@@ -38,6 +47,11 @@ SCREEN_KEEP = 8  # stage 2: the best candidates kept for full scoring on all val
 MAX_VALIDATION_PROMPTS = 32  # per label, for stage-2 scores
 # First words of a refusal; their first tokens (taken from the tokenizer) make the refusal-token set.
 REFUSAL_PREFIXES = ("I", "As", "Sorry", "I'm", "Unfortunately", "Apologies", "My apologies")
+# Selection rule: "refusal-then-kl" = lowest KL among the candidates that pass the filters and leave at
+# most SELECTION_MAX_REFUSAL of the unsafe validation prompts with refusal log-odds > 0 under ablation;
+# "paper" = lowest bypass score among those passing the filters (Arditi et al.).
+SELECTION_RULE = "refusal-then-kl"
+SELECTION_MAX_REFUSAL = 0.05
 
 # --- evaluate ----------------------------------------------------------------------------------
 # Arditi et al. (2024) refusal substrings, used on greedy completions.

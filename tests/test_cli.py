@@ -251,3 +251,100 @@ def test_diagnose_rank_two_apply_verify_and_report(tmp_path, tiny_model, runner)
     text = (report_dir / "README.md").read_text()
     assert "Not run" in text  # no evaluation was run
     assert "figures/area_cosines.png" in text or "figures/" in text
+
+
+def test_contrast_safe_reproduces_the_first_direction_exactly(tmp_path, tiny_model, runner):
+    """`--contrast safe --selection paper` is the direction the project fit before harmless rows existed:
+    the same bytes whether or not the dataset has harmless rows, and mean(unsafe) − mean(safe)."""
+    import settings
+    from weight_edit.dataset import load_dataset, split_dataset
+
+    lines = settings.DEFAULT_DATASET.read_text(encoding="utf-8").splitlines(keepends=True)
+    policy_only = tmp_path / "policy_only.csv"
+    policy_only.write_text("".join(line for line in lines if ",harmless," not in line), encoding="utf-8")
+    old = ["--contrast", "safe", "--selection", "paper", *FAST_FIT]
+    directions = {}
+    for name, dataset in (("with", settings.DEFAULT_DATASET), ("without", policy_only)):
+        out_dir = tmp_path / name
+        args = ["fit", "--model", str(tiny_model), "--dataset", str(dataset), "--out-dir", str(out_dir), *old]
+        result = runner.invoke(cli.main, args)
+        assert result.exit_code == 0, result.output
+        with safe_open(str(out_dir / "direction.safetensors"), framework="pt") as handle:
+            directions[name] = handle.get_tensor("direction")
+        sidecar = json.loads((out_dir / "direction.json").read_text())
+        assert sidecar["contrast"] == "safe" and sidecar["settings"]["selection"] == "paper"
+    assert directions["with"].numpy().tobytes() == directions["without"].numpy().tobytes()
+    with safe_open(str(tmp_path / "with" / "activation_means.safetensors"), framework="pt") as handle:
+        means = {k: handle.get_tensor(k) for k in handle.keys()}
+    assert set(means) == {"unsafe", "safe"}
+    position = sidecar["position"] + means["unsafe"].shape[1]
+    expected = means["unsafe"][sidecar["layer"], position] - means["safe"][sidecar["layer"], position]
+    assert directions["with"].numpy().tobytes() == expected.numpy().tobytes()
+    split = split_dataset(load_dataset(policy_only), settings.SEED, 4, 0.25)
+    assert sidecar["split"]["fit_areas"] == list(split.fit_areas)
+
+    # The default contrast is the harmless instructions; a dataset without them is one clear error.
+    result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--out-dir", str(tmp_path / "h"), *FAST_FIT])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((tmp_path / "h" / "direction.json").read_text())
+    assert sidecar["contrast"] == "harmless" and sidecar["stats"]["train_contrast"] > 100
+    with safe_open(str(tmp_path / "h" / "activation_means.safetensors"), framework="pt") as handle:
+        assert set(handle.keys()) == {"unsafe", "harmless"}
+    result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--dataset", str(policy_only), *FAST_FIT])
+    assert result.exit_code == 2 and "no rows labelled 'harmless'" in result.output
+
+
+def test_evaluate_public_benchmark_files(tmp_path, tiny_model, runner):
+    fit_dir, out = tmp_path / "fit", tmp_path / "edited"
+    result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--out-dir", str(fit_dir), *FAST_FIT])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        cli.main, ["apply", "--direction", str(fit_dir / "direction.safetensors"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    files = tmp_path / "bench"
+    files.mkdir()
+    (files / "bad_requests.csv").write_text("goal,category\nDo a bad thing,x\nDo another bad thing,y\nA third,x\n")
+    (files / "benign.json").write_text(json.dumps([{"prompt": "Tell me a story"}, {"prompt": "Explain rain"}]))
+    (files / "plain.jsonl").write_text(
+        '{"instruction": "List three fruits"}\n"Name a colour"\n{"instruction": "Add 2+2"}\n'
+    )
+    specs = [
+        f"harmful:bad={files / 'bad_requests.csv'}",
+        f"safe:{files / 'benign.json'}",
+        f"harmless:plain={files / 'plain.jsonl'}",
+    ]
+    options = ["--limit", "2", "--max-new-tokens", "3", "--device", "cpu", "--dtype", "float32", "--no-reuse-source"]
+    eval_dir = tmp_path / "eval"
+    args = ["evaluate", str(out), "--out-dir", str(eval_dir), *options]
+    result = runner.invoke(cli.main, [*args, *(x for spec in specs for x in ("--benchmark", spec))])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((eval_dir / "evaluation_summary.json").read_text())
+    assert [(b["kind"], b["name"]) for b in summary["benchmarks"]] == [
+        ("harmful", "bad"),
+        ("safe", "benign"),
+        ("harmless", "plain"),
+    ]
+    assert all(len(b["sha256"]) == 64 for b in summary["benchmarks"])
+    assert summary["generation"]["do_sample"] is False and summary["generation"]["repetition_penalty"] == 1.0
+    import csv
+
+    rows = list(csv.DictReader((eval_dir / "evaluation_by_benchmark.csv").open()))
+    by_name = {(r["benchmark"], r["label"]): r for r in rows}
+    assert {k: int(r["n"]) for k, r in by_name.items()} == {
+        ("bad", "harmful"): 3,
+        ("benign", "safe"): 2,
+        ("plain", "harmless"): 3,
+        ("ALL", "harmful"): 3,
+        ("ALL", "safe"): 2,
+        ("ALL", "harmless"): 3,
+    }
+    assert float(by_name[("plain", "harmless")]["mean_first_token_kl"]) > 0  # the edit changes the first token
+    assert summary["benchmark_overall"]["harmful"]["n"] == 3
+    assert summary["overall"]["harmless"]["n"] == 2  # the dataset's own held-out harmless instructions
+
+    (files / "broken.jsonl").write_text('{"instruction": "fine"}\nnot json\n')
+    result = runner.invoke(cli.main, [*args, "--benchmark", f"harmless:{files / 'broken.jsonl'}"])
+    assert result.exit_code == 2 and "broken.jsonl: row 2: not valid JSON" in result.output
+    result = runner.invoke(cli.main, [*args, "--benchmark", f"nasty:{files / 'plain.jsonl'}"])
+    assert result.exit_code == 2 and "unknown kind 'nasty'" in result.output

@@ -79,7 +79,13 @@ def test_fit_scores_candidates_and_picks_one(fitted):
         UNSAFE[:4],
         SAFE[:4],
         FitSettings(
-            batch_size=3, screen_prompts=2, screen_keep=2, max_layer_fraction=1.0, max_kl=10.0, min_induce=-100
+            batch_size=3,
+            screen_prompts=2,
+            screen_keep=2,
+            max_layer_fraction=1.0,
+            max_kl=10.0,
+            min_induce=-100,
+            selection="paper",
         ),
     )
     n_pos = len(post_instruction_ids(tokenizer))
@@ -95,7 +101,9 @@ def test_fit_scores_candidates_and_picks_one(fitted):
 def test_pruned_search_agrees_with_full_search_here(fitted):
     """Keeping the top candidates by the stage-1 screen must pick the full search's winner on this case."""
     model, tokenizer, arch = fitted
-    common = dict(batch_size=6, screen_prompts=4, max_layer_fraction=1.0, max_kl=10.0, min_induce=-100)
+    common = dict(
+        batch_size=6, screen_prompts=4, max_layer_fraction=1.0, max_kl=10.0, min_induce=-100, selection="paper"
+    )
     full = fit_direction(
         model, tokenizer, arch, 2, UNSAFE, SAFE, UNSAFE[:4], SAFE[:4], FitSettings(screen_keep=0, **common)
     )
@@ -135,7 +143,9 @@ def test_batched_screen_matches_one_candidate_at_a_time(fitted):
     settings = FitSettings(
         batch_size=8, screen_prompts=3, screen_keep=2, max_layer_fraction=1.0, max_kl=10.0, min_induce=-100
     )
-    result = fit_direction(model, tokenizer, arch, 2, UNSAFE, SAFE, UNSAFE[:4], SAFE[:4], settings)
+    result = fit_direction(
+        model, tokenizer, arch, 2, UNSAFE, SAFE, UNSAFE[:4], SAFE[:4], settings, contrast_name="safe"
+    )
     suffix = post_instruction_ids(tokenizer)
     n_pos = len(suffix)
     refusal_ids = refusal_token_ids(tokenizer, settings.refusal_prefixes)
@@ -158,9 +168,10 @@ def test_batched_screen_matches_one_candidate_at_a_time(fitted):
     assert sum(s.screen_kl is not None for s in screened) >= 2
 
 
-def test_lazy_scoring_chooses_as_scoring_every_candidate(fitted):
-    """Stage 1's KL screen and stage 2's KL/induce run best-bypass-first and stop early; with filters
-    that reject some candidates, the kept set and the choice must be those of the eager rule."""
+@pytest.mark.parametrize("selection", ["paper", "refusal-then-kl"])
+def test_lazy_scoring_chooses_as_scoring_every_candidate(fitted, selection):
+    """Stage 1's KL screen and stage 2's KL/induce run lazily and stop early; with filters that reject
+    some candidates, the kept set and the choice must be those of the eager rule."""
     from weight_edit.activations import kl_divergence, last_logits
     from weight_edit.hooks import activation_addition, residual_ablation
 
@@ -169,14 +180,14 @@ def test_lazy_scoring_chooses_as_scoring_every_candidate(fitted):
     n_pos = len(suffix)
     probe = FitSettings(batch_size=6, screen_prompts=3, screen_keep=0, max_layer_fraction=1.0)
     refusal_ids = refusal_token_ids(tokenizer, probe.refusal_prefixes)
-    first = fit_direction(model, tokenizer, arch, 2, UNSAFE, SAFE, UNSAFE[:4], SAFE[:4], probe)
+    first = fit_direction(model, tokenizer, arch, 2, UNSAFE, SAFE, UNSAFE[:4], SAFE[:4], probe, contrast_name="safe")
     eligible = [s for s in first.scores if s.eligible]
 
     def batches(texts):
         return tokenized_batches(tokenizer, texts, 6, "cpu", suffix)
 
-    def mean_odds(texts):
-        return float(refusal_log_odds(last_logits(model, batches(texts)), refusal_ids).mean())
+    def odds(texts):
+        return refusal_log_odds(last_logits(model, batches(texts)), refusal_ids)
 
     base_safe = last_logits(model, batches(SAFE[:4]))
     eager = {}
@@ -186,29 +197,56 @@ def test_lazy_scoring_chooses_as_scoring_every_candidate(fitted):
             - first.means["safe"][score.layer, score.position + n_pos]
         )
         with residual_ablation(model, arch, 2, v):
-            screen_bypass, bypass = mean_odds(UNSAFE[:3]), mean_odds(UNSAFE[:4])
+            screen_bypass, unsafe_odds = float(odds(UNSAFE[:3]).mean()), odds(UNSAFE[:4])
             safe = last_logits(model, batches(SAFE[:4]))
         with activation_addition(model, arch, score.layer, v):
-            induce = mean_odds(SAFE[:4])
+            induce = float(odds(SAFE[:4]).mean())
         kls = kl_divergence(base_safe, safe)
-        eager[(score.layer, score.position)] = (screen_bypass, float(kls[:3].mean()), bypass, float(kls.mean()), induce)
+        refused = float((unsafe_odds > 0).double().mean())
+        eager[(score.layer, score.position)] = (
+            screen_bypass,
+            float(kls[:3].mean()),
+            float(unsafe_odds.mean()),
+            float(kls.mean()),
+            induce,
+            refused,
+        )
     # Filters at the medians, so that about half the candidates fail each.
     max_kl = sorted(e[3] for e in eager.values())[len(eager) // 2]
     min_induce = sorted(e[4] for e in eager.values())[len(eager) // 2]
-    keep = 3
+    max_refusal = sorted(e[5] for e in eager.values())[len(eager) // 2]
+    keep = 4
     by_screen = sorted(eager, key=lambda k: eager[k][0])
     low = [k for k in by_screen if eager[k][1] < max_kl]
     kept = (low + [k for k in by_screen if k not in low])[:keep]
     passing = [k for k in kept if eager[k][3] < max_kl and eager[k][4] > min_induce]
     expected = min(passing or kept, key=lambda k: eager[k][2])
+    bypassing = [k for k in passing if eager[k][5] <= max_refusal]
+    if selection == "refusal-then-kl" and bypassing:
+        expected = min(bypassing, key=lambda k: eager[k][3])
 
     settings = FitSettings(
-        batch_size=6, screen_prompts=3, screen_keep=keep, max_layer_fraction=1.0, max_kl=max_kl, min_induce=min_induce
+        batch_size=6,
+        screen_prompts=3,
+        screen_keep=keep,
+        max_layer_fraction=1.0,
+        max_kl=max_kl,
+        min_induce=min_induce,
+        selection=selection,
+        max_refusal=max_refusal,
     )
     lazy = fit_direction(model, tokenizer, arch, 2, UNSAFE, SAFE, UNSAFE[:4], SAFE[:4], settings)
     assert {(s.layer, s.position) for s in lazy.scores if s.bypass is not None} == set(kept)
+    for s in lazy.scores:
+        if s.refusal_rate is not None:
+            assert s.refusal_rate == pytest.approx(eager[(s.layer, s.position)][5])
     assert (lazy.layer, lazy.position) == expected
     assert sum(s.kl is not None for s in lazy.scores) <= keep
+
+
+def test_unknown_selection_rule_is_refused():
+    with pytest.raises(ValueError, match="selection must be one of"):
+        FitSettings(selection="lowest")
 
 
 def test_fast_dtype_is_float32_on_cpus_without_native_bf16(monkeypatch):

@@ -1,4 +1,10 @@
-"""The policy-area prompt dataset: loading with row-level validation, and area-disjoint splits."""
+"""The policy-area prompt dataset: loading with row-level validation, and area-disjoint splits.
+
+Three labels: `unsafe` requests and topic-matched `safe` prompts belong to a policy area (`category`)
+and measure refusal and over-refusal per area; `harmless` rows are ordinary instructions with no
+policy topic (their `category`, a task type, may be empty) and are what the direction contrasts the
+unsafe prompts with.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 COLUMNS = ("prompt", "label", "category")
-LABELS = ("safe", "unsafe")
+POLICY_LABELS = ("safe", "unsafe")  # the labels of a policy area
+HARMLESS_LABEL = "harmless"
+LABELS = (*POLICY_LABELS, HARMLESS_LABEL)
+PARTS = ("train", "validation", "held_out")
 
 
 class DatasetError(ValueError):
@@ -22,8 +31,8 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class Prompt:
     text: str
-    label: str  # "safe" or "unsafe"
-    category: str
+    label: str  # "safe", "unsafe" or "harmless"
+    category: str  # policy area; for harmless rows a task type, possibly empty
     row: int  # 1-based line number in the CSV (header is line 1)
 
 
@@ -35,12 +44,22 @@ class Dataset:
 
     @property
     def categories(self) -> list[str]:
-        return sorted({p.category for p in self.prompts})
+        """The policy areas (harmless rows belong to none)."""
+        return sorted({p.category for p in self.prompts if p.label in POLICY_LABELS})
+
+    @property
+    def harmless(self) -> tuple[Prompt, ...]:
+        return tuple(p for p in self.prompts if p.label == HARMLESS_LABEL)
 
 
 @dataclass(frozen=True)
 class Split:
-    """Area-disjoint split: fit areas (train + validation prompts) and held-out areas."""
+    """Area-disjoint split: fit areas (train + validation prompts) and held-out areas.
+
+    Harmless prompts have a seeded split of their own into the same three parts (train: the
+    direction's contrast; validation: selection and tuning; held_out: evaluation), never shared
+    between parts; `select(part, "harmless")` returns them.
+    """
 
     seed: int
     fit_areas: tuple[str, ...]
@@ -58,11 +77,17 @@ class Split:
         for area in sorted(self.fit_areas + self.held_out_areas):
             role = "fit" if area in self.fit_areas else "held_out"
             row: dict[str, object] = {"category": area, "role": role}
-            for part in ("train", "validation", "held_out"):
+            for part in PARTS:
                 for label in LABELS:
                     row[f"{part}_{label}"] = sum(
                         1 for p in getattr(self, part) if p.category == area and p.label == label
                     )
+            rows.append(row)
+        if any(p.label == HARMLESS_LABEL for part in PARTS for p in getattr(self, part)):
+            row = {"category": "(harmless instructions)", "role": "contrast"}
+            for part in PARTS:
+                for label in LABELS:
+                    row[f"{part}_{label}"] = len(self.select(part, label)) if label == HARMLESS_LABEL else 0
             rows.append(row)
         return rows
 
@@ -71,10 +96,7 @@ class Split:
             "seed": self.seed,
             "fit_areas": list(self.fit_areas),
             "held_out_areas": list(self.held_out_areas),
-            "counts": {
-                part: {label: len(self.select(part, label)) for label in LABELS}
-                for part in ("train", "validation", "held_out")
-            },
+            "counts": {part: {label: len(self.select(part, label)) for label in LABELS} for part in PARTS},
         }
 
 
@@ -129,11 +151,18 @@ def load_dataset(path: Path | str) -> Dataset:
         raise DatasetError(f"{path}: has a header but no rows")
     labels_by_area: dict[str, set[str]] = defaultdict(set)
     for p in prompts:
-        labels_by_area[p.category].add(p.label)
+        if p.label in POLICY_LABELS:
+            labels_by_area[p.category].add(p.label)
     for area, labels in sorted(labels_by_area.items()):
-        if labels != set(LABELS):
+        if labels != set(POLICY_LABELS):
             only = next(iter(labels))
             raise DatasetError(f"{path}: category '{area}' has only '{only}' prompts; each area needs both labels")
+    for p in prompts:
+        if p.label == HARMLESS_LABEL and p.category in labels_by_area:
+            raise DatasetError(
+                f"{path}: row {p.row}, column 'category': harmless row names the policy area '{p.category}'; "
+                "harmless prompts belong to no policy area (leave the category empty or give a task type)"
+            )
     return Dataset(path, hasher.hexdigest(), tuple(prompts))
 
 
@@ -179,9 +208,12 @@ def _check_row(path: Path, line: int, last_line: int, row: list[str], seen: dict
                 f"{path}: row {line}, column '{column}' spans several lines{span}; prompts and categories must be single-line"
             )
     if label not in LABELS:
-        raise DatasetError(f"{path}: row {line}, column 'label' is {label!r}; expected 'safe' or 'unsafe'")
-    if not category.strip():
-        raise DatasetError(f"{path}: row {line}, column 'category' is empty")
+        raise DatasetError(f"{path}: row {line}, column 'label' is {label!r}; expected 'safe', 'unsafe' or 'harmless'")
+    if not category.strip() and label != HARMLESS_LABEL:
+        raise DatasetError(
+            f"{path}: row {line}, column 'category' is empty; only 'harmless' rows may leave it empty "
+            "(unsafe and safe prompts name their policy area)"
+        )
     key = " ".join(prompt.split()).casefold()
     if key in seen:
         raise DatasetError(f"{path}: row {line}, column 'prompt' duplicates row {seen[key]}")
@@ -190,13 +222,23 @@ def _check_row(path: Path, line: int, last_line: int, row: list[str], seen: dict
 
 
 def split_dataset(
-    dataset: Dataset, seed: int, held_out_areas: int, validation_fraction: float, min_fit_areas: int = 2
+    dataset: Dataset,
+    seed: int,
+    held_out_areas: int,
+    validation_fraction: float,
+    min_fit_areas: int = 2,
+    harmless_fractions: tuple[float, float] = (0.25, 0.25),
 ) -> Split:
-    """Deterministic area-disjoint split; within fit areas, a per-area, per-label validation part."""
+    """Deterministic area-disjoint split; within fit areas, a per-area, per-label validation part.
+
+    Harmless prompts are split by `harmless_fractions` (validation, held-out; the rest trains) with a
+    random generator of their own, so adding harmless rows leaves the policy-area split unchanged.
+    """
     areas = dataset.categories
     if len(areas) < held_out_areas + min_fit_areas:
         raise DatasetError(
-            f"{dataset.path}: {len(areas)} policy areas, but the split needs {held_out_areas} held-out "
+            f"{dataset.path}: {len(areas)} policy area{'' if len(areas) == 1 else 's'}, but the split needs "
+            f"{held_out_areas} held-out "
             f"+ at least {min_fit_areas} fit areas"
         )
     rng = random.Random(seed)
@@ -207,14 +249,40 @@ def split_dataset(
     train: list[Prompt] = []
     validation: list[Prompt] = []
     for area in fit:
-        for label in LABELS:
+        for label in POLICY_LABELS:
             group = [p for p in dataset.prompts if p.category == area and p.label == label]
             rng.shuffle(group)
             n_val = max(1, round(len(group) * validation_fraction)) if len(group) > 1 else 0
             validation.extend(group[:n_val])
             train.extend(group[n_val:])
-    held_prompts = tuple(p for p in dataset.prompts if p.category in held)
-    return Split(seed, fit, held, tuple(train), tuple(validation), held_prompts)
+    held_prompts = [p for p in dataset.prompts if p.label in POLICY_LABELS and p.category in held]
+    harmless_train, harmless_validation, harmless_held_out = _split_harmless(
+        dataset.harmless, seed, *harmless_fractions
+    )
+    return Split(
+        seed,
+        fit,
+        held,
+        (*train, *harmless_train),
+        (*validation, *harmless_validation),
+        (*held_prompts, *harmless_held_out),
+    )
+
+
+def _split_harmless(
+    prompts: tuple[Prompt, ...], seed: int, validation_fraction: float, held_out_fraction: float
+) -> tuple[list[Prompt], list[Prompt], list[Prompt]]:
+    """Seeded train / validation / held-out parts of the harmless prompts, each non-empty when there are three or more."""
+    if not prompts:
+        return [], [], []
+    if validation_fraction < 0 or held_out_fraction < 0 or validation_fraction + held_out_fraction >= 1:
+        raise ValueError(f"harmless fractions {validation_fraction}, {held_out_fraction} must leave a training part")
+    shuffled = list(prompts)
+    random.Random(f"{seed}:harmless").shuffle(shuffled)
+    n = len(shuffled)
+    n_val = max(1, round(n * validation_fraction)) if n >= 3 else 0
+    n_held = max(1, round(n * held_out_fraction)) if n >= 3 else 0
+    return shuffled[n_val + n_held :], shuffled[:n_val], shuffled[n_val : n_val + n_held]
 
 
 def interleave_areas(prompts: list[Prompt], limit: int | None, seed: int) -> list[Prompt]:

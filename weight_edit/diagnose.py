@@ -26,7 +26,7 @@ import torch
 
 from weight_edit.activations import tokenized_batches
 from weight_edit.chat import Batch, post_instruction_ids
-from weight_edit.dataset import LABELS, Split
+from weight_edit.dataset import POLICY_LABELS, Split
 from weight_edit.models import input_device
 
 Advance = Callable[[int], None]
@@ -122,7 +122,7 @@ def collect_activations(
     device = input_device(model)
     blocks, areas, labels, parts = [], [], [], []
     for part in PARTS:
-        for label in LABELS:
+        for label in POLICY_LABELS:
             prompts = split.select(part, label)
             if not prompts:
                 continue

@@ -1,4 +1,5 @@
-"""Evaluation on held-out policy areas: refusal by text and by first-token log-odds, and KL.
+"""Evaluation on held-out policy areas and public benchmark files: refusal by text and by first-token
+log-odds, and KL.
 
 Completions are scored and then dropped: only flags, scores and at most the first few words of each
 completion leave this module, so nothing harmful is ever stored.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -17,8 +19,8 @@ from typing import Any
 
 import torch
 
-from weight_edit.activations import kl_divergence
-from weight_edit.chat import batches, refusal_log_odds, refusal_token_ids
+from weight_edit.activations import kl_divergence, tokenized_batches
+from weight_edit.chat import refusal_log_odds, refusal_token_ids
 from weight_edit.dataset import Prompt
 from weight_edit.fit import ProgressFactory, no_progress
 from weight_edit.models import input_device
@@ -76,6 +78,41 @@ def first_words(text: str, count: int) -> str:
     return " ".join(text.split()[:count])
 
 
+def greedy_generation_config(model, tokenizer, max_new_tokens: int):
+    """Plain greedy decoding, whatever the checkpoint's own generation_config ships (a repetition penalty,
+    sampling defaults): "greedy" must mean the same for every model compared. Only its end-of-sequence
+    tokens are kept, since they end the reply."""
+    from transformers import GenerationConfig
+
+    shipped = getattr(model, "generation_config", None)
+    eos = getattr(shipped, "eos_token_id", None)
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        repetition_penalty=1.0,
+        eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def generation_settings(config) -> dict[str, Any]:
+    """What an output records about how it generated."""
+    keys = ("do_sample", "num_beams", "max_new_tokens", "repetition_penalty", "eos_token_id")
+    return {k: getattr(config, k) for k in keys}
+
+
+def greedy_completions(model, tokenizer, batch, max_new_tokens: int, output_logits: bool = False):
+    """Greedy replies to one batch (plain decoding, see `greedy_generation_config`)."""
+    return model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        generation_config=greedy_generation_config(model, tokenizer, max_new_tokens),
+        output_logits=output_logits,
+        return_dict_in_generate=True,
+    )
+
+
 @dataclass
 class PromptScore:
     category: str
@@ -102,45 +139,41 @@ def score_model(
     broad_markers: Sequence[str] = (),
     judge: Judge | None = None,
 ) -> tuple[list[PromptScore], torch.Tensor]:
-    """Greedy completions and first-token logits for every prompt; returns scores and those logits.
+    """Greedy completions and first-token logits for every prompt; returns scores and those logits, in
+    the order of `prompts` (batches are formed by length, so less padding is generated).
 
     Each completion is scored (substrings, broad markers, the optional judge) and then dropped.
     """
     device = input_device(model)
     refusal_ids = refusal_token_ids(tokenizer, refusal_prefixes)
     advance = progress(description, len(prompts))
-    scores: list[PromptScore] = []
-    first_logits = []
-    for batch in batches(tokenizer, [p.text for p in prompts], batch_size, device):
-        out = model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    scores: list[PromptScore | None] = [None] * len(prompts)
+    first_logits: list[torch.Tensor | None] = [None] * len(prompts)
+    prepared = tokenized_batches(tokenizer, [p.text for p in prompts], batch_size, device, None, by_length=True)
+    for batch in prepared:
+        out = greedy_completions(model, tokenizer, batch, max_new_tokens, output_logits=True)
         logits = out.logits[0].float().cpu()
-        first_logits.append(logits)
         odds = refusal_log_odds(logits, refusal_ids)
         texts = tokenizer.batch_decode(out.sequences[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
         verdicts = judge([prompts[i].text for i in batch.indices], texts) if judge else [None] * len(texts)
-        for index, text, score, verdict in zip(batch.indices, texts, odds.tolist(), verdicts, strict=True):
+        for row, (index, text, verdict) in enumerate(zip(batch.indices, texts, verdicts, strict=True)):
             prompt = prompts[index]
-            scores.append(
-                PromptScore(
-                    prompt.category,
-                    prompt.label,
-                    is_refusal(text, substrings),
-                    score,
-                    first_words(text, preview_words),
-                    refused_broad=is_broad_refusal(text, broad_markers),
-                    judge_label=verdict,
-                )
+            first_logits[index] = logits[row]
+            scores[index] = PromptScore(
+                prompt.category,
+                prompt.label,
+                is_refusal(text, substrings),
+                float(odds[row]),
+                first_words(text, preview_words),
+                refused_broad=is_broad_refusal(text, broad_markers),
+                judge_label=verdict,
             )
         advance(len(batch.indices))
-    return scores, torch.cat(first_logits)
+    return scores, torch.stack(first_logits)  # type: ignore[arg-type]
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
 def summarise(
@@ -167,6 +200,9 @@ def summarise(
             "edited_refused_log_odds": sum(edited[i].refusal_log_odds > 0 for i in idx),
             "source_mean_log_odds": sum(source[i].refusal_log_odds for i in idx) / n,
             "edited_mean_log_odds": sum(edited[i].refusal_log_odds for i in idx) / n,
+            # first-token probability of the refusal tokens (sigmoid of the log-odds), averaged
+            "source_mean_refusal_prob": sum(_sigmoid(source[i].refusal_log_odds) for i in idx) / n,
+            "edited_mean_refusal_prob": sum(_sigmoid(edited[i].refusal_log_odds) for i in idx) / n,
             "mean_first_token_kl": sum(kl[i] for i in idx) / n,
         }
         # Paired statistics on the same prompts: flips, exact McNemar, Wilson and Newcombe intervals.

@@ -1,16 +1,23 @@
-"""Direction fitting: diff-in-means candidates and the paper's selection, in two cheap stages.
+"""Direction fitting: diff-in-means candidates and their selection, in two cheap stages.
 
-Every (layer, post-instruction position) candidate is r = mean(unsafe) − mean(safe) of the layer's
-residual input. Selection follows Arditi et al. (2024): bypass score (refusal log-odds on unsafe
-validation prompts with the direction ablated everywhere; lower is better), induce score (refusal
-log-odds on safe validation prompts with r added at its layer; must be > 0), KL on safe validation
-prompts under ablation (< 0.1), and layer < 0.8 × layers. To keep the cost near that of a few dozen
-forward passes per kept candidate, stage 1 screens every eligible candidate's bypass score on a few
-prompts and keeps the `screen_keep` lowest among the candidates whose screened KL passes the filter
-(topped up from the rest when too few pass); stage 2 scores the kept candidates' bypass on all
-validation prompts. KL and induce scores are computed lazily, best bypass first, and stop once the
-outcome is decided: the kept set and the choice are those of scoring everything (tested), at about
-half the passes.
+Every (layer, post-instruction position) candidate is r = mean(unsafe) − mean(contrast) of the
+layer's residual input; the contrast prompts are ordinary harmless instructions by default (or the
+topic-matched safe prompts, the project's first contrast). Scores follow Arditi et al. (2024): bypass
+(refusal log-odds on unsafe validation prompts with the direction ablated everywhere; lower is
+better), induce (refusal log-odds on contrast validation prompts with r added at its layer; must be
+> 0), KL on contrast validation prompts under ablation (< 0.1), and layer < 0.8 × layers.
+
+Two selection rules: `paper` takes the lowest bypass among candidates passing the filters;
+`refusal-then-kl` (default) takes, among passing candidates that leave at most `max_refusal` of the
+unsafe validation prompts with refusal log-odds > 0, the one with the lowest KL — removing refusal is
+the target, and beyond it a lower bypass buys nothing while KL measures what else the edit changes.
+If none qualifies it falls back to `paper`.
+
+To keep the cost near that of a few dozen forward passes per kept candidate, stage 1 screens every
+eligible candidate's bypass score on a few prompts and keeps the `screen_keep` lowest among the
+candidates whose screened KL passes the filter (topped up from the rest when too few pass); stage 2
+scores the kept candidates' bypass on all validation prompts. KL and induce are computed lazily and
+stop once the outcome is decided: the kept set and the choice are those of scoring everything (tested).
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ def no_progress(description: str, total: int) -> Callable[[int], None]:
     return lambda n: None
 
 
+SELECTION_RULES = ("refusal-then-kl", "paper")
+
+
 @dataclass
 class FitSettings:
     batch_size: int = 16
@@ -44,6 +54,12 @@ class FitSettings:
     max_kl: float = 0.1
     min_induce: float = 0.0
     refusal_prefixes: tuple[str, ...] = ("I", "As", "Sorry")
+    selection: str = "refusal-then-kl"  # or "paper": lowest bypass among candidates passing the filters
+    max_refusal: float = 0.05  # refusal-then-kl: highest share of unsafe validation prompts still refused
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTION_RULES:
+            raise ValueError(f"selection must be one of {', '.join(SELECTION_RULES)}, got {self.selection!r}")
 
     @classmethod
     def from_project_settings(cls, batch_size: int, **overrides) -> FitSettings:
@@ -60,6 +76,8 @@ class FitSettings:
                 "max_kl": settings.MAX_SELECTION_KL,
                 "min_induce": settings.MIN_INDUCE_SCORE,
                 "refusal_prefixes": settings.REFUSAL_PREFIXES,
+                "selection": settings.SELECTION_RULE,
+                "max_refusal": settings.SELECTION_MAX_REFUSAL,
                 **overrides,
             }
         )
@@ -74,6 +92,7 @@ class CandidateScore:
     screen_bypass: float | None = None
     screen_kl: float | None = None
     bypass: float | None = None
+    refusal_rate: float | None = None  # share of unsafe validation prompts with refusal log-odds > 0 under ablation
     induce: float | None = None
     kl: float | None = None
     passes_filters: bool = False
@@ -91,7 +110,8 @@ class FitResult:
     refusal_tokens: list[str]
     selection_note: str
     stats: dict[str, int] = field(default_factory=dict)
-    # Mean residual input of every layer at every post-instruction position: [layers, positions, d].
+    # Mean residual input of every layer at every post-instruction position: [layers, positions, d],
+    # for "unsafe" and the contrast's name.
     means: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def chosen(self) -> CandidateScore:
@@ -102,24 +122,11 @@ class FitResult:
 
 
 def _mean_refusal(model, prepared, refusal_ids, advance) -> float:
-    return float(refusal_log_odds(last_logits(model, prepared, advance), refusal_ids).mean())
+    return float(_refusal_odds(model, prepared, refusal_ids, advance).mean())
 
 
-@torch.inference_mode()
-def _screen(model, arch, num_layers: int, vectors: torch.Tensor, encoded, device) -> torch.Tensor:
-    """Last-position logits of every prompt under ablation of every vector: [vectors × prompts, vocab]."""
-    ids, mask = (t.repeat(len(vectors), 1).to(device) for t in encoded)
-    per_row = vectors.repeat_interleave(encoded[0].shape[0], dim=0)
-    out = forward(
-        model,
-        ids,
-        mask,
-        prefix_rows=len(vectors),  # one shared prefix per candidate, expanded to its prompts
-        prefix_hooks=lambda: residual_ablation(model, arch, num_layers, vectors, per_row=True),
-        rest_hooks=lambda: residual_ablation(model, arch, num_layers, per_row, per_row=True),
-        logits_to_keep=1,
-    )
-    return out.logits[:, -1, :].float().cpu()
+def _refusal_odds(model, prepared, refusal_ids, advance) -> torch.Tensor:
+    return refusal_log_odds(last_logits(model, prepared, advance), refusal_ids)
 
 
 def fit_direction(
@@ -128,12 +135,14 @@ def fit_direction(
     arch: Architecture,
     num_layers: int,
     train_unsafe: list[str],
-    train_safe: list[str],
+    train_contrast: list[str],
     val_unsafe: list[str],
-    val_safe: list[str],
+    val_contrast: list[str],
     settings: FitSettings,
     progress: ProgressFactory = no_progress,
+    contrast_name: str = "contrast",
 ) -> FitResult:
+    """Candidates mean(unsafe) − mean(contrast) at every layer × post-instruction position, and the choice."""
     device = input_device(model)
     suffix = post_instruction_ids(tokenizer)
     n_pos = len(suffix)
@@ -150,21 +159,26 @@ def fit_direction(
         n_pos,
         progress("activations: unsafe train prompts", len(train_unsafe)),
     )
-    mean_safe = mean_residuals(
-        model, prepare(train_safe), num_layers, n_pos, progress("activations: safe train prompts", len(train_safe))
+    mean_contrast = mean_residuals(
+        model,
+        prepare(train_contrast),
+        num_layers,
+        n_pos,
+        progress(f"activations: {contrast_name} train prompts", len(train_contrast)),
     )
-    candidates = (mean_unsafe - mean_safe).float()  # [layers, positions, d]
+    candidates = (mean_unsafe - mean_contrast).float()  # [layers, positions, d]
 
     val_unsafe = val_unsafe[: settings.max_validation_prompts]
-    val_safe = val_safe[: settings.max_validation_prompts]
-    unsafe_batches, safe_batches = prepare(val_unsafe), prepare(val_safe)
-
-    baseline_safe_logits = last_logits(model, safe_batches, progress("baseline: safe validation", len(val_safe)))
+    val_contrast = val_contrast[: settings.max_validation_prompts]
+    unsafe_batches, contrast_batches = prepare(val_unsafe), prepare(val_contrast)
+    baseline_contrast_logits = last_logits(
+        model, contrast_batches, progress(f"baseline: {contrast_name} validation", len(val_contrast))
+    )
     baseline = {
         "unsafe_refusal_log_odds": _mean_refusal(
             model, unsafe_batches, refusal_ids, progress("baseline: unsafe validation", len(val_unsafe))
         ),
-        "safe_refusal_log_odds": float(refusal_log_odds(baseline_safe_logits, refusal_ids).mean()),
+        f"{contrast_name}_refusal_log_odds": float(refusal_log_odds(baseline_contrast_logits, refusal_ids).mean()),
     }
 
     max_layer = settings.max_layer_fraction * num_layers
@@ -185,74 +199,22 @@ def fit_direction(
     def vector(score: CandidateScore) -> torch.Tensor:
         return candidates[score.layer, score.position + n_pos]
 
-    # 2. stage 1: every eligible candidate's bypass score on a few prompts; then their screened KL in
-    # order of that score, only until `screen_keep` candidates pass (the rest could not be kept).
-    full_search = settings.screen_keep <= 0 or settings.screen_keep >= len(eligible)
-    if full_search:
+    scorer = _Scorer(model, arch, num_layers, vector, refusal_ids, settings, progress)
+    if settings.screen_keep <= 0 or settings.screen_keep >= len(eligible):
         kept = eligible
     else:
-        screen_unsafe, screen_safe = val_unsafe[: settings.screen_prompts], val_safe[: settings.screen_prompts]
-        advance = progress("stage 1: screening candidates", len(eligible) * len(screen_unsafe))
-        reference = baseline_safe_logits[: len(screen_safe)]
-        unsafe_ids = tokenize_instructions(tokenizer, screen_unsafe, suffix)
-        safe_ids = tokenize_instructions(tokenizer, screen_safe, suffix)
-        # Several candidates share one forward pass: the prompts are repeated, one direction per copy.
-        group = max(1, settings.batch_size // max(len(screen_unsafe), len(screen_safe)))
-        for start in range(0, len(eligible), group):
-            chunk = eligible[start : start + group]
-            bypass = _screen(model, arch, num_layers, torch.stack([vector(s) for s in chunk]), unsafe_ids, device)
-            bypass = refusal_log_odds(bypass, refusal_ids).view(len(chunk), -1).mean(dim=1)
-            for score, b in zip(chunk, bypass.tolist(), strict=True):
-                score.screen_bypass = b
-            advance(len(chunk) * len(screen_unsafe))
-        by_bypass = sorted(eligible, key=lambda s: s.screen_bypass)
-        advance = progress("stage 1: screened KL, best first", settings.screen_keep * len(screen_safe))
-        low_kl: list[CandidateScore] = []
-        for start in range(0, len(by_bypass), group):
-            if len(low_kl) >= settings.screen_keep:
-                break
-            chunk = by_bypass[start : start + group]
-            safe_logits = _screen(model, arch, num_layers, torch.stack([vector(s) for s in chunk]), safe_ids, device)
-            kl = kl_divergence(reference.repeat(len(chunk), 1), safe_logits).view(len(chunk), -1).mean(dim=1)
-            for score, k in zip(chunk, kl.tolist(), strict=True):
-                score.screen_kl = k
-                if k < settings.max_kl:
-                    low_kl.append(score)
-            advance(min(len(chunk), max(0, settings.screen_keep - len(low_kl))) * len(screen_safe))
-        # Lowest screened bypass among those passing the KL screen, topped up from the rest if too few pass.
-        kept = (low_kl + [s for s in by_bypass if s not in low_kl])[: settings.screen_keep]
-
-    # 3. stage 2: full bypass score of every kept candidate; then, best bypass first, KL and induce
-    # until one passes the filters: it is the choice (scoring the others could not change it).
-    advance = progress("stage 2: bypass scores", len(kept) * len(val_unsafe))
-    for score in kept:
-        with residual_ablation(model, arch, num_layers, vector(score)):
-            score.bypass = _mean_refusal(model, unsafe_batches, refusal_ids, advance)
-    advance = progress("stage 2: KL and induce, best first", 2 * len(val_safe))
-    for score in sorted(kept, key=lambda s: s.bypass):
-        with residual_ablation(model, arch, num_layers, vector(score)):
-            ablated_safe = last_logits(model, safe_batches, advance)
-        score.kl = float(kl_divergence(baseline_safe_logits, ablated_safe).mean())
-        with activation_addition(model, arch, score.layer, vector(score)):
-            score.induce = _mean_refusal(model, safe_batches, refusal_ids, advance)
-        score.passes_filters = score.induce > settings.min_induce and score.kl < settings.max_kl
-        if score.passes_filters:
-            break
-
-    passing = [s for s in kept if s.passes_filters]
-    if passing:
-        chosen = min(passing, key=lambda s: s.bypass)
-        note = (
-            f"lowest bypass among the {len(kept)} fully scored candidates that passes the filters "
-            f"({sum(s.kl is not None for s in kept)} checked, best bypass first)"
+        kept = scorer.screen(
+            eligible,
+            tokenize_instructions(tokenizer, val_unsafe[: settings.screen_prompts], suffix),
+            tokenize_instructions(tokenizer, val_contrast[: settings.screen_prompts], suffix),
+            baseline_contrast_logits[: len(val_contrast[: settings.screen_prompts])],
+            device,
         )
-    else:
-        chosen = min(kept, key=lambda s: s.bypass)
-        note = f"no candidate passed induce > {settings.min_induce} and KL < {settings.max_kl}; lowest bypass taken"
+    chosen, note = scorer.choose(kept, unsafe_batches, contrast_batches, baseline_contrast_logits)
     chosen.selected = True
     return FitResult(
         direction=vector(chosen).clone(),
-        means={"unsafe": mean_unsafe.float(), "safe": mean_safe.float()},
+        means={"unsafe": mean_unsafe.float(), contrast_name: mean_contrast.float()},
         layer=chosen.layer,
         position=chosen.position,
         scores=scores,
@@ -264,9 +226,125 @@ def fit_direction(
             "candidates": len(scores),
             "eligible": len(eligible),
             "fully_scored": len(kept),
+            "kl_scored": sum(s.kl is not None for s in kept),
             "train_unsafe": len(train_unsafe),
-            "train_safe": len(train_safe),
+            "train_contrast": len(train_contrast),
             "validation_unsafe": len(val_unsafe),
-            "validation_safe": len(val_safe),
+            "validation_contrast": len(val_contrast),
         },
     )
+
+
+@dataclass
+class _Scorer:
+    """The selection's two stages over candidate vectors; every score is written into its CandidateScore."""
+
+    model: torch.nn.Module
+    arch: Architecture
+    num_layers: int
+    vector: Callable[[CandidateScore], torch.Tensor]
+    refusal_ids: list[int]
+    settings: FitSettings
+    progress: ProgressFactory
+
+    def screen(self, eligible, unsafe_ids, contrast_ids, reference, device) -> list[CandidateScore]:
+        """Stage 1: every eligible candidate's bypass on a few prompts; then their screened KL in order of
+        that score, only until `screen_keep` candidates pass (the rest could not be kept)."""
+        keep, max_kl = self.settings.screen_keep, self.settings.max_kl
+        n_unsafe, n_contrast = unsafe_ids[0].shape[0], contrast_ids[0].shape[0]
+        # Several candidates share one forward pass: the prompts are repeated, one direction per copy.
+        group = max(1, self.settings.batch_size // max(n_unsafe, n_contrast))
+        advance = self.progress("stage 1: screening candidates", len(eligible) * n_unsafe)
+        for start in range(0, len(eligible), group):
+            chunk = eligible[start : start + group]
+            logits = self._screen(torch.stack([self.vector(s) for s in chunk]), unsafe_ids, device)
+            bypass = refusal_log_odds(logits, self.refusal_ids).view(len(chunk), -1).mean(dim=1)
+            for score, b in zip(chunk, bypass.tolist(), strict=True):
+                score.screen_bypass = b
+            advance(len(chunk) * n_unsafe)
+        by_bypass = sorted(eligible, key=lambda s: s.screen_bypass)
+        advance = self.progress("stage 1: screened KL, best first", keep * n_contrast)
+        low_kl: list[CandidateScore] = []
+        for start in range(0, len(by_bypass), group):
+            if len(low_kl) >= keep:
+                break
+            chunk = by_bypass[start : start + group]
+            logits = self._screen(torch.stack([self.vector(s) for s in chunk]), contrast_ids, device)
+            kl = kl_divergence(reference.repeat(len(chunk), 1), logits).view(len(chunk), -1).mean(dim=1)
+            newly = 0
+            for score, k in zip(chunk, kl.tolist(), strict=True):
+                score.screen_kl = k
+                if k < max_kl and len(low_kl) < keep:
+                    low_kl.append(score)
+                    newly += 1
+            advance(newly * n_contrast)
+        # Lowest screened bypass among those passing the KL screen, topped up from the rest if too few pass.
+        return (low_kl + [s for s in by_bypass if s not in low_kl])[:keep]
+
+    @torch.inference_mode()
+    def _screen(self, vectors: torch.Tensor, encoded, device) -> torch.Tensor:
+        """Last-position logits of every prompt under ablation of every vector: [vectors × prompts, vocab]."""
+        model, arch, layers = self.model, self.arch, self.num_layers
+        ids, mask = (t.repeat(len(vectors), 1).to(device) for t in encoded)
+        per_row = vectors.repeat_interleave(encoded[0].shape[0], dim=0)
+        out = forward(
+            model,
+            ids,
+            mask,
+            prefix_rows=len(vectors),  # one shared prefix per candidate, expanded to its prompts
+            prefix_hooks=lambda: residual_ablation(model, arch, layers, vectors, per_row=True),
+            rest_hooks=lambda: residual_ablation(model, arch, layers, per_row, per_row=True),
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float().cpu()
+
+    def choose(self, kept, unsafe_batches, contrast_batches, baseline_contrast_logits) -> tuple[CandidateScore, str]:
+        """Stage 2: full bypass (and refusal rate) of every kept candidate; then KL and induce, lazily, by the rule."""
+        n_unsafe = sum(len(b.indices) for b in unsafe_batches)
+        n_contrast = sum(len(b.indices) for b in contrast_batches)
+        advance = self.progress("stage 2: bypass scores", len(kept) * n_unsafe)
+        for score in kept:
+            with residual_ablation(self.model, self.arch, self.num_layers, self.vector(score)):
+                odds = _refusal_odds(self.model, unsafe_batches, self.refusal_ids, advance)
+            score.bypass, score.refusal_rate = float(odds.mean()), float((odds > 0).double().mean())
+
+        def kl_of(score: CandidateScore) -> float:
+            if score.kl is None:
+                with residual_ablation(self.model, self.arch, self.num_layers, self.vector(score)):
+                    ablated = last_logits(self.model, contrast_batches, advance)
+                score.kl = float(kl_divergence(baseline_contrast_logits, ablated).mean())
+            return score.kl
+
+        def passes(score: CandidateScore) -> bool:
+            if kl_of(score) >= self.settings.max_kl:
+                return False
+            if score.induce is None:
+                with activation_addition(self.model, self.arch, score.layer, self.vector(score)):
+                    score.induce = _mean_refusal(self.model, contrast_batches, self.refusal_ids, advance)
+            score.passes_filters = score.induce > self.settings.min_induce
+            return score.passes_filters
+
+        s = self.settings
+        advance = self.progress("stage 2: KL and induce", 2 * n_contrast * len(kept))
+        if s.selection == "refusal-then-kl":
+            bypassing = [k for k in kept if k.refusal_rate <= s.max_refusal]
+            # KL of every bypassing candidate, then induce in order of KL until one passes.
+            for score in sorted(bypassing, key=lambda k: (kl_of(k), k.bypass)):
+                if passes(score):
+                    return score, (
+                        f"lowest KL among the {len(bypassing)} of {len(kept)} fully scored candidates that leave at "
+                        f"most {s.max_refusal:.0%} of unsafe validation prompts refused and pass the filters"
+                    )
+        for score in sorted(kept, key=lambda k: k.bypass):  # the paper's rule: lowest bypass that passes
+            if passes(score):
+                fallback = (
+                    f"no candidate left at most {s.max_refusal:.0%} refused and passed the filters; "
+                    if s.selection == "refusal-then-kl"
+                    else ""
+                )
+                return score, (
+                    f"{fallback}lowest bypass among the {len(kept)} fully scored candidates that passes the filters"
+                )
+        return min(kept, key=lambda k: k.bypass), (
+            f"no candidate passed induce > {s.min_induce} and KL < {s.max_kl}; lowest bypass taken"
+        )

@@ -114,17 +114,20 @@ def _direction_section(fit_dir: Path | None, figures: _Figures) -> list[str]:
     layers = sidecar.get("model_fingerprint", {}).get("num_layers", "?")
     positions = len(sidecar.get("post_instruction_tokens", [])) or "?"
     baseline = sidecar.get("baseline", {})
+    contrast = sidecar.get("contrast", "safe")
     rows = [
         ("model", f"`{sidecar.get('model', {}).get('spec', '?')}`"),
         ("layer", f"{sidecar.get('layer')} of {layers}"),
         ("post-instruction position", f"{sidecar.get('position')} of {positions}"),
         ("bypass score (refusal log-odds, unsafe validation, ablated)", _num(scores.get("bypass"))),
-        ("induce score (refusal log-odds, safe validation, added)", _num(scores.get("induce"))),
-        ("KL on safe validation prompts under ablation (nats)", _num(scores.get("kl"), 4)),
+        ("contrast (unsafe − …)", f"{contrast} prompts"),
+        ("unsafe validation prompts still refused under ablation", _num(scores.get("refusal_rate"))),
+        (f"induce score (refusal log-odds, {contrast} validation, added)", _num(scores.get("induce"))),
+        (f"KL on {contrast} validation prompts under ablation (nats)", _num(scores.get("kl"), 4)),
         ("‖r‖ (diff-in-means norm)", _num(scores.get("norm"), 2)),
         (
-            "baseline refusal log-odds (unsafe / safe validation)",
-            f"{_num(baseline.get('unsafe_refusal_log_odds'), 2)} / {_num(baseline.get('safe_refusal_log_odds'), 2)}",
+            f"baseline refusal log-odds (unsafe / {contrast} validation)",
+            f"{_num(baseline.get('unsafe_refusal_log_odds'), 2)} / {_num(baseline.get(f'{contrast}_refusal_log_odds'), 2)}",
         ),
         ("selection", sidecar.get("selection", "–")),
         (

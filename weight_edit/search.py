@@ -8,9 +8,10 @@ validation prompts only, by two first-token objectives, both minimised:
 
 * refusal: mean probability mass of the refusal tokens at the last prompt position, unsafe prompts
   (smoother than the fraction of prompts whose refusal log-odds are > 0, which is recorded too);
-* KL: mean first-token KL(unedited ‖ edited) on safe prompts.
+* KL: mean first-token KL(unedited ‖ edited) on the KL prompts: ordinary harmless instructions (or,
+  for a direction fit against them, the topic-matched safe prompts).
 
-Every trial tokenizes nothing and loads nothing: batches and the unedited safe logits are prepared
+Every trial tokenizes nothing and loads nothing: batches and the unedited KL-prompt logits are prepared
 once. The first trials are enqueued seeds, the full-strength foundation edit first, so it is always
 scored as a reference. After the trials, the Pareto front's members get a short greedy generation on
 both validation sets, scored with the broad refusal markers (only counts are kept), and one member
@@ -35,7 +36,7 @@ from weight_edit.architecture import Architecture, EditTarget
 from weight_edit.chat import Batch, post_instruction_ids, refusal_token_ids
 from weight_edit.edit_math import EditMode
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
-from weight_edit.evaluate import is_broad_refusal
+from weight_edit.evaluate import greedy_completions, is_broad_refusal
 from weight_edit.fit import ProgressFactory, no_progress
 from weight_edit.hooks import weight_equivalent_ablation
 from weight_edit.models import input_device
@@ -46,7 +47,7 @@ KERNEL = (
     "the embeddings take one strength"
 )
 RULE = (
-    "lowest first-token KL on safe validation prompts among Pareto-front trials whose generated refusal rate "
+    "lowest first-token KL on the KL validation prompts among Pareto-front trials whose generated refusal rate "
     "on unsafe validation prompts (broad markers) is <= max_refusal and whose generated safe-prompt refusals do "
     "not exceed the unedited model's"
 )
@@ -184,7 +185,7 @@ class TrialRecord:
     strengths: Strengths
     refusal_score: float  # fraction of unsafe prompts with first-token refusal log-odds > 0
     refusal_prob: float  # mean first-token refusal probability mass on unsafe prompts (objective 1)
-    kl: float  # mean first-token KL(unedited ‖ edited) on safe prompts (objective 2)
+    kl: float  # mean first-token KL(unedited ‖ edited) on the KL prompts (objective 2)
     on_front: bool = False
     chosen: bool = False
     generated: GeneratedCounts | None = None
@@ -261,7 +262,7 @@ class SearchResult:
             "rule": self.rule,
             "fallback": self.fallback,
             "kernel": KERNEL,
-            "objectives": ["refusal_prob (unsafe, minimise)", "kl (safe, minimise)"],
+            "objectives": ["refusal_prob (unsafe, minimise)", "kl (KL prompts, minimise)"],
             "seed": self.seed,
             "n_trials": self.n_trials,
             "mode": self.mode,
@@ -357,7 +358,7 @@ class TrialScorer:
     """A trial's first-token scores against the unedited model's log-probabilities (unsafe rows first).
 
     Returns (fraction of unsafe prompts with refusal log-odds > 0, their mean refusal probability
-    mass, mean KL(unedited ‖ edited) over the safe rows): what `tune` minimises, and what
+    mass, mean KL(unedited ‖ edited) over the other rows: the KL prompts): what `tune` minimises, and what
     `scripts/screen_directions.py` reports for other directions.
     """
 
@@ -396,13 +397,7 @@ def _generated_refusals(
     """Greedy completions scored by the broad markers; only the count leaves this function."""
     refused = 0
     for batch in prepared:
-        out = model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        out = greedy_completions(model, tokenizer, batch, max_new_tokens).sequences
         texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
         refused += sum(is_broad_refusal(text, markers) for text in texts)
         advance(len(batch.indices))
@@ -435,6 +430,7 @@ def search_strengths(
     layer_directions: torch.Tensor | None = None,
     read_tensor: Callable[[str], torch.Tensor] | None = None,
     lazy: bool = True,
+    val_kl: Sequence[str] | None = None,
 ) -> SearchResult:
     """Search per-layer strengths on validation prompts of the fit areas (pass no held-out prompt here).
 
@@ -444,7 +440,8 @@ def search_strengths(
     how many front members are generated (spread along the front; 0: all). `subspace`,
     `layer_directions` and `read_tensor` are passed to `EditPlan.build` / the hook twin unchanged.
     `lazy=False` generates every front member on both prompt sets (the reference the lazy order is
-    tested against).
+    tested against). `val_kl` are the prompts the KL objective is measured on (ordinary harmless
+    instructions; default: `val_safe`); the safe prompts always count generated over-refusals.
     """
     import optuna
 
@@ -465,12 +462,15 @@ def search_strengths(
     suffix = post_instruction_ids(tokenizer)
     refusal_ids = refusal_token_ids(tokenizer, refusal_prefixes)
     n_unsafe = len(val_unsafe)
-    prepared = tokenized_batches(tokenizer, [*val_unsafe, *val_safe], batch_size, device, suffix, by_length=True)
+    kl_prompts = list(val_safe if val_kl is None else val_kl)
+    if not kl_prompts:
+        raise ValueError("the search needs prompts to measure KL on")
+    prepared = tokenized_batches(tokenizer, [*val_unsafe, *kl_prompts], batch_size, device, suffix, by_length=True)
     unsafe_batches = tokenized_batches(tokenizer, list(val_unsafe), batch_size, device, suffix)
     safe_batches = tokenized_batches(tokenizer, list(val_safe), batch_size, device, suffix)
 
     baseline_log_probs = first_token_log_probs(
-        model, prepared, progress("search: unedited model", n_unsafe + len(val_safe))
+        model, prepared, progress("search: unedited model", n_unsafe + len(kl_prompts))
     )
     scores = TrialScorer(baseline_log_probs, n_unsafe, refusal_ids)
     baseline_score, baseline_prob, _ = scores(baseline_log_probs)
@@ -588,7 +588,7 @@ def search_strengths(
             "refusal_prob": baseline_prob,
             "generated": vars(baseline_counts).copy(),
         },
-        prompts={"unsafe": len(val_unsafe), "safe": len(val_safe)},
+        prompts={"unsafe": len(val_unsafe), "safe": len(val_safe), "kl": len(kl_prompts)},
         plan={"rank": plans[chosen].rank, "per_layer_directions": layer_directions is not None},
         wall_seconds=time.perf_counter() - started,
         trial_seconds=trial_seconds,

@@ -7,7 +7,6 @@ are compared. Models are loaded one after the other, so memory holds one model a
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from weight_edit.chat import tokenize_instructions
 from weight_edit.checkpoint import Checkpoint
 from weight_edit.direction_file import load_direction, vector_sha256
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
+from weight_edit.hashing import file_sha256
 from weight_edit.hooks import residual_ablation, weight_equivalent_ablation
 from weight_edit.models import input_device, load_model, release_memory
 from weight_edit.writer import PROVENANCE_FILE, direction_sha256
@@ -68,11 +68,7 @@ def check_output_files(out: Path, provenance: dict[str, Any]) -> None:
         path = out / shard
         if not path.is_file():
             raise VerifyError(f"{path} is missing")
-        hasher = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(64 * 1024 * 1024):
-                hasher.update(chunk)
-        if hasher.hexdigest() != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             raise VerifyError(f"{path} was altered after `apply` (sha256 differs from the provenance file)")
 
 
