@@ -6,6 +6,7 @@ import pytest
 from scipy.stats import binomtest
 
 from weight_edit.stats import (
+    Z95,
     FlipTable,
     flip_table,
     mcnemar_exact,
@@ -61,9 +62,9 @@ def test_paired_interval_narrows_with_n_and_approaches_wald():
     n, b, c = 10000, 3000, 500
     diff = (c - b) / n
     se = math.sqrt(b + c - (c - b) ** 2 / n) / n
-    assert large[1] == pytest.approx(diff - 1.96 * se, abs=2e-3) and large[2] == pytest.approx(
-        diff + 1.96 * se, abs=2e-3
-    )
+    # 1e-4, not looser: ignoring the pairing (phi = 0) or flipping its sign moves both limits by about 5e-4 here,
+    # while the score interval and the paired Wald interval agree to 3e-5 at this n.
+    assert large[1] == pytest.approx(diff - Z95 * se, abs=1e-4) and large[2] == pytest.approx(diff + Z95 * se, abs=1e-4)
 
 
 def test_paired_summary_fields():
@@ -90,3 +91,46 @@ def test_wilson_hand_computed():
     z2 = 1.959963984540054**2
     low, high = wilson_interval(0, 10)
     assert low == pytest.approx(0.0, abs=1e-15) and high == pytest.approx(z2 / (10 + z2), rel=1e-9)
+
+
+# Newcombe (1998), "Improved confidence intervals for the difference between binomial proportions based on
+# paired data", Statistics in Medicine 17:2635-2650, method 10, the paper's worked examples (table II), as
+# reproduced to 4 decimals by the test suite of the R package propint (m-Py/propint,
+# tests/testthat/test_Two_Dependent_Props_CI.R). The paper's table is a, b, c, d = both, first only, second
+# only, neither, and its difference is p1 - p2 = (b - c) / n; here the first classification is the edited
+# model, so b is `edited_only` and c is `source_only`.
+PHI_CORRECTION = (
+    "stats.paired_difference_interval uses phi = (ad - bc) / sqrt(efgh) without Newcombe's correction "
+    "(ad - bc replaced by max(ad - bc - n/2, 0) when ad > bc); only tables with ad - bc > n/2 are affected"
+)
+
+
+@pytest.mark.parametrize(
+    "a,b,c,d,low,high",
+    [
+        (36, 12, 2, 0, 0.0569, 0.3404),
+        (0, 30, 0, 0, 0.8395, 1.0),
+        pytest.param(18, 12, 2, 18, 0.0562, 0.3290, marks=pytest.mark.xfail(strict=True, reason=PHI_CORRECTION)),
+        pytest.param(53, 0, 0, 1, -0.0729, 0.0729, marks=pytest.mark.xfail(strict=True, reason=PHI_CORRECTION)),
+    ],
+)
+def test_newcombe_1998_paired_worked_examples(a, b, c, d, low, high):
+    diff, lower, upper = paired_difference_interval(FlipTable(both=a, source_only=c, edited_only=b, neither=d))
+    assert diff == pytest.approx((b - c) / (a + b + c + d), abs=1e-12)
+    assert lower == pytest.approx(low, abs=1e-4) and upper == pytest.approx(high, abs=1e-4)
+
+
+def test_newcombe_1998_independent_example_is_not_the_paired_one():
+    """0.0524 to 0.3339 is method 10 of Newcombe's *independent*-samples paper (Stat Med 17:873-890), 56/70 - 48/80.
+
+    The same difference (0.2) as the paired example a, b, c, d = 36, 12, 2, 0, whose paired interval is
+    0.0569 to 0.3404 (above); the independent one is Wilson intervals combined with no correlation term.
+    """
+    l1, u1 = wilson_interval(56, 70)
+    l2, u2 = wilson_interval(48, 80)
+    p1, p2 = 56 / 70, 48 / 80
+    lower = p1 - p2 - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    upper = p1 - p2 + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    assert lower == pytest.approx(0.0524, abs=1e-4) and upper == pytest.approx(0.3339, abs=1e-4)
+    paired = paired_difference_interval(FlipTable(both=36, source_only=2, edited_only=12, neither=0))
+    assert paired[1] - lower > 4e-3 and paired[2] - upper > 6e-3
