@@ -695,3 +695,40 @@ def test_remote_code_in_a_checkpoint_is_never_run(tmp_path, tiny_model):
     except ValueError:
         pass  # refusing is fine; running the code is not
     assert not marker.exists()
+
+
+# --- GGUF files that are not GGUF models ------------------------------------------------------------
+
+
+def write_bad_gguf(path: Path, kind: str) -> str:
+    """Write a broken .gguf of `kind`; return what the error must say besides the file's name."""
+    if kind == "empty":
+        path.write_bytes(b"")
+        return "is empty"
+    if kind == "random":
+        path.write_bytes(bytes(range(7, 250)) * 5)  # no GGUF magic
+        return "does not start with the GGUF magic bytes"
+    if kind == "magic-only":
+        path.write_bytes(b"GGUF")
+        return "too short for a GGUF header"
+    if kind == "magic-then-junk":
+        path.write_bytes(b"GGUF" + bytes(range(255, 0, -1)) * 3)
+        return "could not be read as a model"
+    # a well-formed version-3 header that declares no tensors and no metadata
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    return "could not be read as a model"
+
+
+@pytest.mark.parametrize("kind", ["empty", "random", "magic-only", "magic-then-junk", "empty-header"])
+def test_unreadable_gguf_is_one_clear_error(tmp_path, kind):
+    from weight_edit.models import ModelResolutionError, resolve_model
+
+    path = tmp_path / "model.gguf"
+    expected = write_bad_gguf(path, kind)
+    with pytest.raises(ModelResolutionError) as info:
+        resolve_model(str(path))
+    assert str(path) in str(info.value) and expected in str(info.value), str(info.value)
+    assert not any(p.name.endswith(".partial") for p in Path(os.environ["WEIGHT_EDIT_CACHE"]).rglob("*"))
+    out = tmp_path / "out"
+    assert_clear_cli_error(cli_apply(path, bare_direction(tmp_path), out), "model.gguf", expected)
+    assert not out.exists()

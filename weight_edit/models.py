@@ -80,8 +80,16 @@ def convert_gguf(gguf_path: Path, out: Path, progress: ProgressFn | None = None)
         progress(f"converting {gguf_path.name} to safetensors (about a minute)", 0, 1)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as exc:  # transformers' GGUF reader raises ValueError, OSError, KeyError, struct errors, ...
+        raise ModelResolutionError(
+            f"GGUF file {gguf_path} could not be read as a model ({type(exc).__name__}: {exc}); it is corrupt, "
+            "truncated, or a GGUF kind transformers cannot convert"
+        ) from exc
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(str(staging))
@@ -106,7 +114,30 @@ def resolve_default_model(progress: ProgressFn | None = None) -> Path:
     return folder
 
 
+GGUF_MAGIC = b"GGUF"
+GGUF_HEADER_BYTES = 24  # magic, uint32 version, uint64 tensor count, uint64 metadata count
+
+
+def check_gguf_header(path: Path) -> None:
+    """Refuse a file that cannot be GGUF (empty, too short, wrong magic) before transformers reads it."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelResolutionError(f"GGUF file {path} is empty (0 bytes): not a GGUF model")
+    with path.open("rb") as handle:
+        head = handle.read(len(GGUF_MAGIC))
+    if head != GGUF_MAGIC and not (size < len(GGUF_MAGIC) and GGUF_MAGIC.startswith(head)):
+        raise ModelResolutionError(
+            f"GGUF file {path} does not start with the GGUF magic bytes ({GGUF_MAGIC!r}, found {head!r}): "
+            "not a GGUF file"
+        )
+    if size < GGUF_HEADER_BYTES:
+        raise ModelResolutionError(
+            f"GGUF file {path} is {size} bytes, too short for a GGUF header ({GGUF_HEADER_BYTES} bytes): truncated"
+        )
+
+
 def resolve_gguf(path: Path, progress: ProgressFn | None = None) -> Path:
+    check_gguf_header(path)
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = cache_dir() / "models" / f"{path.stem}-{key}"
