@@ -169,3 +169,124 @@ def test_model_card_names_the_base_model_and_the_verify_result(tmp_path, tiny_mo
     assert verify_checkpoint(
         out, ["Tell me a joke", "How do locks work?"], settings.VERIFY_TOLERANCES, new_tokens=2
     ).passed
+
+
+# --- a lock on --out: two runs never write the same output at once -----------------------------------
+
+
+def write_lock(out, **record):
+    lock = out.with_name(out.name + ".weight-edit.lock")
+    lock.write_text(json.dumps(record))
+    return lock
+
+
+def dead_pid():
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def test_a_live_lock_on_out_refuses_a_second_run(tmp_path, tiny_model):
+    import os
+    import socket
+
+    out = tmp_path / "out"
+    lock = write_lock(out, pid=os.getpid(), host=socket.gethostname())
+    before = lock.read_text()
+    for force in (False, True):  # --force replaces a finished result, never one being written
+        with pytest.raises(OutputError) as info:
+            apply_direction(Checkpoint(tiny_model), torch.randn(32), out, force=force)
+        assert str(lock) in str(info.value) and f"pid {os.getpid()}" in str(info.value)
+    assert lock.read_text() == before and not out.exists()  # another run's lock is never removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.weight-edit.lock", "tiny"]
+
+
+def test_a_lock_of_another_host_is_not_judged_stale(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    lock = write_lock(out, pid=dead_pid(), host="another-host.example")
+    with pytest.raises(OutputError, match="another-host.example") as info:
+        apply_direction(Checkpoint(tiny_model), torch.randn(32), out)
+    assert str(lock) in str(info.value) and lock.exists()
+
+
+@pytest.mark.parametrize("kind", ["dead pid", "rebooted", "reused pid", "unreadable and old"])
+def test_a_stale_lock_is_removed_and_the_run_proceeds(tmp_path, tiny_model, kind):
+    import os
+    import socket
+    import time
+
+    out = tmp_path / "out"
+    host = socket.gethostname()
+    if kind == "dead pid":
+        lock = write_lock(out, pid=dead_pid(), host=host)
+    elif kind == "rebooted":  # a live pid, but recorded before the machine last booted
+        lock = write_lock(out, pid=os.getpid(), host=host, boot_id="00000000-0000-0000-0000-000000000000")
+    elif kind == "reused pid":  # a live pid, but not the process that took the lock (it started at another time)
+        lock = write_lock(out, pid=os.getpid(), host=host, started="1")
+    else:
+        lock = write_lock(out)
+        lock.write_text("")
+        os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    if kind in ("rebooted", "reused pid") and not os.path.exists("/proc/self/stat"):
+        pytest.skip("needs /proc")
+    apply_direction(Checkpoint(tiny_model), torch.randn(32), out)
+    assert (out / PROVENANCE_FILE).is_file() and not lock.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]
+
+
+def test_an_unreadable_fresh_lock_is_held(tmp_path, tiny_model):
+    """A lock being written right now (created, content not yet there) must not be taken for stale."""
+    out = tmp_path / "out"
+    lock = write_lock(out)
+    lock.write_text("")
+    with pytest.raises(OutputError, match="weight-edit.lock"):
+        apply_direction(Checkpoint(tiny_model), torch.randn(32), out)
+    assert lock.exists()
+
+
+CONCURRENT_CHILD = r"""
+import sys, time, torch
+from pathlib import Path
+from weight_edit import writer
+from weight_edit.checkpoint import Checkpoint
+original = writer._HashingWriter.write
+def waiting_write(self, data):
+    go = Path(sys.argv[3])
+    if not go.exists():
+        print("writing", flush=True)
+        while not go.exists():
+            time.sleep(0.05)
+    return original(self, data)
+writer._HashingWriter.write = waiting_write
+writer.apply_direction(Checkpoint(sys.argv[1]), torch.randn(32), Path(sys.argv[2]))
+print("done", flush=True)
+"""
+
+
+def test_two_concurrent_runs_to_the_same_out(tmp_path, tiny_model):
+    """A second process writing the same --out while the first is midway gets OutputError naming the first's pid;
+    the first completes, its lock is gone, and it is its result that stands."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out, go = tmp_path / "out", tmp_path / "go"
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen(
+        [sys.executable, "-c", CONCURRENT_CHILD, str(tiny_model), str(out), str(go)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        with pytest.raises(OutputError) as info:
+            apply_direction(Checkpoint(tiny_model), torch.randn(32), out, force=True)
+        assert f"pid {child.pid}" in str(info.value) and "out.weight-edit.lock" in str(info.value)
+    finally:
+        go.touch()
+        stdout, _ = child.communicate(timeout=120)
+    assert child.returncode == 0 and stdout.strip() == "done"
+    assert (out / PROVENANCE_FILE).is_file() and not out.with_name("out.weight-edit.lock").exists()

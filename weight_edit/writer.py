@@ -3,7 +3,8 @@
 Each source shard is read once, sequentially, and hashed on the way; unedited tensors are copied as
 raw bytes and edited tensors are decoded, edited and encoded one at a time, so peak memory is set by
 the largest edited tensor, not by the model. The output keeps the source's shard names, tensor order
-and dtypes, and appears at `out` only once it is complete.
+and dtypes, and appears at `out` only once it is complete. While a run writes `out` it holds the lock file
+`OUT.weight-edit.lock` beside it, so a second run for the same `out` stops instead of replacing the first.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import json
 import os
 import queue
 import shutil
+import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +44,152 @@ AUTO_WORKERS = 3  # shards edited at once unless --workers says otherwise
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 
 
+LOCK_SUFFIX = ".weight-edit.lock"  # OUT.weight-edit.lock, beside OUT, while a run writes OUT
+UNREADABLE_LOCK_STALE_S = 60  # a lock with no readable owner (killed between create and write) is stale after this
+
+
 class OutputError(ValueError):
     """The requested output location is unsafe or occupied."""
+
+
+def output_lock_path(out: Path) -> Path:
+    return out.with_name(out.name + LOCK_SUFFIX)
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22): tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _owner_alive(record: dict[str, Any]) -> bool | None:
+    """Whether the run that wrote a lock record is still running; None when it ran on another host (unknowable)."""
+    if record.get("host") != socket.gethostname():
+        return None
+    boot = _boot_id()
+    if boot and record.get("boot_id") and record["boot_id"] != boot:
+        return False  # taken before this machine last booted
+    pid = record.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    started = record.get("started")
+    current = _process_start(pid)
+    return not (started is not None and current is not None and current != started)
+
+
+def _remove_stale_lock(lock: Path, seen: os.stat_result) -> None:
+    """Remove the stale lock judged from `seen`, never a fresh one another run created in the meantime.
+
+    The lock is first renamed to a name of our own (atomic); if that file is not the one judged stale (another
+    run replaced it between our read and the rename), it is linked back under the lock's name.
+    """
+    grave = lock.with_name(f"{lock.name}.stale-{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.replace(lock, grave)
+    except FileNotFoundError:
+        return  # another run removed it first
+    moved = grave.stat()
+    if (moved.st_dev, moved.st_ino) != (seen.st_dev, seen.st_ino):
+        try:
+            os.link(grave, lock)
+        except FileExistsError:
+            pass
+    grave.unlink()
+
+
+def _lock_holder(lock: Path) -> tuple[str, os.stat_result] | None:
+    """Who holds `lock` (a description for the error), or None when the lock is stale (or already gone)."""
+    try:
+        seen = lock.stat()
+        text = lock.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(text)
+        if not isinstance(record, dict):
+            raise ValueError
+    except ValueError:
+        age = time.time() - seen.st_mtime
+        if age > UNREADABLE_LOCK_STALE_S:
+            _remove_stale_lock(lock, seen)
+            return None
+        return f"a run whose lock is still being written ({age:.0f} s ago)", seen
+    alive = _owner_alive(record)
+    if alive is False:
+        _remove_stale_lock(lock, seen)
+        return None
+    since = record.get("created_unix")
+    when = f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if isinstance(since, int) else ""
+    who = f"pid {record.get('pid')} on {record.get('host')}{when}"
+    if alive is None:
+        who += " (another host: whether it still runs cannot be checked from here)"
+    return who, seen
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[Path]:
+    """Hold OUT.weight-edit.lock (created with O_CREAT|O_EXCL, holding pid and host) while OUT is written.
+
+    A second run for the same OUT gets an OutputError naming the lock file and the holder's pid. A lock
+    whose process is gone (dead pid on this host, a reused pid, or a boot since) is removed and taken over.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = output_lock_path(out)
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "started": _process_start(os.getpid()),
+        "created_unix": int(time.time()),
+        "out": str(out),
+    }
+    for _ in range(5):  # each retry follows the removal of a stale lock
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is None:
+                continue
+            raise OutputError(
+                f"--out {out} is being written by another `weight-edit apply` ({holder[0]}); lock file {lock}. "
+                "Wait for that run to finish; if it no longer runs, delete the lock file."
+            ) from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            mine = lock.stat()
+        except BaseException:
+            lock.unlink(missing_ok=True)  # disk full or interrupted: leave no lock without an owner
+            raise
+        break
+    else:
+        raise OutputError(f"could not take the lock {lock} for --out {out}: other runs keep replacing it")
+    try:
+        yield lock
+    finally:
+        try:
+            now = lock.stat()
+            if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+                lock.unlink()
+        except FileNotFoundError:
+            pass
 
 
 @dataclass
@@ -338,110 +485,116 @@ def apply_direction(
             if on_progress:
                 on_progress(done, total)
 
-    staging = new_staging(out)
-    try:
-        source_shards: dict[str, Any] = {}
-        output_shards: dict[str, Any] = {}
-        # At most 3 by default: measured on 16 cores, 3 workers edit a 16 GB checkpoint at 1.41x a copy
-        # (4: 1.40x) with the same peak memory at 8 and 32 layers (4 add ~0.3 GB; artifacts/benchmarks.md).
-        workers = workers or min(len(source.shards), max(1, (os.cpu_count() or 1) // 2), AUTO_WORKERS)
-        # Shards are independent; threads suffice (hashing, file I/O and torch release the GIL). Peak
-        # memory is then about `workers` times the largest edited tensor's stored size, twice.
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weight-edit-shard") as pool:
-            futures = {
-                shard: pool.submit(
-                    _write_shard,
-                    source,
-                    shard,
-                    staging / shard,
-                    targets,
-                    directions,
-                    mode,
-                    untie_from,
-                    arch.unembedding_tensor,
-                    advance,
-                )
-                for shard in source.shards
-            }
-            try:
-                for shard, future in futures.items():
-                    source_shards[shard], output_shards[shard] = future.result()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-        if source.index is not None:
-            weight_map = dict(source.weight_map)
-            if untie_from is not None:
-                weight_map[arch.unembedding_tensor] = source.weight_map[untie_from]
-            index = {
-                "metadata": {
-                    **source.index.get("metadata", {}),
-                    "total_size": sum(s["data_bytes"] for s in output_shards.values()),
-                },
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        config = _untied_config(source.config) if untie else source.config
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for item in sorted(source.folder.iterdir()):
-            if (
-                item.is_file()
-                and item.name
-                not in (
-                    "config.json",
-                    INDEX_FILE,
-                    PROVENANCE_FILE,
-                    DIRECTION_COPY,
-                    LAYER_DIRECTIONS_COPY,
-                    SUBSPACE_COPY,
-                    "README.md",
-                )
-                and not item.name.endswith(_SKIP_SUFFIXES)
-            ):
-                shutil.copy2(item, staging / item.name)
-        from safetensors.torch import save_file
+    with output_lock(out):
+        check_output_location(source.folder, out, force)  # again, now that no other run can fill `out`
+        staging = new_staging(out)
+        try:
+            source_shards: dict[str, Any] = {}
+            output_shards: dict[str, Any] = {}
+            # At most 3 by default: measured on 16 cores, 3 workers edit a 16 GB checkpoint at 1.41x a copy
+            # (4: 1.40x) with the same peak memory at 8 and 32 layers (4 add ~0.3 GB; artifacts/benchmarks.md).
+            workers = workers or min(len(source.shards), max(1, (os.cpu_count() or 1) // 2), AUTO_WORKERS)
+            # Shards are independent; threads suffice (hashing, file I/O and torch release the GIL). Peak
+            # memory is then about `workers` times the largest edited tensor's stored size, twice.
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weight-edit-shard") as pool:
+                futures = {
+                    shard: pool.submit(
+                        _write_shard,
+                        source,
+                        shard,
+                        staging / shard,
+                        targets,
+                        directions,
+                        mode,
+                        untie_from,
+                        arch.unembedding_tensor,
+                        advance,
+                    )
+                    for shard in source.shards
+                }
+                try:
+                    for shard, future in futures.items():
+                        source_shards[shard], output_shards[shard] = future.result()
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+            if source.index is not None:
+                weight_map = dict(source.weight_map)
+                if untie_from is not None:
+                    weight_map[arch.unembedding_tensor] = source.weight_map[untie_from]
+                index = {
+                    "metadata": {
+                        **source.index.get("metadata", {}),
+                        "total_size": sum(s["data_bytes"] for s in output_shards.values()),
+                    },
+                    "weight_map": dict(sorted(weight_map.items())),
+                }
+                (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            config = _untied_config(source.config) if untie else source.config
+            (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            for item in sorted(source.folder.iterdir()):
+                if (
+                    item.is_file()
+                    and item.name
+                    not in (
+                        "config.json",
+                        INDEX_FILE,
+                        PROVENANCE_FILE,
+                        DIRECTION_COPY,
+                        LAYER_DIRECTIONS_COPY,
+                        SUBSPACE_COPY,
+                        "README.md",
+                    )
+                    and not item.name.endswith(_SKIP_SUFFIXES)
+                ):
+                    shutil.copy2(item, staging / item.name)
+            from safetensors.torch import save_file
 
-        save_file({"direction": direction.contiguous()}, str(staging / DIRECTION_COPY), metadata={"format": "pt"})
-        if plan.rank > 1:
-            save_file({"subspace": plan.basis.contiguous()}, str(staging / SUBSPACE_COPY), metadata={"format": "pt"})
-        layer_directions = plan.layer_bases
-        if layer_directions is not None:
-            save_file(
-                {"layer_directions": layer_directions.contiguous()},
-                str(staging / LAYER_DIRECTIONS_COPY),
-                metadata={"format": "pt"},
-            )
-        provenance = {
-            "tool": "weight-edit",
-            "version": __version__,
-            "created_unix": int(time.time()),
-            "mode": mode,
-            "architecture": arch.family,
-            "guarantee": arch.guarantee(mode, layer_directions is not None, plan.strengths.is_full),
-            "source": {"path": str(source.folder), "shards": source_shards},
-            "direction": {"sha256": direction_sha256(direction), "file": DIRECTION_COPY, "hidden_size": hidden},
-            "layer_directions": None
-            if layer_directions is None
-            else {"file": LAYER_DIRECTIONS_COPY, "sha256": direction_sha256(layer_directions.flatten())},
-            "subspace": None
-            if plan.rank == 1
-            else {"file": SUBSPACE_COPY, "sha256": direction_sha256(plan.basis.flatten()), "rank": plan.rank},
-            "strengths": None if plan.strengths.is_full else plan.strengths.as_dict(),
-            "edited_tensors": sorted(t for t in targets),
-            "untied_embeddings": untie,
-            "output": {"shards": {k: {"sha256": v["sha256"], "bytes": v["bytes"]} for k, v in output_shards.items()}},
-        }
-        clashes = sorted(set(provenance) & set(provenance_extra or {}))
-        if clashes:  # the caller's notes must never replace what verify reads back
-            raise ValueError(f"provenance_extra would replace {', '.join(clashes)}")
-        provenance |= provenance_extra or {}
-        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        write_card(staging, provenance)
-        _replace_atomically(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return ApplyResult(out, sorted(targets), untie, provenance)
+            save_file({"direction": direction.contiguous()}, str(staging / DIRECTION_COPY), metadata={"format": "pt"})
+            if plan.rank > 1:
+                save_file(
+                    {"subspace": plan.basis.contiguous()}, str(staging / SUBSPACE_COPY), metadata={"format": "pt"}
+                )
+            layer_directions = plan.layer_bases
+            if layer_directions is not None:
+                save_file(
+                    {"layer_directions": layer_directions.contiguous()},
+                    str(staging / LAYER_DIRECTIONS_COPY),
+                    metadata={"format": "pt"},
+                )
+            provenance = {
+                "tool": "weight-edit",
+                "version": __version__,
+                "created_unix": int(time.time()),
+                "mode": mode,
+                "architecture": arch.family,
+                "guarantee": arch.guarantee(mode, layer_directions is not None, plan.strengths.is_full),
+                "source": {"path": str(source.folder), "shards": source_shards},
+                "direction": {"sha256": direction_sha256(direction), "file": DIRECTION_COPY, "hidden_size": hidden},
+                "layer_directions": None
+                if layer_directions is None
+                else {"file": LAYER_DIRECTIONS_COPY, "sha256": direction_sha256(layer_directions.flatten())},
+                "subspace": None
+                if plan.rank == 1
+                else {"file": SUBSPACE_COPY, "sha256": direction_sha256(plan.basis.flatten()), "rank": plan.rank},
+                "strengths": None if plan.strengths.is_full else plan.strengths.as_dict(),
+                "edited_tensors": sorted(t for t in targets),
+                "untied_embeddings": untie,
+                "output": {
+                    "shards": {k: {"sha256": v["sha256"], "bytes": v["bytes"]} for k, v in output_shards.items()}
+                },
+            }
+            clashes = sorted(set(provenance) & set(provenance_extra or {}))
+            if clashes:  # the caller's notes must never replace what verify reads back
+                raise ValueError(f"provenance_extra would replace {', '.join(clashes)}")
+            provenance |= provenance_extra or {}
+            (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+            write_card(staging, provenance)
+            _replace_atomically(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return ApplyResult(out, sorted(targets), untie, provenance)
 
 
 def new_staging(out: Path) -> Path:
