@@ -612,6 +612,33 @@ def test_verify_fails_a_checkpoint_edited_with_another_direction(tmp_path, sourc
     assert digest(tmp_path) == before
 
 
+@pytest.mark.parametrize("change", ["one bit", "missing", "config"])
+def test_verify_refuses_a_source_changed_since_apply(tmp_path, source, change):
+    """The hooked twin runs on the source: a changed source must be named as such, not blamed on the edit."""
+    out = tmp_path / "out"
+    apply_direction(Checkpoint(source), torch.randn(32), out)
+    if change == "config":  # same weights, another model: every norm's epsilon changes
+        changed = source / "config.json"
+        config = json.loads(changed.read_text())
+        config["rms_norm_eps"] = 0.5
+        changed.write_text(json.dumps(config, indent=2))
+    else:
+        changed = shard_of(source, "model.layers.1.self_attn.q_proj.weight")  # not a residual writer
+        if change == "missing":
+            changed.rename(changed.with_name(changed.name + ".moved"))
+        else:
+            data = bytearray(changed.read_bytes())
+            data[-3] ^= 0x01
+            changed.write_bytes(bytes(data))
+    before = digest(tmp_path)
+    with pytest.raises(VerifyError, match="source changed since `apply`") as info:
+        verify_checkpoint(out, PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
+    assert str(changed) in str(info.value) and "not the edit" in str(info.value)
+    result = CliRunner().invoke(cli.main, ["verify", str(out), "--device", "cpu"])
+    assert_clear_cli_error(result, changed.name, "source changed since `apply`")
+    assert digest(tmp_path) == before
+
+
 # --- interrupted or killed mid-write --------------------------------------------------------------
 
 

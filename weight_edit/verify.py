@@ -72,6 +72,27 @@ def check_output_files(out: Path, provenance: dict[str, Any]) -> None:
             raise VerifyError(f"{path} was altered after `apply` (sha256 differs from the provenance file)")
 
 
+def check_source_files(provenance: dict[str, Any]) -> None:
+    """The source must be byte for byte the one `apply` edited: the hooked twin runs on it, so a changed source
+    would make a correct edit look wrong (or a wrong one look right).
+
+    Shards are checked against the sha256 `apply` computed while reading them; the source's config, index and
+    tokenizer files too where the provenance records them (weight-edit after 0.1.0).
+    """
+    folder = Path(provenance["source"]["path"])
+    advice = "the source changed since `apply`, not the edit: restore the source or run `apply` again"
+    if not folder.is_dir():
+        raise VerifyError(f"the source folder {folder} named in {PROVENANCE_FILE} is missing: {advice}")
+    records = {**(provenance["source"].get("files") or {}), **provenance["source"]["shards"]}
+    for name, expected in records.items():
+        path = folder / name
+        if not path.is_file():
+            raise VerifyError(f"source file {path} is missing: {advice}")
+        size = expected.get("bytes")
+        if (size is not None and path.stat().st_size != size) or file_sha256(path) != expected["sha256"]:
+            raise VerifyError(f"source file {path} differs from the sha256 recorded at apply time: {advice}")
+
+
 def plan_from_provenance(out: Path, provenance: dict[str, Any], direction: torch.Tensor, num_layers: int) -> EditPlan:
     """Rebuild the edit `apply` wrote from the files it stored beside the checkpoint, checking their hashes."""
     from safetensors.torch import load_file
@@ -129,11 +150,14 @@ def verify_checkpoint(
     check_files: bool = True,
     max_memory: dict | None = None,
     device_map: dict[str, Any] | None = None,
+    check_source: bool = True,
 ) -> VerifyReport:
     out = Path(out).resolve()
     provenance = read_provenance(out)
     if check_files:
         check_output_files(out, provenance)
+    if check_source:
+        check_source_files(provenance)
     direction, _ = load_direction(out / provenance["direction"]["file"])
     if vector_sha256(direction) != provenance["direction"]["sha256"]:
         raise VerifyError(f"{out}: the stored direction does not match the provenance hash")
@@ -192,6 +216,11 @@ def verify_checkpoint(
     failures = []
     checks: dict[str, Any] = {
         "output_checksums": "passed" if check_files else "skipped",
+        "source_checksums": (
+            ("passed" if provenance["source"].get("files") else "passed (shards only: no source files recorded)")
+            if check_source
+            else "skipped"
+        ),
         # Where hooks cannot rescale per expert, the twin comparison is reported but not enforced.
         "hook_twin_equality": "enforced" if twin_exact else "reported only (block hooks cannot rescale per expert)",
     }

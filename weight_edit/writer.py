@@ -32,6 +32,7 @@ from weight_edit.architecture import EditTarget, architecture_for
 from weight_edit.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo
 from weight_edit.edit_math import EditMode, edited_pieces, write_direction
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
+from weight_edit.hashing import file_sha256
 from weight_edit.model_card import write_card
 
 PROVENANCE_FILE = "weight_edit_provenance.json"
@@ -532,6 +533,13 @@ def apply_direction(
                 (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             config = _untied_config(source.config) if untie else source.config
             (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            # The source's own files (config, index, tokenizer, ...), so that `verify` can tell a source changed
+            # since apply from a faulty edit.
+            source_files = {
+                name: _file_record(source.folder / name)
+                for name in ("config.json", INDEX_FILE)
+                if (source.folder / name).is_file()
+            }
             for item in sorted(source.folder.iterdir()):
                 if (
                     item.is_file()
@@ -547,6 +555,7 @@ def apply_direction(
                     )
                     and not item.name.endswith(_SKIP_SUFFIXES)
                 ):
+                    source_files[item.name] = _file_record(item)
                     shutil.copy2(item, staging / item.name)
             from safetensors.torch import save_file
 
@@ -569,7 +578,11 @@ def apply_direction(
                 "mode": mode,
                 "architecture": arch.family,
                 "guarantee": arch.guarantee(mode, layer_directions is not None, plan.strengths.is_full),
-                "source": {"path": str(source.folder), "shards": source_shards},
+                "source": {
+                    "path": str(source.folder),
+                    "shards": source_shards,
+                    "files": dict(sorted(source_files.items())),
+                },
                 "direction": {"sha256": direction_sha256(direction), "file": DIRECTION_COPY, "hidden_size": hidden},
                 "layer_directions": None
                 if layer_directions is None
@@ -595,6 +608,10 @@ def apply_direction(
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return ApplyResult(out, sorted(targets), untie, provenance)
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def new_staging(out: Path) -> Path:
