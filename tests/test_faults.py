@@ -603,10 +603,12 @@ def test_verify_fails_a_checkpoint_edited_with_another_direction(tmp_path, sourc
     save_file({"direction": b}, str(out / DIRECTION_COPY), metadata={"format": "pt"})
     provenance = json.loads((out / PROVENANCE_FILE).read_text())
     provenance["direction"]["sha256"] = vector_sha256(b)
-    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+    # a consistent record (file hashes and seal rewritten too): only running the models can tell
+    provenance["output"]["files"] = writer.output_file_records(out, provenance["output"]["shards"])
+    writer.write_provenance(out, provenance)
     before = digest(tmp_path)
     report = verify_checkpoint(out, PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
-    assert report.checks["output_checksums"] == "passed"
+    assert report.checks["output_checksums"] == report.checks["output_files"] == "passed"
     assert not report.passed
     assert any("logit" in f for f in report.failures) and any("direction component" in f for f in report.failures)
     assert digest(tmp_path) == before
@@ -637,6 +639,104 @@ def test_verify_refuses_a_source_changed_since_apply(tmp_path, source, change):
     result = CliRunner().invoke(cli.main, ["verify", str(out), "--device", "cpu"])
     assert_clear_cli_error(result, changed.name, "source changed since `apply`")
     assert digest(tmp_path) == before
+
+
+def alter_chat_template(out: Path) -> Path:
+    path = out / "chat_template.jinja"
+    path.write_text(path.read_text() + "{# an added line #}\n")
+    return path
+
+
+def alter_tokenizer(out: Path) -> Path:
+    path = out / "tokenizer_config.json"
+    data = json.loads(path.read_text())
+    data["model_max_length"] = 7
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def alter_generation_config(out: Path) -> Path:
+    path = out / "generation_config.json"
+    data = json.loads(path.read_text())
+    data["temperature"] = 1.7
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def alter_config(out: Path) -> Path:
+    path = out / "config.json"
+    data = json.loads(path.read_text())
+    data["rms_norm_eps"] = 0.5
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def alter_index(out: Path) -> Path:
+    path = out / INDEX_FILE
+    data = json.loads(path.read_text())
+    data["metadata"]["note"] = "edited by hand"
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def alter_provenance(out: Path) -> Path:
+    path = out / PROVENANCE_FILE
+    data = json.loads(path.read_text())
+    data["mode"] = "project"  # norm-preserving was applied
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def remove_provenance_seal(out: Path) -> Path:
+    (out / writer.PROVENANCE_SEAL).unlink()
+    return out / writer.PROVENANCE_SEAL
+
+
+def add_a_file(out: Path) -> Path:
+    path = out / "special_tokens_map.json"
+    path.write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize(
+    "alter,expected",
+    [
+        (alter_chat_template, "was altered after `apply`"),
+        (alter_tokenizer, "was altered after `apply`"),
+        (alter_generation_config, "was altered after `apply`"),
+        (alter_config, "was altered after `apply`"),
+        (alter_index, "was altered after `apply`"),
+        (alter_provenance, "was altered after `apply`"),
+        (remove_provenance_seal, "is missing"),
+        (add_a_file, "was not written by `apply`"),
+    ],
+)
+def test_verify_refuses_any_file_altered_after_apply(tmp_path, source, alter, expected):
+    """Not only the shards: tokenizer, chat template, configs, the index and the provenance itself are checked."""
+    out = tmp_path / "out"
+    apply_direction(Checkpoint(source), torch.randn(32), out)
+    path = alter(out)
+    before = digest(tmp_path)
+    with pytest.raises(VerifyError) as info:
+        verify_checkpoint(out, PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
+    assert str(path) in str(info.value) and expected in str(info.value), str(info.value)
+    result = CliRunner().invoke(cli.main, ["verify", str(out), "--device", "cpu"])
+    assert_clear_cli_error(result, path.name, expected)
+    assert digest(tmp_path) == before
+
+
+def test_verify_of_an_old_provenance_runs_and_says_what_it_could_not_check(tmp_path, source):
+    """Provenance from before file records and the seal: shards are checked, the other files cannot be."""
+    out = tmp_path / "out"
+    apply_direction(Checkpoint(source), torch.randn(32), out)
+    provenance = json.loads((out / PROVENANCE_FILE).read_text())
+    del provenance["output"]["files"], provenance["source"]["files"]
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    (out / writer.PROVENANCE_SEAL).unlink()
+    report = verify_checkpoint(out, PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
+    assert report.passed, report.failures
+    assert report.checks["output_checksums"] == "passed"
+    assert report.checks["output_files"].startswith("not checked: the provenance file records no hashes")
 
 
 # --- interrupted or killed mid-write --------------------------------------------------------------

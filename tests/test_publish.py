@@ -81,3 +81,48 @@ def test_altered_shard_is_refused_even_after_verify(verified):
     with pytest.raises(PublishError, match="altered"):
         push(verified, "me/edited", api=api)
     assert api.calls == []
+
+
+def edit_json(path, **changes):
+    import json
+
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data, indent=2))
+
+
+@pytest.mark.parametrize(
+    "name,alter,expected",
+    [
+        ("tokenizer_config.json", lambda p: edit_json(p, model_max_length=7), "was altered after `apply`"),
+        ("chat_template.jinja", lambda p: p.write_text(p.read_text() + "{{ 'x' }}"), "was altered after `apply`"),
+        ("generation_config.json", lambda p: edit_json(p, temperature=1.7), "was altered after `apply`"),
+        ("weight_edit_provenance.json", lambda p: edit_json(p, base_model="someone/else"), "was altered after `apply`"),
+        ("README.md", lambda p: p.write_text(p.read_text() + "\nA line added by hand.\n"), "was altered after"),
+        ("added.py", lambda p: p.write_text("print('hello')\n"), "was not written by `apply`"),
+    ],
+)
+def test_any_altered_or_added_file_is_refused_after_verify(verified, name, alter, expected):
+    path = verified / name
+    alter(path)
+    api = FakeApi()
+    with pytest.raises(PublishError) as info:
+        push(verified, "me/edited", api=api)
+    assert str(path) in str(info.value) and expected in str(info.value), str(info.value)
+    assert api.calls == []
+    result = CliRunner().invoke(cli.main, ["push", str(verified), "--repo-id", "me/edited", "--dry-run"])
+    assert result.exit_code == 2 and name in result.output and "Traceback" not in result.output
+
+
+def test_output_of_an_older_apply_is_refused(verified):
+    """Without file records nothing vouches for the tokenizer or the chat template: apply again to publish."""
+    import json
+
+    from weight_edit.writer import PROVENANCE_FILE, PROVENANCE_SEAL
+
+    provenance = json.loads((verified / PROVENANCE_FILE).read_text())
+    del provenance["output"]["files"]
+    (verified / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    (verified / PROVENANCE_SEAL).unlink()
+    with pytest.raises(PublishError, match="records no hashes of the files beside the weights"):
+        push(verified, "me/edited", api=FakeApi())

@@ -290,3 +290,28 @@ def test_two_concurrent_runs_to_the_same_out(tmp_path, tiny_model):
         stdout, _ = child.communicate(timeout=120)
     assert child.returncode == 0 and stdout.strip() == "done"
     assert (out / PROVENANCE_FILE).is_file() and not out.with_name("out.weight-edit.lock").exists()
+
+
+def test_output_records_every_file_it_writes_and_seals_the_provenance(tmp_path, tiny_model):
+    """Every file but the shards (recorded with their own hashes), the provenance, its seal, and the two files
+    `verify` rewrites (README.md, weight_edit_verify.json) has its sha256 in the provenance; the seal holds the
+    provenance file's sha256. Files `verify` writes are never copied from a source that is itself an output."""
+    import hashlib
+
+    (tiny_model / "weight_edit_verify.json").write_text('{"passed": true}')  # as if the source were an output
+    (tiny_model / "weight_edit_provenance.sha256").write_text("0" * 64 + "  weight_edit_provenance.json\n")
+    out = tmp_path / "out"
+    apply_direction(Checkpoint(tiny_model), torch.randn(32), out)
+    provenance = json.loads((out / PROVENANCE_FILE).read_text())
+    sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+    files = provenance["output"]["files"]
+    assert set(files) == set(sha) - set(provenance["output"]["shards"]) - {
+        PROVENANCE_FILE,
+        "weight_edit_provenance.sha256",
+        "README.md",
+    }
+    assert {"config.json", INDEX_FILE, "tokenizer.json", "chat_template.jinja", "generation_config.json"} <= set(files)
+    assert all(entry["sha256"] == sha[name] for name, entry in files.items())
+    assert "weight_edit_verify.json" not in sha
+    seal = (out / "weight_edit_provenance.sha256").read_text()
+    assert seal == f"{sha[PROVENANCE_FILE]}  {PROVENANCE_FILE}\n"  # the format of sha256sum, so `sha256sum -c` works

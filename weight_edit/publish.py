@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from weight_edit.verify import VerifyError, check_output_files, read_provenance
-
-VERIFY_FILE = "weight_edit_verify.json"
+from weight_edit.model_card import CARD_FILE, render_card
+from weight_edit.verify import OLD_PROVENANCE, VerifyError, check_output_files, read_provenance
+from weight_edit.writer import VERIFY_FILE
 
 
 class PublishError(ValueError):
@@ -23,7 +23,13 @@ def publishable_files(out: Path) -> list[str]:
 
 
 def check_publishable(out: Path) -> dict[str, Any]:
-    """Refuse an output that `verify` has not passed, or whose shards changed after `apply`."""
+    """Refuse an output that `verify` has not passed, or any of whose files changed (or appeared) after `apply`.
+
+    Every file is vouched for: shards, configs, tokenizer and chat template by the hashes in the provenance, the
+    provenance by its seal, and the model card (rewritten by `verify`) by being exactly the card rendered from
+    the provenance and the verify report. An output of an older apply, whose provenance records only the
+    shards, is refused: nothing vouches for its other files.
+    """
     provenance = read_provenance(out)
     report_path = out / VERIFY_FILE
     if not report_path.is_file():
@@ -32,9 +38,19 @@ def check_publishable(out: Path) -> dict[str, Any]:
     if not report.get("passed"):
         raise PublishError(f"{out} failed verification ({'; '.join(report.get('failures', []))}); not publishing")
     try:
-        check_output_files(out, provenance)
+        files_checked = check_output_files(out, provenance)
     except VerifyError as exc:
         raise PublishError(str(exc)) from exc
+    if not files_checked:
+        raise PublishError(f"{out}: {OLD_PROVENANCE.removeprefix('not checked: ')}; not publishing")
+    card = out / CARD_FILE
+    if not card.is_file():
+        raise PublishError(f"{card} is missing")
+    if card.read_text(encoding="utf-8", errors="replace") != render_card(provenance, report):
+        raise PublishError(
+            f"{card} was altered after `verify` (it differs from the card rendered from the provenance and "
+            f"{VERIFY_FILE}): run `weight-edit verify {out}` again to rewrite it"
+        )
     return provenance
 
 

@@ -22,7 +22,7 @@ from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.hashing import file_sha256
 from weight_edit.hooks import residual_ablation, weight_equivalent_ablation
 from weight_edit.models import input_device, load_model, release_memory
-from weight_edit.writer import PROVENANCE_FILE, direction_sha256
+from weight_edit.writer import PROVENANCE_FILE, PROVENANCE_SEAL, UNRECORDED_FILES, direction_sha256
 
 
 class VerifyError(ValueError):
@@ -62,14 +62,47 @@ def read_provenance(out: Path) -> dict[str, Any]:
     return provenance
 
 
-def check_output_files(out: Path, provenance: dict[str, Any]) -> None:
-    """Every output shard must hash to what `apply` recorded."""
-    for shard, expected in provenance["output"]["shards"].items():
-        path = out / shard
+OLD_PROVENANCE = (
+    "not checked: the provenance file records no hashes of the files beside the weights (written by an older "
+    "`weight-edit apply`); tokenizer, chat template and configs are unchecked, run `apply` again to check them"
+)
+
+
+def check_provenance_seal(out: Path, provenance: dict[str, Any]) -> None:
+    """The provenance file must hash to its seal, written by `apply` beside it."""
+    path, seal = out / PROVENANCE_FILE, out / PROVENANCE_SEAL
+    if not seal.is_file():
+        if "files" in provenance["output"]:  # written by an apply that seals: the seal was removed
+            raise VerifyError(f"{seal} is missing: nothing vouches for {path} (it was removed after `apply`)")
+        return  # an older apply: there is no seal to check
+    recorded = seal.read_text(encoding="utf-8", errors="replace").split()
+    if not recorded or recorded[0] != file_sha256(path):
+        raise VerifyError(f"{path} was altered after `apply` (its sha256 differs from the one in {seal.name})")
+
+
+def check_output_files(out: Path, provenance: dict[str, Any]) -> bool:
+    """The provenance must be as `apply` wrote it, and every shard and every other file `apply` wrote must hash
+    to what it recorded; no file may have been added. Returns False (nothing raised) for a provenance of an
+    older apply that records only the shards: then the other files cannot be checked (see OLD_PROVENANCE).
+    """
+    check_provenance_seal(out, provenance)
+    records = provenance["output"].get("files")
+    for name, expected in {**provenance["output"]["shards"], **(records or {})}.items():
+        path = out / name
         if not path.is_file():
             raise VerifyError(f"{path} is missing")
         if file_sha256(path) != expected["sha256"]:
             raise VerifyError(f"{path} was altered after `apply` (sha256 differs from the provenance file)")
+    if records is None:
+        return False
+    known = {*provenance["output"]["shards"], *records, *UNRECORDED_FILES}
+    for item in sorted(out.iterdir()):
+        if item.is_file() and item.name not in known and not item.name.startswith(".") and item.suffix != ".partial":
+            raise VerifyError(
+                f"{item} was not written by `apply` (the provenance file lists every file apply wrote): "
+                "remove it, or run `apply` again"
+            )
+    return True
 
 
 def check_source_files(provenance: dict[str, Any]) -> None:
@@ -154,8 +187,7 @@ def verify_checkpoint(
 ) -> VerifyReport:
     out = Path(out).resolve()
     provenance = read_provenance(out)
-    if check_files:
-        check_output_files(out, provenance)
+    files_checked = check_files and check_output_files(out, provenance)
     if check_source:
         check_source_files(provenance)
     direction, _ = load_direction(out / provenance["direction"]["file"])
@@ -216,6 +248,7 @@ def verify_checkpoint(
     failures = []
     checks: dict[str, Any] = {
         "output_checksums": "passed" if check_files else "skipped",
+        "output_files": "passed" if files_checked else OLD_PROVENANCE if check_files else "skipped",
         "source_checksums": (
             ("passed" if provenance["source"].get("files") else "passed (shards only: no source files recorded)")
             if check_source

@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,9 +33,12 @@ from weight_edit.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint,
 from weight_edit.edit_math import EditMode, edited_pieces, write_direction
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.hashing import file_sha256
-from weight_edit.model_card import write_card
+from weight_edit.model_card import CARD_FILE, write_card
 
 PROVENANCE_FILE = "weight_edit_provenance.json"
+# The provenance file's own sha256, in `sha256sum` format: any later edit of the provenance is detected.
+PROVENANCE_SEAL = "weight_edit_provenance.sha256"
+VERIFY_FILE = "weight_edit_verify.json"  # written by `verify`, never by apply
 DIRECTION_COPY = "weight_edit_direction.safetensors"
 LAYER_DIRECTIONS_COPY = "weight_edit_layer_directions.safetensors"
 SUBSPACE_COPY = "weight_edit_subspace.safetensors"
@@ -548,10 +551,12 @@ def apply_direction(
                         "config.json",
                         INDEX_FILE,
                         PROVENANCE_FILE,
+                        PROVENANCE_SEAL,
+                        VERIFY_FILE,  # a source that is itself an output must not lend us its verify result
                         DIRECTION_COPY,
                         LAYER_DIRECTIONS_COPY,
                         SUBSPACE_COPY,
-                        "README.md",
+                        CARD_FILE,
                     )
                     and not item.name.endswith(_SKIP_SUFFIXES)
                 ):
@@ -594,14 +599,15 @@ def apply_direction(
                 "edited_tensors": sorted(t for t in targets),
                 "untied_embeddings": untie,
                 "output": {
-                    "shards": {k: {"sha256": v["sha256"], "bytes": v["bytes"]} for k, v in output_shards.items()}
+                    "shards": {k: {"sha256": v["sha256"], "bytes": v["bytes"]} for k, v in output_shards.items()},
+                    "files": output_file_records(staging, output_shards),
                 },
             }
             clashes = sorted(set(provenance) & set(provenance_extra or {}))
             if clashes:  # the caller's notes must never replace what verify reads back
                 raise ValueError(f"provenance_extra would replace {', '.join(clashes)}")
             provenance |= provenance_extra or {}
-            (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+            write_provenance(staging, provenance)
             write_card(staging, provenance)
             _replace_atomically(staging, out)
         except BaseException:
@@ -612,6 +618,30 @@ def apply_direction(
 
 def _file_record(path: Path) -> dict[str, Any]:
     return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+# Files of an output that the provenance's `output.files` does not record: the shards (recorded with their own
+# hashes in `output.shards`), the provenance and its seal, and the two files `verify` writes after apply, the
+# verify report and the model card (model_card.write_card rewrites README.md with the result), whose hashes apply
+# cannot know. publish checks the card against the provenance and the verify report instead.
+UNRECORDED_FILES = (PROVENANCE_FILE, PROVENANCE_SEAL, VERIFY_FILE, CARD_FILE)
+
+
+def output_file_records(folder: Path, shards: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file in `folder` except the shards and UNRECORDED_FILES, by name."""
+    skip = set(shards) | set(UNRECORDED_FILES)
+    return {
+        item.name: _file_record(item)
+        for item in sorted(folder.iterdir())
+        if item.is_file() and item.name not in skip and not item.name.startswith(".")
+    }
+
+
+def write_provenance(folder: Path, provenance: dict[str, Any]) -> None:
+    """Write the provenance file and its seal (the provenance file's sha256, `sha256sum` format) beside it."""
+    path = folder / PROVENANCE_FILE
+    path.write_text(json.dumps(provenance, indent=2) + "\n")
+    (folder / PROVENANCE_SEAL).write_text(f"{file_sha256(path)}  {PROVENANCE_FILE}\n")
 
 
 def new_staging(out: Path) -> Path:
