@@ -43,10 +43,77 @@ def test_other_llama_named_families(tmp_path, chat_tokenizer, model_type, mode):
 
 
 def test_bfloat16_checkpoint_passes_its_tolerance(tmp_path, chat_tokenizer):
+    """This edit is correct, but bfloat16 rounding flips near-ties (source top-2 gaps below 0.01) at 5 of 111
+    positions: raw top-1 agreement 0.955 < 0.97. Only flips beyond the dtype's margin count."""
     source = build_tiny_model(tmp_path / "src", chat_tokenizer, dtype=torch.bfloat16)
-    apply_direction(Checkpoint(source), torch.randn(32), tmp_path / "out")
+    apply_direction(Checkpoint(source), torch.randn(32, generator=torch.Generator().manual_seed(5)), tmp_path / "out")
     report = verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=4)
     assert report.stored_dtype == "bfloat16" and report.passed, report.failures
+    assert report.metrics["top1_raw"] < settings.VERIFY_TOLERANCES["bfloat16"]["top1"]  # the near-ties did flip
+    assert report.metrics["top1"] == 1.0 and 0 < report.metrics["top1_positions"] < 111
+    assert report.tolerances["top1_margin"] > 0
+
+
+def test_top1_agreement_counts_only_flips_beyond_the_margin():
+    from weight_edit.verify import top1_agreement
+
+    reference = torch.tensor([[2.0, 1.99, 0.0], [3.0, 1.0, 0.0], [0.0, 5.0, 4.0], [0.5, 0.45, 0.0]])
+    near_tie_only = reference[:, [1, 0, 2]].clone()  # row 0 (gap 0.01) flips; so would every row ...
+    near_tie_only[1:] = reference[1:]  # ... but rows 1-3 stay as they were
+    assert top1_agreement(reference, near_tie_only, 0.1) == {"top1": 1.0, "top1_raw": 0.75, "top1_positions": 2.0}
+    clear_flip = near_tie_only.clone()
+    clear_flip[2] = torch.tensor([0.0, 4.0, 5.0])  # row 2 (gap 1.0) flips too
+    assert top1_agreement(reference, clear_flip, 0.1) == {"top1": 0.5, "top1_raw": 0.5, "top1_positions": 2.0}
+    assert top1_agreement(reference, clear_flip, 0.0)["top1"] == 0.5  # no margin: the raw agreement
+    assert top1_agreement(reference, clear_flip, 5.0) == {"top1": 1.0, "top1_raw": 0.5, "top1_positions": 0.0}
+
+
+def wrong_edit(tmp_path, tokenizer, dtype, kind: str, size: float):
+    """A half-precision output whose provenance and stored direction are right but whose weights are not:
+    edited with the direction turned by `size` (relative, orthogonal), or with one tensor scaled by 1 + size."""
+    from safetensors.torch import load_file, save_file
+
+    from weight_edit.edit_math import unit
+
+    source = build_tiny_model(tmp_path / "src", tokenizer, dtype=dtype, seed=1)
+    g = torch.Generator().manual_seed(105)
+    direction = unit(torch.randn(32, generator=g))
+    out = apply_direction(Checkpoint(source), direction, tmp_path / "out").out
+    if kind == "direction":
+        noise = torch.randn(32, generator=g)
+        turned = direction + size * unit(noise - (noise @ direction) * direction)
+        other = apply_direction(Checkpoint(source), turned, tmp_path / "other").out
+        for shard in Checkpoint(out).shards:
+            (out / shard).write_bytes((other / shard).read_bytes())
+    else:
+        name = "model.layers.1.mlp.down_proj.weight"
+        shard = out / Checkpoint(out).weight_map[name]
+        tensors = load_file(str(shard))
+        tensors[name] = (tensors[name].float() * (1 + size)).to(dtype)
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    return out
+
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("kind,size", [("direction", 0.03), ("scale", 0.05)])
+def test_a_slightly_wrong_edit_fails_at_half_precision(tmp_path, chat_tokenizer, dtype, kind, size):
+    """A direction turned by 3 % or one tensor scaled by 5 %: the margin must not let such an edit pass. In
+    bfloat16 both pass every other tolerance; top-1 catches them (at a margin of 0.03 it would not)."""
+    out = wrong_edit(tmp_path, chat_tokenizer, dtype, kind, size)
+    report = verify_checkpoint(out, PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=4, check_files=False)
+    assert report.stored_dtype == str(dtype).removeprefix("torch.") and not report.passed
+    assert any(f.startswith("top-1 agreement") for f in report.failures), report.failures
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_each_half_precision_tolerance_catches_a_wrong_direction(tmp_path, chat_tokenizer, dtype):
+    out = wrong_edit(tmp_path, chat_tokenizer, dtype, "direction", 0.15)
+    report = verify_checkpoint(out, PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=4, check_files=False)
+    failed = {f.split(" ")[0] + " " + f.split(" ")[1] for f in report.failures}
+    assert failed == {"max |Δlogit|", "mean KL", "top-1 agreement", "direction component"}, report.failures
 
 
 def test_verify_detects_a_weight_that_was_not_edited(tmp_path, chat_tokenizer):
