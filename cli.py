@@ -668,6 +668,9 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> N
     for key, value in report.metrics.items():
         table.add_row(key, f"{value:.3g}", str(report.tolerances.get(key, "")))
     console.print(table)
+    for name, state in report.checks.items():
+        if str(state).startswith("not checked"):
+            console.print(f"note: {name}: {state}")
     console.print(f"guarantee: {report.guarantee} — {report.guarantee_text}")
     if report.passed:
         console.print("[bold green]verify passed[/]")
@@ -1136,7 +1139,8 @@ def benchmark(
             scores[name] = score_checkpoint(folder, suite, dtype, device, batch_size, factory, name, max_memory)
     comparison = compare(scores["source"], scores["edited"])
     command = "weight-edit " + shlex.join(sys.argv[1:])
-    write_csv(out_dir / "capability_by_subject.csv", comparison["rows"])
+    if comparison["rows"]:  # none when only --text was given
+        write_csv(out_dir / "capability_by_subject.csv", comparison["rows"])
     items = [
         row
         for name in scores["source"].items

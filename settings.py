@@ -122,10 +122,12 @@ VERIFY_PROMPTS = 4  # sample prompts (two safe, two unsafe) from the validation 
 VERIFY_NEW_TOKENS = 16
 # Tolerances on the edited checkpoint vs the hooked source, per stored dtype: the edited weights are
 # rounded to the stored dtype, the hooks compute on unrounded values, so half types need more room.
+# top1_margin: a top-1 disagreement counts only where the hooked source's top-2 logit gap exceeds it (a
+# near-tie flips under the stored dtype's rounding); kept small, since a larger one let wrong edits pass.
 VERIFY_TOLERANCES = {
-    "float32": {"max_abs_logit": 2e-3, "kl": 1e-6, "top1": 1.0, "direction_component": 1e-4},
-    "float16": {"max_abs_logit": 0.5, "kl": 1e-2, "top1": 0.98, "direction_component": 5e-3},
-    "bfloat16": {"max_abs_logit": 1.0, "kl": 2e-2, "top1": 0.97, "direction_component": 2e-2},
+    "float32": {"max_abs_logit": 2e-3, "kl": 1e-6, "top1": 1.0, "top1_margin": 1e-4, "direction_component": 1e-4},
+    "float16": {"max_abs_logit": 0.5, "kl": 1e-2, "top1": 0.98, "top1_margin": 5e-3, "direction_component": 5e-3},
+    "bfloat16": {"max_abs_logit": 1.0, "kl": 2e-2, "top1": 0.97, "top1_margin": 2e-2, "direction_component": 2e-2},
 }
 
 # --- outputs -----------------------------------------------------------------------------------

@@ -348,3 +348,21 @@ def test_evaluate_public_benchmark_files(tmp_path, tiny_model, runner):
     assert result.exit_code == 2 and "broken.jsonl: row 2: not valid JSON" in result.output
     result = runner.invoke(cli.main, [*args, "--benchmark", f"nasty:{files / 'plain.jsonl'}"])
     assert result.exit_code == 2 and "unknown kind 'nasty'" in result.output
+
+
+def test_benchmark_with_text_only_writes_its_summary(tmp_path, chat_tokenizer, runner):
+    """Perplexity alone (no MMLU/ARC) used to crash in the CSV writer after all the scoring."""
+    from conftest import build_tiny_model
+
+    source = build_tiny_model(tmp_path / "source", chat_tokenizer, seed=0)
+    edited = build_tiny_model(tmp_path / "edited", chat_tokenizer, seed=1)
+    text = tmp_path / "wiki.raw"
+    text.write_text("The river runs past the old mill and the town square. " * 20)
+    out = tmp_path / "capability"
+    args = ["benchmark", str(edited), "--model", str(source), "--text", str(text), "--out-dir", str(out)]
+    args += ["--device", "cpu", "--dtype", "float32", "--max-length", "32", "--stride", "16"]
+    result = runner.invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "capability_summary.json").read_text())
+    assert summary["perplexity"]["tokens"] > 0 and summary["overall"] == []
+    assert not (out / "capability_by_subject.csv").exists()

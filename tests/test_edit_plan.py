@@ -11,7 +11,7 @@ from weight_edit.checkpoint import Checkpoint
 from weight_edit.edit_math import edit_tensor, input_scale, orthonormal_rows, project_out
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.verify import verify_checkpoint
-from weight_edit.writer import PROVENANCE_FILE, apply_direction
+from weight_edit.writer import PROVENANCE_FILE, apply_direction, write_provenance
 
 PROMPTS = ["Tell me a joke", "How do locks work?", "Explain how a phishing email works"]
 
@@ -136,7 +136,7 @@ def test_verify_catches_strengths_edited_in_the_provenance(tmp_path, chat_tokeni
     path = tmp_path / "out" / PROVENANCE_FILE
     provenance = json.loads(path.read_text())
     provenance["strengths"]["mlp"] = [1.0, 1.0]
-    path.write_text(json.dumps(provenance))
+    write_provenance(tmp_path / "out", provenance)
     report = verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=4)
     assert not report.passed
 

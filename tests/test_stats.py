@@ -99,19 +99,13 @@ def test_wilson_hand_computed():
 # tests/testthat/test_Two_Dependent_Props_CI.R). The paper's table is a, b, c, d = both, first only, second
 # only, neither, and its difference is p1 - p2 = (b - c) / n; here the first classification is the edited
 # model, so b is `edited_only` and c is `source_only`.
-PHI_CORRECTION = (
-    "stats.paired_difference_interval uses phi = (ad - bc) / sqrt(efgh) without Newcombe's correction "
-    "(ad - bc replaced by max(ad - bc - n/2, 0) when ad > bc); only tables with ad - bc > n/2 are affected"
-)
-
-
 @pytest.mark.parametrize(
     "a,b,c,d,low,high",
     [
         (36, 12, 2, 0, 0.0569, 0.3404),
         (0, 30, 0, 0, 0.8395, 1.0),
-        pytest.param(18, 12, 2, 18, 0.0562, 0.3290, marks=pytest.mark.xfail(strict=True, reason=PHI_CORRECTION)),
-        pytest.param(53, 0, 0, 1, -0.0729, 0.0729, marks=pytest.mark.xfail(strict=True, reason=PHI_CORRECTION)),
+        (18, 12, 2, 18, 0.0562, 0.3290),
+        (53, 0, 0, 1, -0.0729, 0.0729),
     ],
 )
 def test_newcombe_1998_paired_worked_examples(a, b, c, d, low, high):

@@ -69,7 +69,11 @@ def paired_difference_interval(table: FlipTable, z: float = Z95) -> tuple[float,
     l_e, u_e = wilson_interval(a + c, n, z)
     l_s, u_s = wilson_interval(a + b, n, z)
     margins = (a + b) * (c + d) * (a + c) * (b + d)
-    phi = (a * d - b * c) / math.sqrt(margins) if margins else 0.0
+    # Newcombe's phi, with his correction: a positive association ad − bc is reduced by n/2 (floored at 0).
+    association = a * d - b * c
+    if association > 0:
+        association = max(association - n / 2, 0.0)
+    phi = association / math.sqrt(margins) if margins else 0.0
     diff = p_edited - p_source
     lower = diff - math.sqrt(
         max(0.0, (p_edited - l_e) ** 2 - 2 * phi * (p_edited - l_e) * (u_s - p_source) + (u_s - p_source) ** 2)
