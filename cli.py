@@ -314,7 +314,7 @@ def fit(
     from weight_edit.dataset import interleave_areas
     from weight_edit.direction_file import save_direction
     from weight_edit.fit import FitSettings, fit_direction
-    from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model
+    from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model, weights_note
 
     data, split = load_split(dataset, seed)
     if contrast == settings.HARMLESS_LABEL:
@@ -359,7 +359,11 @@ def fit(
     chosen = result.chosen()
     sidecar = {
         "tool": "weight-edit",
-        "model": {"spec": model_spec or settings.DEFAULT_MODEL_NAME, "folder": str(folder)},
+        "model": {
+            "spec": model_spec or settings.DEFAULT_MODEL_NAME,
+            "folder": str(folder),
+            "weights": weights_note(model_spec),
+        },
         "model_fingerprint": fingerprint(checkpoint),
         "layer": result.layer,
         "position": result.position,
@@ -494,7 +498,7 @@ def apply(
     """Write a new checkpoint with the direction removed from every residual-writing weight."""
     from weight_edit.checkpoint import Checkpoint, fingerprint
     from weight_edit.direction_file import check_compatible, load_direction
-    from weight_edit.models import resolve_model
+    from weight_edit.models import resolve_model, weights_note
     from weight_edit.writer import apply_direction
 
     vector, sidecar = load_direction(direction_path)
@@ -506,6 +510,7 @@ def apply(
     check_compatible(sidecar, vector, fingerprint(source), direction_path)
     extra = {
         "base_model": settings.DEFAULT_MODEL_HUB_ID if named in (None, settings.DEFAULT_MODEL_NAME) else named,
+        "base_model_weights": (sidecar or {}).get("model", {}).get("weights") or weights_note(named),
         "direction_source": {
             "path": str(direction_path.resolve()),
             "sidecar": sidecar is not None,

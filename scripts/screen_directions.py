@@ -81,7 +81,8 @@ def main() -> None:
     def texts(label: str) -> list[str]:
         return [p.text for p in interleave_areas(split.select("validation", label), args.validation_prompts, seed)]
 
-    unsafe, safe = texts("unsafe"), texts("safe")
+    contrast = sidecar.get("contrast", "safe")  # KL on the contrast's validation prompts, as `tune` measures it
+    unsafe, safe = texts("unsafe"), texts(contrast)
     model, tokenizer = load_model(folder, dtype=args.dtype, device=args.device)
     batch_size = args.batch_size or auto_batch_size(model)
     prepared = tokenized_batches(
@@ -96,7 +97,7 @@ def main() -> None:
 
     def layer_direction(index: int) -> torch.Tensor | None:
         """The unit diff-in-means at (index, position); None where it vanishes (e.g. the embedding's layer 0)."""
-        diff = (means["unsafe"][index, position] - means["safe"][index, position]).double()
+        diff = (means["unsafe"][index, position] - means[contrast][index, position]).double()
         return unit(diff).float() if diff.norm() > 0 else None
 
     candidates = {x: layer_direction(x) for x in range(num_layers)}
@@ -104,7 +105,7 @@ def main() -> None:
     layers = [x for x in (args.layers or range(layer - 4, layer + 5)) if 0 <= x < num_layers]
     skipped = [x for x in layers if candidates[x] is None]
     if skipped:
-        print(f"skipped layers {skipped}: unsafe and safe means are equal there", flush=True)
+        print(f"skipped layers {skipped}: unsafe and {contrast} means are equal there", flush=True)
     neighbours = [x for x in (layer - 1, layer, layer + 1) if 0 <= x < num_layers and candidates[x] is not None]
     variants: list[tuple[str, torch.Tensor, torch.Tensor | None, str]] = [
         (f"layer {x}" + (" (fitted)" if x == layer else ""), candidates[x], None, "")
@@ -118,7 +119,7 @@ def main() -> None:
             None,
             "",
         ),
-        ("biprojected (fitted)", direction, biprojected_directions(direction, means["safe"][:, position, :]), ""),
+        ("biprojected (fitted)", direction, biprojected_directions(direction, means[contrast][:, position, :]), ""),
         ("project mode (fitted)", direction, None, "project"),
     ]
     rows = [{"variant": "source", "mode": "", "strength": 0.0, **scores(source), "seconds": 0.0}]

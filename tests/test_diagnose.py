@@ -261,8 +261,9 @@ def test_run_diagnostics_end_to_end_on_a_tiny_model(tiny_model, tmp_path):
     model, tokenizer = load_model(tiny_model, dtype="float32")
     split = small_split()
     acts = diag.collect_activations(model, tokenizer, split, 1, -1, batch_size=16)
-    assert acts.activations.shape == (len(split.train) + len(split.validation) + len(split.held_out), 32)
-    assert acts.parts.count("held_out") == len(split.held_out)
+    policy = [p for part in (split.train, split.validation, split.held_out) for p in part if p.label != "harmless"]
+    assert acts.activations.shape == (len(policy), 32)  # the policy areas' prompts; harmless ones belong to none
+    assert acts.parts.count("held_out") == sum(p.label != "harmless" for p in split.held_out)
     assert set(acts.areas) == set(split.fit_areas) | set(split.held_out_areas)
     # The fit direction, as `fit` would compute it: pooled train prompts of the fit areas.
     fitted = diag.contrast(acts, split.fit_areas, ("train",)).float()

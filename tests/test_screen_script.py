@@ -62,7 +62,9 @@ def test_screen_rows_and_fitted_score_match_the_written_edit(tmp_path, tiny_mode
         load_dataset(settings.DEFAULT_DATASET), seed, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION
     )
     prompts = [
-        p.text for label in ("unsafe", "safe") for p in interleave_areas(split.select("validation", label), 3, seed)
+        p.text
+        for label in ("unsafe", sidecar["contrast"])  # KL is measured on the contrast's prompts, as tune does
+        for p in interleave_areas(split.select("validation", label), 3, seed)
     ]
     log_probs = []
     for folder in (tiny_model, edited):

@@ -129,6 +129,23 @@ def _refusal_odds(model, prepared, refusal_ids, advance) -> torch.Tensor:
     return refusal_log_odds(last_logits(model, prepared, advance), refusal_ids)
 
 
+@torch.inference_mode()
+def _screen(model, arch, num_layers: int, vectors: torch.Tensor, encoded, device) -> torch.Tensor:
+    """Last-position logits of every prompt under ablation of every vector: [vectors × prompts, vocab]."""
+    ids, mask = (t.repeat(len(vectors), 1).to(device) for t in encoded)
+    per_row = vectors.repeat_interleave(encoded[0].shape[0], dim=0)
+    out = forward(
+        model,
+        ids,
+        mask,
+        prefix_rows=len(vectors),  # one shared prefix per candidate, expanded to its prompts
+        prefix_hooks=lambda: residual_ablation(model, arch, num_layers, vectors, per_row=True),
+        rest_hooks=lambda: residual_ablation(model, arch, num_layers, per_row, per_row=True),
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1, :].float().cpu()
+
+
 def fit_direction(
     model: torch.nn.Module,
     tokenizer,
@@ -257,7 +274,9 @@ class _Scorer:
         advance = self.progress("stage 1: screening candidates", len(eligible) * n_unsafe)
         for start in range(0, len(eligible), group):
             chunk = eligible[start : start + group]
-            logits = self._screen(torch.stack([self.vector(s) for s in chunk]), unsafe_ids, device)
+            logits = _screen(
+                self.model, self.arch, self.num_layers, torch.stack([self.vector(s) for s in chunk]), unsafe_ids, device
+            )
             bypass = refusal_log_odds(logits, self.refusal_ids).view(len(chunk), -1).mean(dim=1)
             for score, b in zip(chunk, bypass.tolist(), strict=True):
                 score.screen_bypass = b
@@ -269,7 +288,14 @@ class _Scorer:
             if len(low_kl) >= keep:
                 break
             chunk = by_bypass[start : start + group]
-            logits = self._screen(torch.stack([self.vector(s) for s in chunk]), contrast_ids, device)
+            logits = _screen(
+                self.model,
+                self.arch,
+                self.num_layers,
+                torch.stack([self.vector(s) for s in chunk]),
+                contrast_ids,
+                device,
+            )
             kl = kl_divergence(reference.repeat(len(chunk), 1), logits).view(len(chunk), -1).mean(dim=1)
             newly = 0
             for score, k in zip(chunk, kl.tolist(), strict=True):
@@ -280,23 +306,6 @@ class _Scorer:
             advance(newly * n_contrast)
         # Lowest screened bypass among those passing the KL screen, topped up from the rest if too few pass.
         return (low_kl + [s for s in by_bypass if s not in low_kl])[:keep]
-
-    @torch.inference_mode()
-    def _screen(self, vectors: torch.Tensor, encoded, device) -> torch.Tensor:
-        """Last-position logits of every prompt under ablation of every vector: [vectors × prompts, vocab]."""
-        model, arch, layers = self.model, self.arch, self.num_layers
-        ids, mask = (t.repeat(len(vectors), 1).to(device) for t in encoded)
-        per_row = vectors.repeat_interleave(encoded[0].shape[0], dim=0)
-        out = forward(
-            model,
-            ids,
-            mask,
-            prefix_rows=len(vectors),  # one shared prefix per candidate, expanded to its prompts
-            prefix_hooks=lambda: residual_ablation(model, arch, layers, vectors, per_row=True),
-            rest_hooks=lambda: residual_ablation(model, arch, layers, per_row, per_row=True),
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1, :].float().cpu()
 
     def choose(self, kept, unsafe_batches, contrast_batches, baseline_contrast_logits) -> tuple[CandidateScore, str]:
         """Stage 2: full bypass (and refusal rate) of every kept candidate; then KL and induce, lazily, by the rule."""

@@ -15,10 +15,11 @@ CARD_FILE = "README.md"
 
 def render_card(provenance: dict[str, Any], verify: dict[str, Any] | None = None) -> str:
     base = provenance.get("base_model") or Path(provenance["source"]["path"]).name
+    weights = provenance.get("base_model_weights")
     direction = provenance.get("direction_source", {})
     lines = [
         "---",
-        f"base_model: {base}",
+        f"base_model: {base}" + ("  # a quantised copy, see 'Source weights'" if weights else ""),
         "library_name: transformers",
         "tags:",
         "- weight-edit",
@@ -33,6 +34,7 @@ def render_card(provenance: dict[str, Any], verify: dict[str, Any] | None = None
         "robust safety training is. This checkpoint answers requests its base model refuses: it is not for",
         "deployment.",
         "",
+        *([f"**Source weights:** {weights}.", ""] if weights else []),
         "## What was edited",
         "",
         f"- Edit: `{provenance['mode']}` projection of "

@@ -114,6 +114,15 @@ def resolve_default_model(progress: ProgressFn | None = None) -> Path:
     return folder
 
 
+def weights_note(spec: str | None) -> str | None:
+    """What a model spec's weights are when they are not the original release's (the default model, a .gguf)."""
+    if spec in (None, settings.DEFAULT_MODEL_NAME):
+        return settings.DEFAULT_MODEL_WEIGHTS
+    if str(spec).endswith(".gguf"):
+        return f"dequantised to float32 from the GGUF file {Path(spec).name} by transformers' GGUF loader"
+    return None
+
+
 GGUF_MAGIC = b"GGUF"
 GGUF_HEADER_BYTES = 24  # magic, uint32 version, uint64 tensor count, uint64 metadata count
 
