@@ -81,7 +81,7 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from weight_edit.adapter import AdapterError
     from weight_edit.architecture import ArchitectureError
     from weight_edit.capability import BenchmarkError
-    from weight_edit.chat import TemplateError
+    from weight_edit.chat import PromptLengthError, TemplateError
     from weight_edit.checkpoint import CheckpointError
     from weight_edit.dataset import DatasetError
     from weight_edit.direction_file import DirectionError
@@ -108,6 +108,7 @@ def expected_errors() -> tuple[type[Exception], ...]:
         VerifyError,
         OutputError,
         PromptFileError,
+        PromptLengthError,
     )
 
 
@@ -237,6 +238,29 @@ def load_split(dataset: Path, seed: int):
     return data, split
 
 
+def writable(folder: Path, what: str) -> None:
+    """Check an output folder before any computing (see writer.check_writable_dir)."""
+    from weight_edit.writer import check_writable_dir
+
+    check_writable_dir(folder, what)
+
+
+def check_lengths(folder: Path, groups) -> None:
+    """Every prompt within the model's context and the token budget, checked with the tokenizer alone
+    before the model loads. `groups`: (file, prompts with their row numbers)."""
+    from transformers import AutoTokenizer
+
+    from weight_edit.chat import check_prompt_lengths, prompt_token_limit
+
+    if not (folder / "config.json").is_file():
+        return  # not a checkpoint folder: the command's own checks say so
+    config = json.loads((folder / "config.json").read_text())
+    limit, why = prompt_token_limit(config, settings.MAX_PROMPT_TOKENS)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    for origin, prompts in groups:
+        check_prompt_lengths(tokenizer, [(p.row, p.text) for p in prompts], str(origin), limit, why)
+
+
 def require_harmless(split, dataset: Path, what: str) -> None:
     if not split.select("train", settings.HARMLESS_LABEL):
         fail(
@@ -307,24 +331,26 @@ def fit(
     selection,
 ) -> None:
     """Fit the refusal direction on the fit areas and select it on their validation prompts."""
-    from safetensors.torch import save_file
 
     from weight_edit.architecture import architecture_for
     from weight_edit.checkpoint import Checkpoint, fingerprint
     from weight_edit.dataset import interleave_areas
-    from weight_edit.direction_file import save_direction
+    from weight_edit.direction_file import save_activation_means, save_direction
     from weight_edit.fit import FitSettings, fit_direction
     from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model, weights_note
 
+    writable(out_dir, "--out-dir")
     data, split = load_split(dataset, seed)
     if contrast == settings.HARMLESS_LABEL:
         require_harmless(split, dataset, "--contrast harmless")
     folder = resolve_model(model_spec, model_progress())
+    check_lengths(folder, [(dataset, data.prompts)])
     checkpoint = Checkpoint(folder)
     arch = architecture_for(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
     console.print(
-        f"model [bold]{folder}[/] ({arch.family}, {num_layers} layers); contrast: {contrast}; "
+        f"model [bold]{folder}[/] ({checkpoint.config.get('model_type')}, edited as the {arch.family} family; "
+        f"{num_layers} layers); contrast: {contrast}; "
         f"fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}"
     )
     started = time.time()
@@ -386,13 +412,9 @@ def fit(
         "fit_seconds": round(time.time() - started, 1),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    sidecar["activation_means"] = save_activation_means(out_dir, result.means)  # first: the sidecar records its hash
     direction_path, sidecar_path = save_direction(out_dir / settings.DIRECTION_FILE, result.direction, sidecar)
     write_csv(out_dir / "candidates.csv", result.table())
-    save_file(
-        {k: v.contiguous() for k, v in result.means.items()},
-        str(out_dir / "activation_means.safetensors"),
-        metadata={"format": "pt"},
-    )
     write_csv(out_dir / "split.csv", split.table())
     table = Table(title="chosen direction")
     for key in ("layer", "position", "bypass", "still refused", "induce", "kl"):
@@ -501,6 +523,7 @@ def apply(
     from weight_edit.models import resolve_model, weights_note
     from weight_edit.writer import apply_direction
 
+    writable(out.resolve().parent, "the folder of --out")
     vector, sidecar = load_direction(direction_path)
     named = model_spec or (sidecar or {}).get("model", {}).get("spec")  # what the user called the model
     if model_spec is None and sidecar is not None:
@@ -565,13 +588,13 @@ def apply(
     if biproject:
         import torch
 
+        from weight_edit.direction_file import load_activation_means
         from weight_edit.edit_math import biprojected_directions, orthonormal_rows
 
         means_path = direction_path.parent / "activation_means.safetensors"
-        if sidecar is None or not means_path.is_file():
-            fail(f"--biproject needs {means_path} and {direction_path.with_suffix('.json')} from `weight-edit fit`")
         # The contrast's mean: harmless instructions, or the safe prompts for a direction fit against them.
-        safe_means = load_file(str(means_path))[sidecar.get("contrast", "safe")][:, sidecar["position"], :]
+        means = load_activation_means(direction_path, sidecar)
+        safe_means = means[(sidecar or {}).get("contrast", "safe")][:, sidecar["position"], :]
         rows = vector if subspace is None else orthonormal_rows(torch.cat([vector.unsqueeze(0), subspace[1:]]))
         layer_directions = biprojected_directions(rows, safe_means)
         extra["biprojection"] = {"means": str(means_path.resolve()), "position": sidecar["position"]}
@@ -609,11 +632,13 @@ def apply(
         console=console,
     )
     with bars:
-        task = bars.add_task(f"editing {folder.name}", total=1, rate="")
+        tasks: list = []  # the bar appears with the first progress, after apply's checks have passed
 
         def on_progress(done: int, total: int) -> None:
+            if not tasks:
+                tasks.append(bars.add_task(f"editing {folder.name}", total=total, rate=""))
             elapsed = max(time.time() - started, 1e-6)
-            bars.update(task, completed=done, total=total, rate=f"{done / elapsed / 1e6:.0f} MB/s")
+            bars.update(tasks[0], completed=done, total=total, rate=f"{done / elapsed / 1e6:.0f} MB/s")
 
         result = apply_direction(
             source,
@@ -657,11 +682,13 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> N
     from weight_edit.verify import read_provenance, verify_checkpoint
 
     _, split = load_split(dataset, seed)
-    prompts = [
-        p.text
+    chosen = [
+        p
         for label in ("safe", "unsafe")
         for p in interleave_areas(split.select("validation", label), num_prompts // 2, seed)
     ]
+    check_lengths(Path(read_provenance(Path(out))["source"]["path"]), [(dataset, chosen)])
+    prompts = [p.text for p in chosen]
     with console.status("running the hooked source and the edited checkpoint"):
         report = verify_checkpoint(out, prompts, settings.VERIFY_TOLERANCES, new_tokens, device, max_memory=max_memory)
     write_json(Path(out) / "weight_edit_verify.json", report.as_dict())
@@ -775,15 +802,18 @@ def evaluate(
     from weight_edit.verify import read_provenance
 
     provenance = read_provenance(Path(edited))
+    writable(out_dir, "--out-dir")
     source_folder = resolve_model(model_spec, model_progress()) if model_spec else Path(provenance["source"]["path"])
-    _, split = load_split(dataset, seed)
+    data, split = load_split(dataset, seed)
     policy_prompts = [
         p for label in ("unsafe", "safe") for p in interleave_areas(split.select("held_out", label), limit, seed)
     ] + [  # the held-out part of the harmless instructions: first-token KL on ordinary requests
         Prompt(p.text, HARMLESS_LABEL, "harmless instructions", p.row)
         for p in interleave_areas(split.select("held_out", HARMLESS_LABEL), limit, seed)
     ]
-    benchmark_prompts = [p for spec in benchmarks for p in load_prompt_file(spec, prompt_column)]
+    by_file = [(spec.path, load_prompt_file(spec, prompt_column)) for spec in benchmarks]
+    check_lengths(source_folder, [(dataset, data.prompts), *by_file])
+    benchmark_prompts = [p for _, prompts in by_file for p in prompts]
     prompts = policy_prompts + benchmark_prompts
     results = {}
     started = time.time()
@@ -963,6 +993,7 @@ def diagnose(model_spec, dataset, seed, direction_path, out_dir, device, dtype, 
     from weight_edit.direction_file import check_compatible, load_direction
     from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model
 
+    writable(out_dir, "--out-dir")
     vector, sidecar = load_direction(direction_path)
     if sidecar is None or "layer" not in sidecar or "position" not in sidecar:
         fail(
@@ -972,7 +1003,8 @@ def diagnose(model_spec, dataset, seed, direction_path, out_dir, device, dtype, 
         model_spec = sidecar.get("model", {}).get("folder")
     folder = resolve_model(model_spec, model_progress())
     check_compatible(sidecar, vector, fingerprint(Checkpoint(folder)), direction_path)
-    _, split = load_split(dataset, seed)
+    data, split = load_split(dataset, seed)
+    check_lengths(folder, [(dataset, data.prompts)])
     fitted_held_out = sidecar.get("split", {}).get("held_out_areas")
     if fitted_held_out is not None and list(fitted_held_out) != list(split.held_out_areas):
         fail(
@@ -1037,6 +1069,7 @@ def report(fit_dir, eval_dir, diagnose_dir, out, variants) -> None:
     """Write a Markdown report with tables and figures from the outputs of fit, evaluate and diagnose."""
     from weight_edit.report import write_report
 
+    writable(out, "--out")
     named = {}
     for item in variants:
         name, separator, folder = item.partition("=")
@@ -1131,6 +1164,7 @@ def benchmark(
 
     if stride >= max_length:
         raise click.BadParameter(f"must be below --max-length ({max_length})", param_hint="--stride")
+    writable(out_dir, "--out-dir")
     suite = load_suite(mmlu, arc, arc_train, text, shots, limit, seed, max_length, stride, text_tokens)
     dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
     if model_spec:
@@ -1288,6 +1322,7 @@ def tune(
     direction_path = fit_dir / settings.DIRECTION_FILE
     sidecar_path = direction_path.with_suffix(".json")
     vector, sidecar = load_direction(direction_path)
+    writable(fit_dir, "--fit-dir")
     if sidecar is None:
         fail(f"tune needs {sidecar_path} from `weight-edit fit` (it names the model and the split)")
     folder = resolve_model(model_spec or sidecar.get("model", {}).get("folder"), model_progress())
@@ -1296,6 +1331,7 @@ def tune(
     fitted_split = sidecar.get("split") or {}
     seed = fitted_split.get("seed", settings.SEED) if seed is None else seed
     data, split = load_split(dataset, seed)
+    check_lengths(folder, [(dataset, data.prompts)])
     if (sidecar.get("dataset") or {}).get("sha256") not in (None, data.sha256) or fitted_split.get(
         "fit_areas", list(split.fit_areas)
     ) != list(split.fit_areas):
@@ -1316,7 +1352,7 @@ def tune(
         require_harmless(split, dataset, "tune of a direction fit against harmless prompts")
     kl_prompts = texts(contrast)
     console.print(
-        f"model [bold]{folder}[/] ({arch.family}, {num_layers} layers); {trials} trials in {mode} mode on "
+        f"model [bold]{folder}[/] ({checkpoint.config.get('model_type')}, {num_layers} layers); {trials} trials in {mode} mode on "
         f"{len(unsafe)} unsafe + {len(safe)} safe validation prompts of the fit areas ({', '.join(split.fit_areas)}); "
         f"KL on {len(kl_prompts)} {contrast} validation prompts"
     )

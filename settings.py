@@ -121,6 +121,9 @@ BROAD_REFUSAL_MARKERS = (
     "as an assistant",
 )
 EVAL_MAX_NEW_TOKENS = 32
+# Longest prompt (chat-formatted tokens) any command feeds the model, unless the context is shorter: a
+# batch is padded to its longest prompt, so one very long prompt costs memory for the whole batch.
+MAX_PROMPT_TOKENS = 4096
 COMPLETION_PREVIEW_WORDS = 4  # at most this many first words of a completion are ever stored
 
 # --- verify ------------------------------------------------------------------------------------

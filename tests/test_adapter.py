@@ -21,7 +21,8 @@ from weight_edit.adapter import (
 from weight_edit.architecture import EditTarget, architecture_for
 from weight_edit.checkpoint import Checkpoint
 from weight_edit.edit_math import edit_tensor, unit
-from weight_edit.writer import OutputError, apply_direction, direction_sha256
+from weight_edit.hashing import tensor_sha256
+from weight_edit.writer import OutputError, apply_direction
 
 peft = pytest.importorskip("peft")
 # Expected on tied sources: the adapter deliberately changes the embedding lookup only, not the tied unembedding.
@@ -235,5 +236,5 @@ def test_output_is_replaced_atomically_and_never_inside_the_source(tmp_path, cha
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staging or retired folder left
     assert not (tmp_path / "out" / "old.txt").exists()
     provenance = json.loads((tmp_path / "out" / ADAPTER_PROVENANCE_FILE).read_text())
-    assert provenance["direction"]["sha256"] == direction_sha256(unit(direction))
+    assert provenance["direction"]["sha256"] == tensor_sha256(unit(direction))
     assert provenance["adapter"]["bytes"] == (tmp_path / "out" / ADAPTER_WEIGHTS_FILE).stat().st_size

@@ -368,3 +368,76 @@ def test_benchmark_with_text_only_writes_its_summary(tmp_path, chat_tokenizer, r
     summary = json.loads((out / "capability_summary.json").read_text())
     assert summary["perplexity"]["tokens"] > 0 and summary["overall"] == []
     assert not (out / "capability_by_subject.csv").exists()
+
+
+def test_biproject_refuses_activation_means_of_another_fit(tmp_path, tiny_model, runner):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    fit_dir = tmp_path / "fit"
+    result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--out-dir", str(fit_dir), *FAST_FIT])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((fit_dir / "direction.json").read_text())
+    assert len(sidecar["activation_means"]["sha256"]) == 64
+    means_path = fit_dir / "activation_means.safetensors"
+    other = {k: v + 0.01 * torch.randn_like(v) for k, v in load_file(str(means_path)).items()}
+    shutil.copy(means_path, tmp_path / "kept.safetensors")
+    save_file(other, str(means_path), metadata={"format": "pt"})
+    args = ["apply", "--direction", str(fit_dir / "direction.safetensors"), "--biproject"]
+    result = runner.invoke(cli.main, [*args, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "is not the one" in result.output and "re-run `weight-edit fit`" in result.output
+    assert not (tmp_path / "a").exists()
+    shutil.copy(tmp_path / "kept.safetensors", means_path)
+    result = runner.invoke(cli.main, [*args, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+
+
+def test_unwritable_outputs_fail_before_any_computing(tmp_path, tiny_model, runner, monkeypatch):
+    """An --out-dir under a file used to be discovered only after the whole fit; now before the model loads."""
+    import weight_edit.models
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(weight_edit.models, "load_model", no_loading)
+    result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--out-dir", str(blocker / "fit"), *FAST_FIT])
+    assert result.exit_code == 2 and f"{blocker} is a file, not a folder" in result.output
+    result = runner.invoke(cli.main, ["apply", "--model", str(tiny_model), "--out", str(blocker / "edited")])
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output and "File exists" not in result.output
+    result = runner.invoke(cli.main, ["report", "--out", str(blocker / "report")])
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output
+    result = runner.invoke(cli.main, ["verify", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "does not exist" in result.output and "provenance" not in result.output
+
+
+def test_prompts_longer_than_the_context_are_named_before_the_model_runs(tmp_path, tiny_model, runner):
+    """The tiny model's context is 256 tokens: a longer prompt stops with its file and row, not a traceback."""
+    import settings
+
+    long_prompt = "Tell me about rivers " * 200 + "please"
+    dataset = tmp_path / "data.csv"
+    text = settings.DEFAULT_DATASET.read_text(encoding="utf-8")
+    dataset.write_text(text + f"{long_prompt},harmless,writing\n", encoding="utf-8")
+    row = text.count("\n") + 1
+    result = runner.invoke(
+        cli.main, ["fit", "--model", str(tiny_model), "--dataset", str(dataset), "--out-dir", str(tmp_path / "f")]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"data.csv: row {row}: the prompt is" in result.output and "context is 256 tokens" in result.output
+
+    fit_dir, out = tmp_path / "fit", tmp_path / "edited"
+    result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--out-dir", str(fit_dir), *FAST_FIT])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        cli.main, ["apply", "--direction", str(fit_dir / "direction.safetensors"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text(json.dumps({"prompt": "short one"}) + "\n" + json.dumps({"prompt": "x" * 130_000}) + "\n")
+    result = runner.invoke(cli.main, ["evaluate", str(out), "--benchmark", f"harmless:{huge}", "--device", "cpu"])
+    assert result.exit_code == 2 and "huge.jsonl: row 2: the prompt is" in result.output

@@ -31,8 +31,8 @@ from weight_edit.direction_file import (
     check_compatible,
     load_direction,
     save_direction,
-    vector_sha256,
 )
+from weight_edit.hashing import tensor_sha256
 from weight_edit.verify import VerifyError, verify_checkpoint
 from weight_edit.writer import DIRECTION_COPY, PROVENANCE_FILE, OutputError, apply_direction
 
@@ -602,7 +602,7 @@ def test_verify_fails_a_checkpoint_edited_with_another_direction(tmp_path, sourc
     apply_direction(Checkpoint(source), a, out)
     save_file({"direction": b}, str(out / DIRECTION_COPY), metadata={"format": "pt"})
     provenance = json.loads((out / PROVENANCE_FILE).read_text())
-    provenance["direction"]["sha256"] = vector_sha256(b)
+    provenance["direction"]["sha256"] = tensor_sha256(b)
     # a consistent record (file hashes and seal rewritten too): only running the models can tell
     provenance["output"]["files"] = writer.output_file_records(out, provenance["output"]["shards"])
     writer.write_provenance(out, provenance)

@@ -34,12 +34,12 @@ from weight_edit import __version__
 from weight_edit.architecture import Architecture, EditTarget, architecture_for
 from weight_edit.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, fingerprint
 from weight_edit.edit_math import EditMode, unit
+from weight_edit.hashing import tensor_sha256
 from weight_edit.writer import (
     DIRECTION_COPY,
     LAYER_DIRECTIONS_COPY,
     _replace_atomically,
     check_output_location,
-    direction_sha256,
     new_staging,
 )
 
@@ -300,13 +300,13 @@ def write_adapter(
                 "edited_tensors_sha256": dict(sorted(source_hashes.items())),
             },
             "direction": {
-                "sha256": direction_sha256(stored_basis.flatten()),
+                "sha256": tensor_sha256(stored_basis.flatten()),
                 "file": DIRECTION_COPY,
                 "hidden_size": hidden,
             },
             "layer_directions": None
             if layer_directions is None
-            else {"file": LAYER_DIRECTIONS_COPY, "sha256": direction_sha256(layer_directions.detach().cpu().flatten())},
+            else {"file": LAYER_DIRECTIONS_COPY, "sha256": tensor_sha256(layer_directions.detach().cpu().flatten())},
             "target_modules": sorted(modules),
             "edited_tensors": sorted(t.tensor for t in targets),
             "bias": bias_setting,

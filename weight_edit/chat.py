@@ -18,6 +18,33 @@ class TemplateError(ValueError):
     """The tokenizer's chat template cannot be used for post-instruction positions."""
 
 
+class PromptLengthError(ValueError):
+    """A prompt is longer than the model's context or the per-prompt token budget; names its file and row."""
+
+
+def prompt_token_limit(config: dict, budget: int) -> tuple[int, str]:
+    """The most tokens one formatted prompt may have, and why: the model's context or the memory budget
+    (every prompt of a batch is padded to the longest, and attention grows with its square)."""
+    text = config.get("text_config") or config
+    context = text.get("max_position_embeddings") or text.get("n_positions")
+    if context and context < budget:
+        return int(context), f"the model's context is {context} tokens"
+    return budget, f"weight-edit's per-prompt budget is {budget} tokens (settings.MAX_PROMPT_TOKENS, for memory)"
+
+
+def check_prompt_lengths(tokenizer, rows: Sequence[tuple[int, str]], origin: str, limit: int, why: str) -> None:
+    """Refuse the first (row, prompt) whose chat-formatted length exceeds `limit`, before any model runs."""
+    if not rows:
+        return
+    overhead = len(tokenizer(format_instruction(tokenizer, ""), add_special_tokens=False)["input_ids"])
+    lengths = tokenizer([text for _, text in rows], add_special_tokens=False)["input_ids"]
+    for (row, _), ids in zip(rows, lengths, strict=True):
+        if len(ids) + overhead > limit:
+            raise PromptLengthError(
+                f"{origin}: row {row}: the prompt is {len(ids) + overhead} tokens in the chat template; {why}"
+            )
+
+
 def format_instruction(tokenizer, instruction: str) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("the tokenizer has no chat template; weight-edit needs a chat model")

@@ -12,6 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from weight_edit.hashing import file_sha256, tensor_sha256
+
 SIDECAR_HASH_FIELD = "sidecar_sha256"
 
 
@@ -19,8 +21,38 @@ class DirectionError(ValueError):
     """A direction file is unusable for this model, or its sidecar does not match it."""
 
 
-def vector_sha256(vector: torch.Tensor) -> str:
-    return hashlib.sha256(vector.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+MEANS_FILE = "activation_means.safetensors"
+
+
+def save_activation_means(folder: Path, means: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Write `fit`'s per-layer mean activations atomically; returns the record the sidecar keeps of them,
+    so that `apply --biproject` can tell this fit's means from another's."""
+    path = folder / MEANS_FILE
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.contiguous() for k, v in means.items()}, str(partial), metadata={"format": "pt"})
+    os.replace(partial, path)
+    return {"file": MEANS_FILE, "sha256": file_sha256(path)}
+
+
+def load_activation_means(direction_path: Path, sidecar: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The means written by the same `fit` as the direction: their sha256 must be the one its sidecar records."""
+    from safetensors.torch import load_file
+
+    path = direction_path.parent / MEANS_FILE
+    sidecar_path = direction_path.with_suffix(".json")
+    if sidecar is None or not path.is_file():
+        raise DirectionError(f"{path} and {sidecar_path} from `weight-edit fit` are needed beside {direction_path}")
+    record = sidecar.get("activation_means") or {}
+    if not record.get("sha256"):
+        raise DirectionError(
+            f"{sidecar_path} records no hash of {MEANS_FILE} (written by an older `fit`): re-run `weight-edit fit`"
+        )
+    if file_sha256(path) != record["sha256"]:
+        raise DirectionError(
+            f"{path} is not the one {sidecar_path} was fit with (sha256 differs): another fit's means, or edited; "
+            "re-run `weight-edit fit`"
+        )
+    return load_file(str(path))
 
 
 def sidecar_sha256(sidecar: dict[str, Any]) -> str:
@@ -34,7 +66,7 @@ def save_direction(path: Path, vector: torch.Tensor, sidecar: dict[str, Any]) ->
     """Write `path` (safetensors) and `path` with .json; each appears whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     vector = vector.detach().to(torch.float32).contiguous().cpu()
-    sidecar = {**sidecar, "direction_sha256": vector_sha256(vector), "hidden_size": vector.numel()}
+    sidecar = {**sidecar, "direction_sha256": tensor_sha256(vector), "hidden_size": vector.numel()}
     sidecar.pop(SIDECAR_HASH_FIELD, None)
     sidecar = json.loads(json.dumps(sidecar))  # hash what a reader will see (tuples as lists, keys as strings)
     sidecar[SIDECAR_HASH_FIELD] = sidecar_sha256(sidecar)
@@ -73,7 +105,7 @@ def load_direction(path: Path) -> tuple[torch.Tensor, dict[str, Any] | None]:
         raise DirectionError(f"{path}: 'direction' is the zero vector")
     sidecar_path = path.with_suffix(".json")
     sidecar = _read_sidecar(sidecar_path) if sidecar_path.is_file() else None
-    if sidecar is not None and sidecar.get("direction_sha256") != vector_sha256(vector):
+    if sidecar is not None and sidecar.get("direction_sha256") != tensor_sha256(vector):
         raise DirectionError(f"{sidecar_path} does not describe {path} (direction hash differs)")
     return vector, sidecar
 

@@ -597,6 +597,7 @@ def search_strengths(
             "optuna": optuna.__version__,
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
+            "decoding": "plain greedy (the checkpoint's generation_config is not applied)",
             "max_generated": max_generated,
             "generated_candidates": sum(records[i].generated is not None for i in generate),
             "front_members_considered": len(generate),

@@ -17,12 +17,12 @@ import torch
 from weight_edit.architecture import GUARANTEES, architecture_for
 from weight_edit.chat import tokenize_instructions
 from weight_edit.checkpoint import Checkpoint
-from weight_edit.direction_file import load_direction, vector_sha256
+from weight_edit.direction_file import load_direction
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
-from weight_edit.hashing import file_sha256
+from weight_edit.hashing import file_sha256, tensor_sha256
 from weight_edit.hooks import residual_ablation, weight_equivalent_ablation
 from weight_edit.models import input_device, load_model, release_memory
-from weight_edit.writer import PROVENANCE_FILE, PROVENANCE_SEAL, UNRECORDED_FILES, direction_sha256
+from weight_edit.writer import PROVENANCE_FILE, PROVENANCE_SEAL, UNRECORDED_FILES
 
 # Top-2 logit gap of the hooked source below which a top-1 flip is put down to the stored dtype's rounding and
 # not counted, per stored dtype, for tolerance dicts (settings.VERIFY_TOLERANCES) without "top1_margin".
@@ -58,6 +58,10 @@ class VerifyReport:
 
 def read_provenance(out: Path) -> dict[str, Any]:
     path = out / PROVENANCE_FILE
+    if not out.exists():
+        raise VerifyError(f"{out} does not exist: pass the folder `weight-edit apply --out` wrote")
+    if not out.is_dir():
+        raise VerifyError(f"{out} is a file: pass the folder `weight-edit apply --out` wrote")
     if not path.is_file():
         raise VerifyError(f"{out} has no {PROVENANCE_FILE}: it was not written by `weight-edit apply`")
     try:
@@ -148,7 +152,7 @@ def plan_from_provenance(out: Path, provenance: dict[str, Any], direction: torch
         if not path.is_file():
             raise VerifyError(f"{path} is missing (named in the provenance file)")
         tensor = load_file(str(path))[key]
-        if direction_sha256(tensor.flatten()) != record["sha256"]:
+        if tensor_sha256(tensor.flatten()) != record["sha256"]:
             raise VerifyError(f"{out}: the stored {key.replace('_', ' ')} do not match the provenance hash")
         return tensor
 
@@ -218,7 +222,7 @@ def verify_checkpoint(
     if check_source:
         check_source_files(provenance)
     direction, _ = load_direction(out / provenance["direction"]["file"])
-    if vector_sha256(direction) != provenance["direction"]["sha256"]:
+    if tensor_sha256(direction) != provenance["direction"]["sha256"]:
         raise VerifyError(f"{out}: the stored direction does not match the provenance hash")
     source = Checkpoint(provenance["source"]["path"])
     edited = Checkpoint(out)

@@ -16,6 +16,7 @@ import queue
 import shutil
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +33,7 @@ from weight_edit.architecture import EditTarget, architecture_for
 from weight_edit.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo
 from weight_edit.edit_math import EditMode, edited_pieces, write_direction
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
-from weight_edit.hashing import file_sha256
+from weight_edit.hashing import file_sha256, tensor_sha256
 from weight_edit.model_card import CARD_FILE, write_card
 
 PROVENANCE_FILE = "weight_edit_provenance.json"
@@ -54,6 +55,20 @@ UNREADABLE_LOCK_STALE_S = 60  # a lock with no readable owner (killed between cr
 
 class OutputError(ValueError):
     """The requested output location is unsafe or occupied."""
+
+
+def check_writable_dir(folder: Path, what: str) -> None:
+    """Fail now, in one line, not after minutes of computing, when `folder` could not be created or written:
+    its nearest existing ancestor must be a folder that takes a probe file. Nothing is left behind."""
+    folder = Path(folder).absolute()
+    ancestor = next(a for a in (folder, *folder.parents) if a.exists() or a.is_symlink())
+    if not ancestor.is_dir():
+        raise OutputError(f"{what} {folder}: {ancestor} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=ancestor, prefix=".weight-edit-write-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{what} {folder} cannot be written ({ancestor}: {exc.strerror or exc})") from exc
 
 
 def output_lock_path(out: Path) -> Path:
@@ -213,10 +228,6 @@ def check_output_location(source: Path, out: Path, force: bool) -> None:
         raise OutputError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputError(f"--out {out} is not empty; pass --force to replace it")
-
-
-def direction_sha256(direction: torch.Tensor) -> str:
-    return hashlib.sha256(direction.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _serialise_header(entries: dict[str, dict[str, Any]], metadata: dict[str, str]) -> bytes:
@@ -588,13 +599,13 @@ def apply_direction(
                     "shards": source_shards,
                     "files": dict(sorted(source_files.items())),
                 },
-                "direction": {"sha256": direction_sha256(direction), "file": DIRECTION_COPY, "hidden_size": hidden},
+                "direction": {"sha256": tensor_sha256(direction), "file": DIRECTION_COPY, "hidden_size": hidden},
                 "layer_directions": None
                 if layer_directions is None
-                else {"file": LAYER_DIRECTIONS_COPY, "sha256": direction_sha256(layer_directions.flatten())},
+                else {"file": LAYER_DIRECTIONS_COPY, "sha256": tensor_sha256(layer_directions.flatten())},
                 "subspace": None
                 if plan.rank == 1
-                else {"file": SUBSPACE_COPY, "sha256": direction_sha256(plan.basis.flatten()), "rank": plan.rank},
+                else {"file": SUBSPACE_COPY, "sha256": tensor_sha256(plan.basis.flatten()), "rank": plan.rank},
                 "strengths": None if plan.strengths.is_full else plan.strengths.as_dict(),
                 "edited_tensors": sorted(t for t in targets),
                 "untied_embeddings": untie,
