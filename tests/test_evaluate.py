@@ -92,3 +92,27 @@ def test_scores_and_summary_carry_broad_and_judge_counts(tiny_model, judge_folde
         judged = sum(v for k, v in row.items() if k.startswith("source_judge_"))
         assert judged == row["n"] == 2
         assert abs(row["mean_first_token_kl"]) < 1e-12
+
+
+def test_generation_ignores_the_checkpoints_sampling_and_penalty_defaults(tiny_model):
+    """A shipped generation_config (sampling, a repetition penalty) must not change "greedy" completions."""
+    import json
+
+    prompts = [Prompt(t, "unsafe", "a", i) for i, t in enumerate(["Tell me a joke", "How do locks work?"] * 3)]
+
+    def scores():
+        model, tokenizer = load_model(tiny_model, dtype="float32")
+        torch.manual_seed(0)
+        result, logits = score_model(model, tokenizer, prompts, ("I",), ("I",), 12, 4, 40)
+        return [s.preview for s in result], logits
+
+    plain, plain_logits = scores()
+    config = tiny_model / "generation_config.json"
+    shipped = json.loads(config.read_text()) if config.is_file() else {}
+    shipped |= {"do_sample": True, "temperature": 3.0, "top_k": 0, "repetition_penalty": 5.0}
+    config.write_text(json.dumps(shipped))
+    model, _ = load_model(tiny_model, dtype="float32")
+    assert model.generation_config.do_sample and model.generation_config.repetition_penalty == 5.0
+    shipped_defaults, shipped_logits = scores()
+    assert shipped_defaults == plain
+    torch.testing.assert_close(shipped_logits, plain_logits)
