@@ -224,18 +224,9 @@ def main() -> None:
 
 
 def load_split(dataset: Path, seed: int):
-    from weight_edit.dataset import load_dataset, split_dataset
+    from weight_edit.dataset import load_split as load
 
-    data = load_dataset(dataset)
-    split = split_dataset(
-        data,
-        seed,
-        settings.HELD_OUT_AREAS,
-        settings.VALIDATION_FRACTION,
-        settings.MIN_FIT_AREAS,
-        (settings.HARMLESS_VALIDATION_FRACTION, settings.HARMLESS_HELD_OUT_FRACTION),
-    )
-    return data, split
+    return load(dataset, seed)
 
 
 def writable(folder: Path, what: str) -> None:
@@ -331,91 +322,15 @@ def fit(
     selection,
 ) -> None:
     """Fit the refusal direction on the fit areas and select it on their validation prompts."""
+    from weight_edit.workflow.fit import FitRequest, run_fit
 
-    from weight_edit.architecture import architecture_for
-    from weight_edit.checkpoint import Checkpoint, fingerprint
-    from weight_edit.dataset import interleave_areas
-    from weight_edit.direction_file import save_activation_means, save_direction
-    from weight_edit.fit import FitSettings, fit_direction
-    from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model, weights_note
-
-    writable(out_dir, "--out-dir")
-    data, split = load_split(dataset, seed)
-    if contrast == settings.HARMLESS_LABEL:
-        require_harmless(split, dataset, "--contrast harmless")
-    folder = resolve_model(model_spec, model_progress())
-    check_lengths(folder, [(dataset, data.prompts)])
-    checkpoint = Checkpoint(folder)
-    arch = architecture_for(checkpoint.config)
-    num_layers = arch.num_layers(checkpoint.config)
-    console.print(
-        f"model [bold]{folder}[/] ({checkpoint.config.get('model_type')}, edited as the {arch.family} family; "
-        f"{num_layers} layers); contrast: {contrast}; "
-        f"fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}"
+    request = FitRequest(
+        model_spec, dataset, out_dir, device, max_memory, dtype, batch_size, seed, screen_keep, screen_prompts
     )
-    started = time.time()
-    dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
-    model, tokenizer = load_model(folder, dtype=dtype, device=device, max_memory=max_memory)
-    batch_size = batch_size or auto_batch_size(model)
-    fit_settings = FitSettings.from_project_settings(
-        batch_size,
-        screen_prompts=screen_prompts,
-        screen_keep=screen_keep,
-        max_validation_prompts=validation_prompts,
-        selection=selection,
-    )
-
-    def texts(part: str, label: str, limit: int | None = None) -> list[str]:
-        return [p.text for p in interleave_areas(split.select(part, label), limit, seed)]
-
+    request.validation_prompts, request.contrast, request.selection = validation_prompts, contrast, selection
     with progress_bars() as factory:
-        result = fit_direction(
-            model,
-            tokenizer,
-            arch,
-            num_layers,
-            texts("train", "unsafe"),
-            texts("train", contrast),
-            texts("validation", "unsafe"),
-            texts("validation", contrast),
-            fit_settings,
-            factory,
-            contrast_name=contrast,
-        )
-    chosen = result.chosen()
-    sidecar = {
-        "tool": "weight-edit",
-        "model": {
-            "spec": model_spec or settings.DEFAULT_MODEL_NAME,
-            "folder": str(folder),
-            "weights": weights_note(model_spec),
-        },
-        "model_fingerprint": fingerprint(checkpoint),
-        "layer": result.layer,
-        "position": result.position,
-        "contrast": contrast,
-        "scores": {
-            "bypass": chosen.bypass,
-            "refusal_rate": chosen.refusal_rate,
-            "induce": chosen.induce,
-            "kl": chosen.kl,
-            "norm": chosen.norm,
-        },
-        "baseline": result.baseline,
-        "selection": result.selection_note,
-        "post_instruction_tokens": result.suffix_tokens,
-        "refusal_tokens": result.refusal_tokens,
-        "dataset": {"path": str(dataset), "sha256": data.sha256},
-        "split": split.as_dict(),
-        "settings": {**fit_settings.__dict__, "dtype": dtype, "seed": seed},
-        "stats": result.stats,
-        "fit_seconds": round(time.time() - started, 1),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sidecar["activation_means"] = save_activation_means(out_dir, result.means)  # first: the sidecar records its hash
-    direction_path, sidecar_path = save_direction(out_dir / settings.DIRECTION_FILE, result.direction, sidecar)
-    write_csv(out_dir / "candidates.csv", result.table())
-    write_csv(out_dir / "split.csv", split.table())
+        run = run_fit(request, factory, model_progress(), say=console.print)
+    chosen, result = run.result.chosen(), run.result
     table = Table(title="chosen direction")
     for key in ("layer", "position", "bypass", "still refused", "induce", "kl"):
         table.add_column(key)
@@ -432,10 +347,7 @@ def fit(
         f"baseline refusal log-odds: unsafe {result.baseline['unsafe_refusal_log_odds']:.2f}, "
         f"{contrast} {result.baseline[f'{contrast}_refusal_log_odds']:.2f}; {result.selection_note}"
     )
-    console.print(
-        f"wrote {direction_path}, {sidecar_path}, {out_dir / 'candidates.csv'}, {out_dir / 'split.csv'}, "
-        f"{out_dir / 'activation_means.safetensors'} in {time.time() - started:.0f} s"
-    )
+    console.print(f"wrote {', '.join(str(f) for f in run.files)} in {run.seconds:.0f} s")
 
 
 @main.command(cls=Command)
@@ -677,16 +589,11 @@ def apply(
 @max_memory_option
 def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> None:
     """Check an edited checkpoint against hook-based ablation on the source model; exit 1 on failure."""
-    from weight_edit.dataset import interleave_areas
     from weight_edit.model_card import write_card
     from weight_edit.verify import read_provenance, verify_checkpoint
 
     _, split = load_split(dataset, seed)
-    chosen = [
-        p
-        for label in ("safe", "unsafe")
-        for p in interleave_areas(split.select("validation", label), num_prompts // 2, seed)
-    ]
+    chosen = [p for label in ("safe", "unsafe") for p in split.prompts("validation", label, num_prompts // 2)]
     check_lengths(Path(read_provenance(Path(out))["source"]["path"]), [(dataset, chosen)])
     prompts = [p.text for p in chosen]
     with console.status("running the hooked source and the edited checkpoint"):
@@ -782,186 +689,43 @@ def evaluate(
     prompt_column,
 ) -> None:
     """Compare source and edited models on the held-out policy areas and public benchmark files (aggregates only)."""
-    import torch
-    import transformers
+    from weight_edit.workflow.evaluate import EvaluateRequest, run_evaluation
 
-    from weight_edit.dataset import HARMLESS_LABEL, Prompt, interleave_areas
-    from weight_edit.evaluate import (
-        generation_settings,
-        greedy_generation_config,
-        load_cached_scores,
-        load_judge,
-        save_cached_scores,
-        score_model,
-        source_cache_key,
-        summarise,
-    )
-    from weight_edit.hashing import file_sha256
-    from weight_edit.models import auto_batch_size, cache_dir, load_model, resolve_dtype, resolve_model
-    from weight_edit.prompt_files import load_prompt_file
-    from weight_edit.verify import read_provenance
-
-    provenance = read_provenance(Path(edited))
-    writable(out_dir, "--out-dir")
-    source_folder = resolve_model(model_spec, model_progress()) if model_spec else Path(provenance["source"]["path"])
-    data, split = load_split(dataset, seed)
-    policy_prompts = [
-        p for label in ("unsafe", "safe") for p in interleave_areas(split.select("held_out", label), limit, seed)
-    ] + [  # the held-out part of the harmless instructions: first-token KL on ordinary requests
-        Prompt(p.text, HARMLESS_LABEL, "harmless instructions", p.row)
-        for p in interleave_areas(split.select("held_out", HARMLESS_LABEL), limit, seed)
-    ]
-    by_file = [(spec.path, load_prompt_file(spec, prompt_column)) for spec in benchmarks]
-    check_lengths(source_folder, [(dataset, data.prompts), *by_file])
-    benchmark_prompts = [p for _, prompts in by_file for p in prompts]
-    prompts = policy_prompts + benchmark_prompts
-    results = {}
-    started = time.time()
-    judge = load_judge(judge_path, "cuda" if device == "cuda" else "cpu") if judge_path else None
-    dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
-    cache_key = (
-        source_cache_key(
-            provenance["source"].get("shards", {}),
-            source_folder,
-            {
-                "prompts": [(p.text, p.label, p.category) for p in prompts],
-                "dtype": dtype,
-                "device": "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu",
-                "max_memory": max_memory,
-                "batch_size": batch_size,
-                "max_new_tokens": max_new_tokens,
-                "prefixes": settings.REFUSAL_PREFIXES,
-                "substrings": settings.REFUSAL_SUBSTRINGS,
-                "markers": settings.BROAD_REFUSAL_MARKERS,
-                "preview_words": settings.COMPLETION_PREVIEW_WORDS,
-                "decoding": "plain greedy (generation_config ignored)",
-                "versions": [torch.__version__, transformers.__version__],
-            },
-        )
-        if reuse_source and not model_spec and not judge_path
-        else None
-    )
-    cache_folder = cache_dir() / "evaluations" / cache_key if cache_key else None
-    cached = load_cached_scores(cache_folder) if cache_folder else None
-    if cached:
-        results["source"] = cached
-        console.print(f"source scores reused from an identical earlier evaluation ({cache_folder})")
+    request = EvaluateRequest(edited, model_spec, dataset, seed, out_dir, device, max_memory, dtype, batch_size)
+    request.max_new_tokens, request.limit, request.judge_path = max_new_tokens, limit, judge_path
+    request.reuse_source, request.benchmarks, request.prompt_column = reuse_source, benchmarks, prompt_column
     with progress_bars() as factory:
-        for name, folder in (("source", source_folder), ("edited", Path(edited))):
-            if name in results:
-                continue
-            model, tokenizer = load_model(folder, dtype=dtype, device=device, max_memory=max_memory)
-            batch_size = batch_size or auto_batch_size(model)
-            generation = generation_settings(greedy_generation_config(model, tokenizer, max_new_tokens))
-            results[name] = score_model(
-                model,
-                tokenizer,
-                prompts,
-                settings.REFUSAL_PREFIXES,
-                settings.REFUSAL_SUBSTRINGS,
-                max_new_tokens,
-                batch_size,
-                settings.COMPLETION_PREVIEW_WORDS,
-                factory,
-                f"{name}: generating",
-                broad_markers=settings.BROAD_REFUSAL_MARKERS,
-                judge=judge,
-            )
-            del model
-            if name == "source" and cache_folder:
-                save_cached_scores(cache_folder, *results["source"], cache_key)
-    n_policy = len(policy_prompts)
-    (source_scores, source_logits), (edited_scores, edited_logits) = results["source"], results["edited"]
-    summary = summarise(
-        source_scores[:n_policy], edited_scores[:n_policy], source_logits[:n_policy], edited_logits[:n_policy]
-    )
-    rows = summary["rows"]
-    write_csv(out_dir / "evaluation_by_area.csv", rows)
-    overall = {f"{r['label']}": r for r in rows if r["area"] == "ALL"}
-    benchmark_rows = []
-    if benchmark_prompts:
-        benchmark_rows = summarise(
-            source_scores[n_policy:], edited_scores[n_policy:], source_logits[n_policy:], edited_logits[n_policy:]
-        )["rows"]
-        for row in benchmark_rows:
-            row["benchmark"] = row.pop("area")
-        write_csv(out_dir / "evaluation_by_benchmark.csv", benchmark_rows)
-    write_json(
-        out_dir / "evaluation_summary.json",
-        {
-            "held_out_areas": list(split.held_out_areas),
-            "benchmarks": [
-                {"kind": spec.kind, "name": spec.name, "path": str(spec.path), "sha256": file_sha256(spec.path)}
-                for spec in benchmarks
-            ],
-            "benchmark_overall": {r["label"]: r for r in benchmark_rows if r["benchmark"] == "ALL"},
-            "max_new_tokens": max_new_tokens,
-            "generation": generation,
-            "dtype": dtype,
-            "refusal_substrings": list(settings.REFUSAL_SUBSTRINGS),
-            "broad_refusal_markers": list(settings.BROAD_REFUSAL_MARKERS),
-            "judge": str(judge_path.resolve()) if judge_path else None,
-            "source_scores_reused": str(cache_folder) if cached else None,
-            "overall": overall,
-            "seconds": round(time.time() - started, 1),
-        },
-    )
-    # Per-prompt scores with at most a few first words: the full completions are never stored.
-    write_csv(
-        out_dir / "evaluation_prompts.csv",
-        [
-            {
-                "category": s.category,
-                "label": s.label,
-                "source_refused": s.refused_text,
-                "edited_refused": e.refused_text,
-                "source_refused_broad": s.refused_broad,
-                "edited_refused_broad": e.refused_broad,
-                "source_log_odds": round(s.refusal_log_odds, 3),
-                "edited_log_odds": round(e.refusal_log_odds, 3),
-                "source_first_words": s.preview,
-                "edited_first_words": e.preview,
-            }
-            for s, e in zip(results["source"][0], results["edited"][0], strict=True)
-        ],
-    )
-    table = Table(title="held-out areas: refused (by refusal substrings)")
-    for column in ("area", "label", "n", "source", "edited", "edited − source [95 % CI]", "McNemar p", "broad", "KL"):
+        evaluation = run_evaluation(request, factory, model_progress(), say=console.print)
+    console.print(difference_table("held-out areas: refused (by refusal substrings)", "area", evaluation.area_rows))
+    if evaluation.benchmark_rows:
+        title = "public benchmark files: refused (by refusal substrings)"
+        console.print(difference_table(title, "benchmark", evaluation.benchmark_rows))
+    seconds = evaluation.summary["seconds"]
+    console.print(f"wrote {', '.join(str(f) for f in evaluation.files)} in {seconds:.0f} s")
+
+
+def difference_table(title: str, key: str, rows: list[dict[str, Any]]) -> Table:
+    """One row per area or file: counts refused, the paired difference with its interval, McNemar p, the
+    broad markers, the first-token refusal probability and KL."""
+    table = Table(title=title)
+    columns = (key, "label", "n", "source", "edited", "edited − source [95 % CI]", "McNemar p", "broad")
+    for column in (*columns, "refusal P", "KL"):
         table.add_column(column)
     for r in rows:
         table.add_row(
-            r["area"],
+            r[key],
             r["label"],
             str(r["n"]),
             str(r["source_refused_text"]),
             str(r["edited_refused_text"]),
-            f"{100 * r['text_difference']:+.0f} pp [{100 * r['text_difference_ci_low']:+.0f}, {100 * r['text_difference_ci_high']:+.0f}]",
+            f"{100 * r['text_difference']:+.1f} pp [{100 * r['text_difference_ci_low']:+.1f}, "
+            f"{100 * r['text_difference_ci_high']:+.1f}]",
             f"{r['text_mcnemar_p']:.2g}",
             f"{r['source_refused_broad']} → {r['edited_refused_broad']}",
+            f"{r['source_mean_refusal_prob']:.3f} → {r['edited_mean_refusal_prob']:.3f}",
             f"{r['mean_first_token_kl']:.3f}" if r["label"] != "unsafe" else "",
         )
-    console.print(table)
-    if benchmark_rows:
-        table = Table(title="public benchmark files: refused (by refusal substrings)")
-        columns = ("file", "kind", "n", "source", "edited", "edited − source [95 % CI]", "McNemar p", "broad")
-        for column in (*columns, "refusal P", "KL"):
-            table.add_column(column)
-        for r in benchmark_rows:
-            table.add_row(
-                r["benchmark"],
-                r["label"],
-                str(r["n"]),
-                str(r["source_refused_text"]),
-                str(r["edited_refused_text"]),
-                f"{100 * r['text_difference']:+.1f} pp [{100 * r['text_difference_ci_low']:+.1f}, "
-                f"{100 * r['text_difference_ci_high']:+.1f}]",
-                f"{r['text_mcnemar_p']:.2g}",
-                f"{r['source_refused_broad']} → {r['edited_refused_broad']}",
-                f"{r['source_mean_refusal_prob']:.3f} → {r['edited_mean_refusal_prob']:.3f}",
-                f"{r['mean_first_token_kl']:.3f}",
-            )
-        console.print(table)
-    console.print(f"wrote {out_dir}/evaluation_summary.json and the tables beside it in {time.time() - started:.0f} s")
+    return table
 
 
 @main.command(cls=Command)
@@ -1314,7 +1078,6 @@ def tune(
     """Choose per-layer edit strengths: search the refusal/KL trade-off on the fit areas' validation prompts."""
     from weight_edit.architecture import architecture_for
     from weight_edit.checkpoint import Checkpoint, fingerprint
-    from weight_edit.dataset import interleave_areas
     from weight_edit.direction_file import check_compatible, load_direction, save_direction
     from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model
     from weight_edit.search import search_strengths
@@ -1344,7 +1107,7 @@ def tune(
     targets = arch.targets(checkpoint.config, checkpoint.tensor_names)
 
     def texts(label: str) -> list[str]:
-        return [p.text for p in interleave_areas(split.select("validation", label), validation_prompts or None, seed)]
+        return split.texts("validation", label, validation_prompts or None)
 
     unsafe, safe = texts("unsafe"), texts("safe")
     contrast = sidecar.get("contrast", "safe")

@@ -39,7 +39,7 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from weight_edit.architecture import architecture_for
-    from weight_edit.dataset import interleave_areas, load_dataset, split_dataset
+    from weight_edit.dataset import load_split
     from weight_edit.fit import FitSettings, fit_direction
     from weight_edit.synthetic import train_chat_tokenizer
 
@@ -76,11 +76,10 @@ def main() -> None:
     build_s = time.time() - started
     parameters = sum(p.numel() for p in model.parameters())
 
-    data = load_dataset(settings.DEFAULT_DATASET)
-    split = split_dataset(data, settings.SEED, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION)
+    _, split = load_split(settings.DEFAULT_DATASET, settings.SEED)
     contrast = settings.DEFAULT_CONTRAST  # as `fit` on its defaults
     texts = {
-        (part, label): [p.text for p in interleave_areas(split.select(part, label), None, settings.SEED)]  # as `fit`
+        (part, label): split.texts(part, label)  # in `fit`'s order
         for part in ("train", "validation")
         for label in ("unsafe", contrast)
     }

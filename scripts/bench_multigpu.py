@@ -74,12 +74,11 @@ def run_fit(folder: Path, placement: dict, batch_size: int) -> dict:
 
     from weight_edit.architecture import architecture_for
     from weight_edit.checkpoint import Checkpoint
-    from weight_edit.dataset import load_dataset, split_dataset
+    from weight_edit.dataset import load_split
     from weight_edit.fit import FitSettings, fit_direction
     from weight_edit.models import input_device, load_model, release_memory
 
-    data = load_dataset(settings.DEFAULT_DATASET)
-    split = split_dataset(data, settings.SEED, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION)
+    _, split = load_split(settings.DEFAULT_DATASET, settings.SEED)
     texts = {
         (p, lab): [x.text for x in split.select(p, lab)] for p in ("train", "validation") for lab in ("unsafe", "safe")
     }

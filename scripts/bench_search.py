@@ -32,7 +32,7 @@ def main() -> None:
     from weight_edit.architecture import architecture_for
     from weight_edit.chat import post_instruction_ids
     from weight_edit.checkpoint import Checkpoint
-    from weight_edit.dataset import interleave_areas, load_dataset, split_dataset
+    from weight_edit.dataset import load_split
     from weight_edit.direction_file import load_direction
     from weight_edit.models import auto_batch_size, input_device, load_model, resolve_model
     from weight_edit.search import search_strengths
@@ -79,13 +79,9 @@ def main() -> None:
     targets = arch.targets(config_dict, tensor_names)
     batch_size = args.batch_size or auto_batch_size(model)
 
-    split = split_dataset(
-        load_dataset(settings.DEFAULT_DATASET), args.seed, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION
-    )
+    _, split = load_split(settings.DEFAULT_DATASET, args.seed)
     limit = args.validation_prompts or None
-
-    def texts(part: str, label: str, count: int | None) -> list[str]:
-        return [p.text for p in interleave_areas(split.select(part, label), count, args.seed)]
+    texts = split.texts
 
     val_unsafe, val_safe = texts("validation", "unsafe", limit), texts("validation", "safe", limit)
     val_kl = texts("validation", settings.DEFAULT_CONTRAST, limit)  # as `tune` of a default fit

@@ -507,14 +507,12 @@ def log(message: str) -> None:
 
 
 def select_prompts(limit: int | None, safe_count: int):
-    from weight_edit.dataset import interleave_areas, load_dataset, split_dataset
+    from weight_edit.dataset import load_split
 
-    split = split_dataset(
-        load_dataset(settings.DEFAULT_DATASET), settings.SEED, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION
-    )
-    unsafe = interleave_areas(split.select("held_out", settings.UNSAFE_LABEL), limit, settings.SEED)
+    _, split = load_split(settings.DEFAULT_DATASET, settings.SEED)
+    unsafe = split.prompts("held_out", settings.UNSAFE_LABEL, limit)
     safe_limit = safe_count if limit is None else min(limit, safe_count)
-    safe = interleave_areas(split.select("held_out", settings.SAFE_LABEL), safe_limit, settings.SEED)
+    safe = split.prompts("held_out", settings.SAFE_LABEL, safe_limit)
     return split, safe, unsafe
 
 

@@ -41,7 +41,7 @@ def main() -> None:
     from weight_edit.architecture import architecture_for
     from weight_edit.chat import post_instruction_ids, refusal_token_ids
     from weight_edit.checkpoint import Checkpoint
-    from weight_edit.dataset import interleave_areas, load_dataset, split_dataset
+    from weight_edit.dataset import load_split
     from weight_edit.direction_file import load_direction
     from weight_edit.edit_math import biprojected_directions, unit
     from weight_edit.edit_plan import EditPlan, Strengths
@@ -72,14 +72,12 @@ def main() -> None:
     num_layers = arch.num_layers(checkpoint.config)
     targets = arch.targets(checkpoint.config, checkpoint.tensor_names)
     seed = (sidecar.get("split") or {}).get("seed", settings.SEED)
-    split = split_dataset(
-        load_dataset(settings.DEFAULT_DATASET), seed, settings.HELD_OUT_AREAS, settings.VALIDATION_FRACTION
-    )
+    _, split = load_split(settings.DEFAULT_DATASET, seed)
     if list(split.fit_areas) != (sidecar.get("split") or {}).get("fit_areas", list(split.fit_areas)):
         sys.exit("the fit used another split: the screen would see held-out prompts")
 
     def texts(label: str) -> list[str]:
-        return [p.text for p in interleave_areas(split.select("validation", label), args.validation_prompts, seed)]
+        return split.texts("validation", label, args.validation_prompts)
 
     contrast = sidecar.get("contrast", "safe")  # KL on the contrast's validation prompts, as `tune` measures it
     unsafe, safe = texts("unsafe"), texts(contrast)

@@ -71,6 +71,14 @@ class Split:
     def select(self, part: str, label: str) -> list[Prompt]:
         return [p for p in getattr(self, part) if p.label == label]
 
+    def prompts(self, part: str, label: str, limit: int | None = None) -> list[Prompt]:
+        """Up to `limit` prompts of one part and label, round-robin over areas (seeded by the split's seed):
+        the order `fit`, `tune`, `verify` and `evaluate` all use, so a small sample covers every area."""
+        return interleave_areas(self.select(part, label), limit, self.seed)
+
+    def texts(self, part: str, label: str, limit: int | None = None) -> list[str]:
+        return [p.text for p in self.prompts(part, label, limit)]
+
     def table(self) -> list[dict[str, object]]:
         """One row per area: its role and prompt counts per part and label."""
         rows = []
@@ -267,6 +275,22 @@ def split_dataset(
         (*validation, *harmless_validation),
         (*held_prompts, *harmless_held_out),
     )
+
+
+def load_split(path: Path | str, seed: int) -> tuple[Dataset, Split]:
+    """The dataset at `path` and its split with the project's sizes (settings.py): what every command uses."""
+    import settings
+
+    data = load_dataset(path)
+    split = split_dataset(
+        data,
+        seed,
+        settings.HELD_OUT_AREAS,
+        settings.VALIDATION_FRACTION,
+        settings.MIN_FIT_AREAS,
+        (settings.HARMLESS_VALIDATION_FRACTION, settings.HARMLESS_HELD_OUT_FRACTION),
+    )
+    return data, split
 
 
 def _split_harmless(

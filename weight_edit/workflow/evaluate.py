@@ -1,0 +1,223 @@
+"""`weight-edit evaluate`: source vs edited on the held-out policy areas, the held-out harmless instructions
+and public benchmark files; the source's scores are cached for the next edit of the same source."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import settings
+from weight_edit.dataset import HARMLESS_LABEL, Prompt, Split
+from weight_edit.evaluate import PromptScore
+from weight_edit.fit import ProgressFactory, no_progress
+from weight_edit.records import write_csv, write_json
+from weight_edit.workflow import checks
+
+AREA_TABLE = "evaluation_by_area.csv"
+BENCHMARK_TABLE = "evaluation_by_benchmark.csv"
+SUMMARY = "evaluation_summary.json"
+PROMPT_TABLE = "evaluation_prompts.csv"  # per-prompt flags and scores, at most a few first words: no completions
+
+
+@dataclass
+class EvaluateRequest:
+    edited: Path
+    model_spec: str | None = None  # the source; default: the one recorded in the edited output's provenance
+    dataset: Path = settings.DEFAULT_DATASET
+    seed: int = settings.SEED
+    out_dir: Path = Path("runs") / "eval"
+    device: str = "auto"
+    max_memory: dict | None = None
+    dtype: str = "fast"
+    batch_size: int = 0
+    max_new_tokens: int = settings.EVAL_MAX_NEW_TOKENS
+    limit: int | None = None
+    judge_path: Path | None = None
+    reuse_source: bool = True
+    benchmarks: Sequence = ()  # prompt_files.BenchmarkSpec
+    prompt_column: str | None = None
+
+
+@dataclass
+class Evaluation:
+    area_rows: list[dict[str, Any]]
+    benchmark_rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    source_reused_from: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def policy_prompts(split: Split, limit: int | None) -> list[Prompt]:
+    """Held-out areas' unsafe and safe prompts, then the held-out harmless instructions (first-token KL on
+    ordinary requests), each spread over areas."""
+    return [p for label in ("unsafe", "safe") for p in split.prompts("held_out", label, limit)] + [
+        Prompt(p.text, HARMLESS_LABEL, "harmless instructions", p.row)
+        for p in split.prompts("held_out", HARMLESS_LABEL, limit)
+    ]
+
+
+def run_evaluation(
+    request: EvaluateRequest,
+    progress: ProgressFactory = no_progress,
+    model_progress: Callable | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> Evaluation:
+    from weight_edit.dataset import load_split
+    from weight_edit.models import resolve_dtype, resolve_model
+    from weight_edit.prompt_files import load_prompt_file
+    from weight_edit.verify import read_provenance
+
+    provenance = read_provenance(Path(request.edited))
+    checks.writable(request.out_dir, "--out-dir")
+    source = (
+        resolve_model(request.model_spec, model_progress) if request.model_spec else Path(provenance["source"]["path"])
+    )
+    data, split = load_split(request.dataset, request.seed)
+    policy = policy_prompts(split, request.limit)
+    by_file = [(spec.path, load_prompt_file(spec, request.prompt_column)) for spec in request.benchmarks]
+    checks.prompt_lengths(source, [(request.dataset, data.prompts), *by_file])
+    benchmark = [p for _, prompts in by_file for p in prompts]
+    started = time.time()
+    dtype = resolve_dtype(request.dtype, request.device)  # recorded as the dtype actually used
+    scored, reused, generation = _score_both(request, source, provenance, [*policy, *benchmark], dtype, progress)
+    if reused:
+        say(f"source scores reused from an identical earlier evaluation ({reused})")
+    return _write(request, split, len(policy), scored, reused, generation, dtype, started)
+
+
+def _score_both(request: EvaluateRequest, source: Path, provenance: dict, prompts: list[Prompt], dtype: str, progress):
+    """Scores of the source (cached when allowed) and of the edited checkpoint on the same prompts."""
+    from weight_edit.evaluate import (
+        generation_settings,
+        greedy_generation_config,
+        load_cached_scores,
+        load_judge,
+        save_cached_scores,
+        score_model,
+    )
+    from weight_edit.models import auto_batch_size, cache_dir, load_model
+
+    judge = None
+    if request.judge_path:
+        judge = load_judge(request.judge_path, "cuda" if request.device == "cuda" else "cpu")
+    key = _source_cache_key(request, source, provenance, prompts, dtype)
+    cache_folder = cache_dir() / "evaluations" / key if key else None
+    cached = load_cached_scores(cache_folder) if cache_folder else None
+    results = {"source": cached} if cached else {}
+    generation: dict[str, Any] = {}
+    batch_size = request.batch_size
+    for name, folder in (("source", source), ("edited", Path(request.edited))):
+        if name in results:
+            continue
+        model, tokenizer = load_model(folder, dtype=dtype, device=request.device, max_memory=request.max_memory)
+        batch_size = batch_size or auto_batch_size(model)
+        generation = generation_settings(greedy_generation_config(model, tokenizer, request.max_new_tokens))
+        results[name] = score_model(
+            model,
+            tokenizer,
+            prompts,
+            settings.REFUSAL_PREFIXES,
+            settings.REFUSAL_SUBSTRINGS,
+            request.max_new_tokens,
+            batch_size,
+            settings.COMPLETION_PREVIEW_WORDS,
+            progress,
+            f"{name}: generating",
+            broad_markers=settings.BROAD_REFUSAL_MARKERS,
+            judge=judge,
+        )
+        del model
+        if name == "source" and cache_folder:
+            save_cached_scores(cache_folder, *results["source"], key)
+    return results, (cache_folder if cached else None), generation
+
+
+def _source_cache_key(request: EvaluateRequest, source: Path, provenance: dict, prompts, dtype: str) -> str | None:
+    """Everything that changes the source's scores (never reused with an explicit --model or a judge)."""
+    import torch
+    import transformers
+
+    from weight_edit.evaluate import source_cache_key
+
+    if not request.reuse_source or request.model_spec or request.judge_path:
+        return None
+    cuda = request.device == "cuda" or (request.device == "auto" and torch.cuda.is_available())
+    return source_cache_key(
+        provenance["source"].get("shards", {}),
+        source,
+        {
+            "prompts": [(p.text, p.label, p.category) for p in prompts],
+            "dtype": dtype,
+            "device": "cuda" if cuda else "cpu",
+            "max_memory": request.max_memory,
+            "batch_size": request.batch_size,
+            "max_new_tokens": request.max_new_tokens,
+            "prefixes": settings.REFUSAL_PREFIXES,
+            "substrings": settings.REFUSAL_SUBSTRINGS,
+            "markers": settings.BROAD_REFUSAL_MARKERS,
+            "preview_words": settings.COMPLETION_PREVIEW_WORDS,
+            "decoding": "plain greedy (generation_config ignored)",
+            "versions": [torch.__version__, transformers.__version__],
+        },
+    )
+
+
+def _write(request, split, n_policy, results, reused, generation, dtype, started) -> Evaluation:
+    """Summaries per area and per benchmark file, and the files `evaluate` leaves in --out-dir."""
+    from weight_edit.evaluate import summarise
+    from weight_edit.hashing import file_sha256
+
+    (source_scores, source_logits), (edited_scores, edited_logits) = results["source"], results["edited"]
+    areas = summarise(
+        source_scores[:n_policy], edited_scores[:n_policy], source_logits[:n_policy], edited_logits[:n_policy]
+    )["rows"]
+    benchmark_rows = []
+    if len(source_scores) > n_policy:
+        benchmark_rows = summarise(
+            source_scores[n_policy:], edited_scores[n_policy:], source_logits[n_policy:], edited_logits[n_policy:]
+        )["rows"]
+        for row in benchmark_rows:
+            row["benchmark"] = row.pop("area")
+    out = request.out_dir
+    summary = {
+        "held_out_areas": list(split.held_out_areas),
+        "benchmarks": [
+            {"kind": spec.kind, "name": spec.name, "path": str(spec.path), "sha256": file_sha256(spec.path)}
+            for spec in request.benchmarks
+        ],
+        "benchmark_overall": {r["label"]: r for r in benchmark_rows if r["benchmark"] == "ALL"},
+        "max_new_tokens": request.max_new_tokens,
+        "generation": generation,
+        "dtype": dtype,
+        "refusal_substrings": list(settings.REFUSAL_SUBSTRINGS),
+        "broad_refusal_markers": list(settings.BROAD_REFUSAL_MARKERS),
+        "judge": str(request.judge_path.resolve()) if request.judge_path else None,
+        "source_scores_reused": str(reused) if reused else None,
+        "overall": {r["label"]: r for r in areas if r["area"] == "ALL"},
+        "seconds": round(time.time() - started, 1),
+    }
+    files = [
+        write_csv(out / AREA_TABLE, areas),
+        write_csv(out / BENCHMARK_TABLE, benchmark_rows),
+        write_json(out / SUMMARY, summary),
+        write_csv(out / PROMPT_TABLE, [_prompt_row(s, e) for s, e in zip(source_scores, edited_scores, strict=True)]),
+    ]
+    return Evaluation(areas, benchmark_rows, summary, reused, [f for f in files if f])
+
+
+def _prompt_row(source: PromptScore, edited: PromptScore) -> dict[str, Any]:
+    return {
+        "category": source.category,
+        "label": source.label,
+        "source_refused": source.refused_text,
+        "edited_refused": edited.refused_text,
+        "source_refused_broad": source.refused_broad,
+        "edited_refused_broad": edited.refused_broad,
+        "source_log_odds": round(source.refusal_log_odds, 3),
+        "edited_log_odds": round(edited.refusal_log_odds, 3),
+        "source_first_words": source.preview,
+        "edited_first_words": edited.preview,
+    }

@@ -1,0 +1,131 @@
+"""`weight-edit fit`: load the split and the model, fit and select the direction, write the fit folder."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import settings
+from weight_edit.fit import FitResult, FitSettings, ProgressFactory, fit_direction, no_progress
+from weight_edit.records import write_csv
+from weight_edit.workflow import checks
+
+CANDIDATES_FILE = "candidates.csv"
+SPLIT_FILE = "split.csv"
+
+
+@dataclass
+class FitRequest:
+    model_spec: str | None = None
+    dataset: Path = settings.DEFAULT_DATASET
+    out_dir: Path = settings.DEFAULT_FIT_DIR
+    device: str = "auto"
+    max_memory: dict | None = None
+    dtype: str = "fast"
+    batch_size: int = 0
+    seed: int = settings.SEED
+    screen_keep: int = settings.SCREEN_KEEP
+    screen_prompts: int = settings.SCREEN_PROMPTS
+    validation_prompts: int = settings.MAX_VALIDATION_PROMPTS
+    contrast: str = settings.DEFAULT_CONTRAST
+    selection: str = settings.SELECTION_RULE
+
+
+@dataclass
+class FitRun:
+    result: FitResult
+    sidecar: dict[str, Any]
+    files: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def run_fit(
+    request: FitRequest,
+    progress: ProgressFactory = no_progress,
+    model_progress: Callable | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> FitRun:
+    """Everything `fit` does; `say` receives one line about the model and split before the long part."""
+    from weight_edit.architecture import architecture_for
+    from weight_edit.checkpoint import Checkpoint, fingerprint
+    from weight_edit.dataset import load_split
+    from weight_edit.direction_file import save_activation_means, save_direction
+    from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model, weights_note
+
+    checks.writable(request.out_dir, "--out-dir")
+    data, split = load_split(request.dataset, request.seed)
+    if request.contrast == settings.HARMLESS_LABEL:
+        checks.require_harmless(split, request.dataset, "--contrast harmless")
+    folder = resolve_model(request.model_spec, model_progress)
+    checks.prompt_lengths(folder, [(request.dataset, data.prompts)])
+    checkpoint = Checkpoint(folder)
+    arch = architecture_for(checkpoint.config)
+    num_layers = arch.num_layers(checkpoint.config)
+    say(
+        f"model {folder} ({checkpoint.config.get('model_type')}, edited as the {arch.family} family; "
+        f"{num_layers} layers); contrast: {request.contrast}; fit areas: {', '.join(split.fit_areas)}; "
+        f"held out: {', '.join(split.held_out_areas)}"
+    )
+    started = time.time()
+    dtype = resolve_dtype(request.dtype, request.device)  # recorded as the dtype actually used
+    model, tokenizer = load_model(folder, dtype=dtype, device=request.device, max_memory=request.max_memory)
+    fit_settings = FitSettings.from_project_settings(
+        request.batch_size or auto_batch_size(model),
+        screen_prompts=request.screen_prompts,
+        screen_keep=request.screen_keep,
+        max_validation_prompts=request.validation_prompts,
+        selection=request.selection,
+    )
+    contrast = request.contrast
+    result = fit_direction(
+        model,
+        tokenizer,
+        arch,
+        num_layers,
+        split.texts("train", "unsafe"),
+        split.texts("train", contrast),
+        split.texts("validation", "unsafe"),
+        split.texts("validation", contrast),
+        fit_settings,
+        progress,
+        contrast_name=contrast,
+    )
+    chosen = result.chosen()
+    sidecar = {
+        "tool": "weight-edit",
+        "model": {
+            "spec": request.model_spec or settings.DEFAULT_MODEL_NAME,
+            "folder": str(folder),
+            "weights": weights_note(request.model_spec),
+        },
+        "model_fingerprint": fingerprint(checkpoint),
+        "layer": result.layer,
+        "position": result.position,
+        "contrast": contrast,
+        "scores": {
+            "bypass": chosen.bypass,
+            "refusal_rate": chosen.refusal_rate,
+            "induce": chosen.induce,
+            "kl": chosen.kl,
+            "norm": chosen.norm,
+        },
+        "baseline": result.baseline,
+        "selection": result.selection_note,
+        "post_instruction_tokens": result.suffix_tokens,
+        "refusal_tokens": result.refusal_tokens,
+        "dataset": {"path": str(request.dataset), "sha256": data.sha256},
+        "split": split.as_dict(),
+        "settings": {**fit_settings.__dict__, "dtype": dtype, "seed": request.seed},
+        "stats": result.stats,
+        "fit_seconds": round(time.time() - started, 1),
+    }
+    out = request.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    sidecar["activation_means"] = save_activation_means(out, result.means)  # first: the sidecar records its hash
+    files = [*save_direction(out / settings.DIRECTION_FILE, result.direction, sidecar)]
+    files += [write_csv(out / CANDIDATES_FILE, result.table()), write_csv(out / SPLIT_FILE, split.table())]
+    files.append(out / sidecar["activation_means"]["file"])
+    return FitRun(result, sidecar, [f for f in files if f], round(time.time() - started, 1))
