@@ -1076,100 +1076,20 @@ def tune(
     batch_size,
 ) -> None:
     """Choose per-layer edit strengths: search the refusal/KL trade-off on the fit areas' validation prompts."""
-    from weight_edit.architecture import architecture_for
-    from weight_edit.checkpoint import Checkpoint, fingerprint
-    from weight_edit.direction_file import check_compatible, load_direction, save_direction
-    from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model
-    from weight_edit.search import search_strengths
+    from weight_edit.workflow.tune import TuneRequest, run_tune
 
-    direction_path = fit_dir / settings.DIRECTION_FILE
-    sidecar_path = direction_path.with_suffix(".json")
-    vector, sidecar = load_direction(direction_path)
-    writable(fit_dir, "--fit-dir")
-    if sidecar is None:
-        fail(f"tune needs {sidecar_path} from `weight-edit fit` (it names the model and the split)")
-    folder = resolve_model(model_spec or sidecar.get("model", {}).get("folder"), model_progress())
-    checkpoint = Checkpoint(folder)
-    check_compatible(sidecar, vector, fingerprint(checkpoint), direction_path)
-    fitted_split = sidecar.get("split") or {}
-    seed = fitted_split.get("seed", settings.SEED) if seed is None else seed
-    data, split = load_split(dataset, seed)
-    check_lengths(folder, [(dataset, data.prompts)])
-    if (sidecar.get("dataset") or {}).get("sha256") not in (None, data.sha256) or fitted_split.get(
-        "fit_areas", list(split.fit_areas)
-    ) != list(split.fit_areas):
-        fail(
-            f"{sidecar_path} was fit on another dataset or split (fit areas {fitted_split.get('fit_areas')}); "
-            "tune with the --dataset and --seed `fit` used, so that no held-out area is tuned on"
-        )
-    arch = architecture_for(checkpoint.config)
-    num_layers = arch.num_layers(checkpoint.config)
-    targets = arch.targets(checkpoint.config, checkpoint.tensor_names)
-
-    def texts(label: str) -> list[str]:
-        return split.texts("validation", label, validation_prompts or None)
-
-    unsafe, safe = texts("unsafe"), texts("safe")
-    contrast = sidecar.get("contrast", "safe")
-    if contrast == settings.HARMLESS_LABEL:
-        require_harmless(split, dataset, "tune of a direction fit against harmless prompts")
-    kl_prompts = texts(contrast)
-    console.print(
-        f"model [bold]{folder}[/] ({checkpoint.config.get('model_type')}, {num_layers} layers); {trials} trials in {mode} mode on "
-        f"{len(unsafe)} unsafe + {len(safe)} safe validation prompts of the fit areas ({', '.join(split.fit_areas)}); "
-        f"KL on {len(kl_prompts)} {contrast} validation prompts"
-    )
-    started = time.time()
-    dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
-    model, tokenizer = load_model(folder, dtype=dtype, device=device)
-    batch_size = batch_size or auto_batch_size(model)
+    request = TuneRequest(model_spec, dataset, seed, fit_dir, trials, mode, max_refusal, validation_prompts)
+    request.max_strength, request.device, request.dtype, request.batch_size = max_strength, device, dtype, batch_size
     with progress_bars() as factory:
-        result = search_strengths(
-            model,
-            tokenizer,
-            arch,
-            targets,
-            num_layers,
-            vector,
-            unsafe,
-            safe,
-            mode=mode,
-            n_trials=trials,
-            seed=seed,
-            batch_size=batch_size,
-            progress=factory,
-            max_refusal=max_refusal,
-            max_strength=max_strength,
-            centre_layer=sidecar.get("layer"),
-            max_new_tokens=settings.TUNE_NEW_TOKENS,
-            refusal_prefixes=settings.REFUSAL_PREFIXES,
-            markers=settings.BROAD_REFUSAL_MARKERS,
-            read_tensor=checkpoint.read,
-            val_kl=kl_prompts,
-        )
-    search = {**result.as_dict(), "dtype": dtype, "dataset_sha256": data.sha256, "kl_prompts": contrast}
-    save_direction(direction_path, vector, {**sidecar, "search": search})  # re-hashes the sidecar
-    write_csv(fit_dir / "search_trials.csv", result.table())
-
+        run = run_tune(request, factory, model_progress(), say=console.print)
+    result = run.result
     table = Table(title=f"strength search: {result.n_trials} trials, Pareto front of {len(result.front)}")
-    for column in (
-        "edit",
-        "trial",
-        "first-token refusal P",
-        f"KL ({contrast})",
-        "unsafe refused (text)",
-        "safe refused (text)",
-    ):
+    columns = ("edit", "trial", "first-token refusal P", f"KL ({run.contrast})", "unsafe refused", "safe refused")
+    for column in columns:
         table.add_column(column)
     base = result.baseline["generated"]
-    table.add_row(
-        "source",
-        "–",
-        f"{result.baseline['refusal_prob']:.3f}",
-        "0",
-        f"{base['unsafe_refused']}/{base['unsafe_total']}",
-        f"{base['safe_refused']}/{base['safe_total']}",
-    )
+    source_counts = (f"{base['unsafe_refused']}/{base['unsafe_total']}", f"{base['safe_refused']}/{base['safe_total']}")
+    table.add_row("source", "–", f"{result.baseline['refusal_prob']:.3f}", "0", *source_counts)
     for label, trial in (("full strength", result.trials[0]), ("chosen", result.chosen())):
         counts = trial.generated
         table.add_row(
@@ -1187,8 +1107,7 @@ def tune(
         )
     console.print(
         f"{result.n_trials} trials in {result.trial_seconds:.0f} s ({result.trials_per_second:.2f}/s); wrote the search "
-        f"to {sidecar_path} and {fit_dir / 'search_trials.csv'} in {time.time() - started:.0f} s; "
-        "apply it with `weight-edit apply --tuned`"
+        f"to {run.sidecar_path} and {run.trials_path} in {run.seconds:.0f} s; apply it with `weight-edit apply --tuned`"
     )
 
 

@@ -441,3 +441,22 @@ def test_prompts_longer_than_the_context_are_named_before_the_model_runs(tmp_pat
     huge.write_text(json.dumps({"prompt": "short one"}) + "\n" + json.dumps({"prompt": "x" * 130_000}) + "\n")
     result = runner.invoke(cli.main, ["evaluate", str(out), "--benchmark", f"harmless:{huge}", "--device", "cpu"])
     assert result.exit_code == 2 and "huge.jsonl: row 2: the prompt is" in result.output
+
+
+def test_tune_then_apply_tuned_and_verify(tmp_path, tiny_model, runner):
+    fit_dir, out = tmp_path / "fit", tmp_path / "edited"
+    result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--out-dir", str(fit_dir), *FAST_FIT])
+    assert result.exit_code == 0, result.output
+    args = ["tune", "--fit-dir", str(fit_dir), "--trials", "6", "--validation-prompts", "3", "--device", "cpu"]
+    result = runner.invoke(cli.main, [*args, "--dtype", "float32", "--batch-size", "64"])
+    assert result.exit_code == 0, result.output
+    search = json.loads((fit_dir / "direction.json").read_text())["search"]
+    assert search["kl_prompts"] == "harmless" and search["prompts"] == {"unsafe": 3, "safe": 3, "kl": 3}
+    assert search["n_trials"] == 6 and (fit_dir / "search_trials.csv").read_text().count("\n") == 7
+    assert "plain greedy" in search["settings"]["decoding"]
+    result = runner.invoke(
+        cli.main, ["apply", "--direction", str(fit_dir / "direction.safetensors"), "--out", str(out), "--tuned"]
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli.main, ["verify", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output

@@ -137,23 +137,9 @@ class EditPlan:
     def rank(self) -> int:
         return self.basis.shape[0]
 
-    @property
-    def single_basis(self) -> bool:
-        """True when every writer removes the same subspace (no biprojection)."""
-        return self.layer_bases is None
-
     def basis_for(self, target: EditTarget) -> torch.Tensor:
         """Rows [k, d] removed from this writer (before any output-norm adjustment)."""
         return self.basis if self.layer_bases is None else self.layer_bases[target.layer or 0]
 
     def strength_for(self, target: EditTarget) -> float:
         return self.strengths.for_target(target)
-
-    def describe(self) -> dict[str, Any]:
-        """JSON summary for provenance and the model card (tensors are stored in files beside it)."""
-        return {
-            "rank": self.rank,
-            "per_layer_directions": self.layer_bases is not None,
-            "full_strength": self.strengths.is_full,
-            "strengths": None if self.strengths.is_full else self.strengths.as_dict(),
-        }

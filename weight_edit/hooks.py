@@ -118,25 +118,18 @@ def residual_ablation(
 def weight_equivalent_ablation(
     model: torch.nn.Module,
     targets: list[EditTarget],
-    direction: torch.Tensor | EditPlan,
+    plan: EditPlan,
     mode: EditMode,
-    layer_directions: torch.Tensor | None = None,
     read_tensor: Callable[[str], torch.Tensor] | None = None,
 ) -> Iterator[None]:
-    """Hooks that reproduce `apply`'s edit, computed from the unedited in-memory weights.
+    """Hooks that reproduce `apply`'s edit of `plan`, computed from the unedited in-memory weights.
 
     A weight that accelerate offloaded (a meta tensor outside the forward pass) is read by its on-disk
     name through `read_tensor` (e.g. `Checkpoint.read`), which is the same tensor.
 
-    `direction` is the fitted vector (full-strength rank-1 edit, optionally with per-layer
-    `layer_directions`) or a whole `EditPlan` (rank k, per-layer strengths). Exact for "module" hooks
-    in both modes; "block" hooks (fused experts) only project the block's output, which equals the
-    plain projection of every expert but not the norm-preserving rescale.
+    Exact for "module" hooks in both modes; "block" hooks (fused experts) only project the block's output,
+    which equals the plain projection of every expert but not the norm-preserving rescale.
     """
-    if isinstance(direction, EditPlan):
-        plan = direction
-    else:
-        plan = EditPlan.build(direction, _layer_count(targets), layer_directions=layer_directions)
     handles = []
     blocks: set[str] = set()
     for target in targets:
@@ -183,10 +176,6 @@ def _materialised(
     if read_tensor is None or on_disk is None:
         raise ValueError(f"'{on_disk}' is offloaded (meta device): pass read_tensor to read it from the checkpoint")
     return read_tensor(on_disk)
-
-
-def _layer_count(targets: list[EditTarget]) -> int:
-    return 1 + max((t.layer for t in targets if t.layer is not None), default=-1)
 
 
 @contextmanager
