@@ -115,6 +115,10 @@ def expected_errors() -> tuple[type[Exception], ...]:
 class Command(click.Command):
     """Turn the library's expected errors into one red line and exit code 2, without a traceback."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = list(args)  # the command line as given, for outputs that record it
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -848,9 +852,12 @@ def report(fit_dir, eval_dir, diagnose_dir, out, variants) -> None:
 
 
 @main.command(cls=Command)
-@click.argument("edited", type=click.Path(file_okay=False, path_type=Path), default=Path("edited"))
+@click.argument("edited", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 @click.option(
-    "--model", "model_spec", default=None, help="Source model (default: the source recorded in EDITED's provenance)."
+    "--model",
+    "model_spec",
+    default=None,
+    help="Source model (default: the source recorded in the first EDITED's provenance).",
 )
 @click.option(
     "--mmlu",
@@ -919,59 +926,34 @@ def benchmark(
     batch_size,
     out_dir,
 ) -> None:
-    """What the edit cost: MMLU/ARC accuracy (answer-letter log-likelihood) and perplexity, source vs edited, paired."""
+    """What edits cost: MMLU/ARC accuracy (answer-letter log-likelihood) and perplexity, source vs each EDITED
+    folder (default: ./edited), paired on the same items; the source is scored once."""
     import shlex
 
-    from weight_edit.capability import compare, item_rows, load_suite, markdown_report, score_checkpoint
-    from weight_edit.models import resolve_dtype, resolve_model
-    from weight_edit.verify import read_provenance
+    from weight_edit.workflow.benchmark import BenchmarkRequest, run_benchmark
 
-    if stride >= max_length:
-        raise click.BadParameter(f"must be below --max-length ({max_length})", param_hint="--stride")
-    writable(out_dir, "--out-dir")
-    suite = load_suite(mmlu, arc, arc_train, text, shots, limit, seed, max_length, stride, text_tokens)
-    dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
-    if model_spec:
-        source_folder = resolve_model(model_spec, model_progress())
-    else:
-        source_folder = Path(read_provenance(Path(edited))["source"]["path"])
-    started = time.time()
-    scores = {}
-    with progress_bars() as factory:
-        for name, folder in (("source", source_folder), ("edited", Path(edited))):
-            scores[name] = score_checkpoint(folder, suite, dtype, device, batch_size, factory, name, max_memory)
-    comparison = compare(scores["source"], scores["edited"])
-    command = "weight-edit " + shlex.join(sys.argv[1:])
-    if comparison["rows"]:  # none when only --text was given
-        write_csv(out_dir / "capability_by_subject.csv", comparison["rows"])
-    items = [
-        row
-        for name in scores["source"].items
-        for row in item_rows(name, scores["source"].items[name], scores["edited"].items[name])
-    ]
-    if items:
-        write_csv(out_dir / "capability_items.csv", items)
-    write_json(
-        out_dir / "capability_summary.json",
-        {
-            "command": command,
-            "source": str(source_folder),
-            "edited": str(edited),
-            "dtype": dtype,
-            "settings": suite.settings,
-            "sizes": suite.sizes(),
-            "overall": [r for r in comparison["rows"] if r["subject"] == "ALL"],
-            "perplexity": comparison["perplexity"],
-            "seconds": {name: s.seconds for name, s in scores.items()},
-        },
+    ctx = click.get_current_context()
+    command = "weight-edit " + shlex.join([ctx.info_name, *ctx.meta["argv"]])
+    request = BenchmarkRequest(list(edited) or [Path("edited")], command)
+    request.model_spec, request.mmlu, request.arc, request.arc_train, request.text = (
+        model_spec,
+        mmlu,
+        arc,
+        arc_train,
+        text,
     )
-    (out_dir / "README.md").write_text(markdown_report({Path(edited).name: comparison}, suite, [command]))
+    request.shots, request.limit, request.text_tokens, request.seed = shots, limit, text_tokens, seed
+    request.max_length, request.stride, request.out_dir = max_length, stride, out_dir
+    request.device, request.max_memory, request.dtype, request.batch_size = device, max_memory, dtype, batch_size
+    with progress_bars() as factory:
+        run = run_benchmark(request, factory, model_progress(), say=console.print)
     table = Table(title="capability: edited − source, paired on the same items")
-    for column in ("benchmark", "n", "source", "edited", "edited − source [95 % CI]", "lost / gained", "McNemar p"):
+    for column in ("edited", "benchmark", "n", "source", "edited", "edited − source [95 % CI]", "lost / gained", "p"):
         table.add_column(column)
-    for r in comparison["rows"]:
-        if r["subject"] == "ALL":
+    for label, comparison in run.comparisons.items():
+        for r in (r for r in comparison["rows"] if r["subject"] == "ALL"):
             table.add_row(
+                label,
                 r["benchmark"],
                 str(r["n"]),
                 f"{100 * r['source_accuracy']:.1f} %",
@@ -980,15 +962,14 @@ def benchmark(
                 f"{r['lost']} / {r['gained']}",
                 f"{r['mcnemar_p']:.2g}",
             )
+        if comparison["perplexity"]:
+            p = comparison["perplexity"]
+            console.print(
+                f"{label}: perplexity on {p['tokens']} tokens: source {p['source_perplexity']:.3f}, "
+                f"edited {p['edited_perplexity']:.3f}, ratio {p['perplexity_ratio']:.4f}"
+            )
     console.print(table)
-    if comparison["perplexity"]:
-        p = comparison["perplexity"]
-        console.print(
-            f"perplexity on {p['tokens']} tokens: source {p['source_perplexity']:.3f}, edited {p['edited_perplexity']:.3f}, ratio {p['perplexity_ratio']:.4f}"
-        )
-    console.print(
-        f"wrote {out_dir}/README.md, capability_summary.json and per-subject tables in {time.time() - started:.0f} s"
-    )
+    console.print(f"wrote {', '.join(str(f) for f in run.files)} in {run.summary['wall_seconds']:.0f} s")
 
 
 @main.command(cls=Command)

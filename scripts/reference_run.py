@@ -10,7 +10,7 @@ edit, `--biproject`, `--rank 2`, `--tuned`) applies, verifies and evaluates on t
 `report` writes the Markdown report with figures; `capability` runs MMLU/ARC/WikiText subsets on the
 source and the default and tuned edits. Only aggregate files are copied into artifacts/: the split,
 every candidate's scores, the direction's sidecar (with the search), the diagnostics, the search trials,
-the verify reports, the evaluation tables, the report and the capability tables. Completions are never
+the verify reports, the evaluation tables, the report and the capability tables (`weight-edit benchmark`). Completions are never
 stored; the per-prompt file with the first few words of each completion stays in the work folder.
 """
 
@@ -33,11 +33,11 @@ STEPS = ("fit", "diagnose", "tune", "variants", "report", "capability")
 BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
 
 
-def run(args: list[str], script: bool = False) -> float:
+def run(args: list[str]) -> float:
     started = time.time()
-    print(("+ python " if script else "+ weight-edit ") + " ".join(args), flush=True)
+    print("+ weight-edit " + " ".join(args), flush=True)
     # The same interpreter as this script, so it works whether or not the venv is activated.
-    subprocess.run([sys.executable, *(args if script else ["-m", "cli", *args])], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "cli", *args], check=True, cwd=ROOT)
     return round(time.time() - started, 1)
 
 
@@ -137,8 +137,7 @@ def main() -> None:
     if "capability" in args.steps:
         edited = [str(work / f"edited-{v}") for v in ("default", "tuned") if (work / f"edited-{v}").is_dir()]
         capability = [
-            "scripts/capability_run.py",
-            "--edited",
+            "benchmark",
             *edited,
             "--mmlu",
             str(BENCHMARKS / "mmlu" / "data"),
@@ -153,7 +152,7 @@ def main() -> None:
             "--out-dir",
             str(artifacts / "capability"),
         ]
-        record("capability", run(capability, script=True))
+        record("capability", run(capability))
 
 
 def draw_front(search: dict, out: Path) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -391,8 +389,8 @@ def test_suite_checkpoints_and_report(tmp_path, chat_tokenizer, benchmark_files)
     different = capability.compare(scores_source, scores_edited)
     assert [(r["benchmark"], r["subject"]) for r in different["rows"]][-1] == ("arc_challenge", "ALL")
     assert different["perplexity"]["perplexity_ratio"] != pytest.approx(1.0, abs=1e-3)
-    report = capability.markdown_report({"seed-1": different}, suite, ["python scripts/capability_run.py --x"])
-    assert "| seed-1 | mmlu | 5 |" in report and "python scripts/capability_run.py --x" in report
+    report = capability.markdown_report({"seed-1": different}, suite, ["weight-edit benchmark --x"])
+    assert "| seed-1 | mmlu | 5 |" in report and "weight-edit benchmark --x" in report
     items = capability.item_rows("mmlu", scores_source.items["mmlu"], scores_edited.items["mmlu"])
     assert len(items) == 5 and "stem" not in items[0]
 
@@ -402,20 +400,32 @@ def test_suite_checkpoints_and_report(tmp_path, chat_tokenizer, benchmark_files)
         load_suite()
 
 
-def test_capability_script_writes_aggregates_and_its_command(tmp_path, chat_tokenizer, benchmark_files):
+def test_benchmark_command_compares_several_edits_and_records_its_command(tmp_path, chat_tokenizer, benchmark_files):
+    from click.testing import CliRunner
+
+    import cli
+
     source = build_tiny_model(tmp_path / "source", chat_tokenizer, seed=0)
     edited = build_tiny_model(tmp_path / "edited", chat_tokenizer, seed=1)
+    other = build_tiny_model(tmp_path / "other", chat_tokenizer, seed=2)
     out = tmp_path / "report"
-    args = ["--model", str(source), "--edited", str(edited), "--mmlu", str(benchmark_files["mmlu"])]
+    args = ["benchmark", str(edited), str(other), "--model", str(source), "--mmlu", str(benchmark_files["mmlu"])]
     args += ["--arc", str(benchmark_files["arc"]), "--arc-train", str(benchmark_files["arc_train"])]
     args += ["--text", str(benchmark_files["text"]), "--shots", "1", "--limit", "4", "--dtype", "float32"]
     args += ["--max-length", "16", "--stride", "8", "--device", "cpu", "--out-dir", str(out)]
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "capability_run.py"), *args], check=True, cwd=ROOT)
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
     summary = json.loads((out / "capability_summary.json").read_text())
-    assert summary["sizes"] == {"mmlu": 4, "arc_challenge": 4} and "edited" in summary["comparisons"]
+    assert summary["sizes"] == {"mmlu": 4, "arc_challenge": 4} and set(summary["comparisons"]) == {"edited", "other"}
+    assert summary["comparisons"]["other"]["perplexity"]["tokens"] > 0 and set(summary["seconds"]) == {
+        "source",
+        "edited",
+        "other",
+    }
     readme = (out / "README.md").read_text()
-    assert "scripts/capability_run.py --model" in readme and "--limit 4" in readme
+    assert "benchmark " in readme and "--limit 4" in readme
     assert (out / "capability_by_subject.csv").read_text().startswith("edited,benchmark,subject,n,")
+    assert (out / "capability_items.csv").read_text().startswith("edited,")
 
 
 # ----------------------------------------------------------------------------------------- references

@@ -366,7 +366,8 @@ def test_benchmark_with_text_only_writes_its_summary(tmp_path, chat_tokenizer, r
     result = runner.invoke(cli.main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "capability_summary.json").read_text())
-    assert summary["perplexity"]["tokens"] > 0 and summary["overall"] == []
+    comparison = summary["comparisons"]["edited"]
+    assert comparison["perplexity"]["tokens"] > 0 and comparison["overall"] == []
     assert not (out / "capability_by_subject.csv").exists()
 
 
