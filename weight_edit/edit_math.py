@@ -129,14 +129,14 @@ def input_scale(weight: torch.Tensor, r: torch.Tensor, residual_axis: int, stren
     return torch.where(projected_norms > 0, norms / projected_norms.clamp_min(1e-30), 0.0)
 
 
-def write_direction(
+def norm_adjusted_basis(
     direction: torch.Tensor, norm_weight: torch.Tensor | None = None, offset: float = 0.0
 ) -> torch.Tensor:
-    """What to remove from a write that passes through an RMSNorm before the residual add.
+    """The basis to remove from a write that passes through an RMSNorm first: û [d], or orthonormal rows [k, d].
 
     The norm multiplies the write elementwise by g = offset + γ after a scalar rescale, so a write
     orthogonal to û ∝ g ⊙ r̂ lands orthogonal to r̂; for rows Q [k, d], the orthonormalised rows of
-    g ⊙ Q. Without a norm, r̂ (or Q) itself.
+    g ⊙ Q. Without a norm, r̂ (or Q) itself. Pure: it computes a basis and does no I/O.
     """
     if direction.ndim == 2:
         if norm_weight is None:

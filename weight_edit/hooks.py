@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 
 from weight_edit.architecture import Architecture, EditTarget, fill
-from weight_edit.edit_math import EditMode, input_scale, orthonormal_rows, write_direction
+from weight_edit.edit_math import EditMode, input_scale, norm_adjusted_basis, orthonormal_rows
 from weight_edit.edit_plan import EditPlan
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -153,7 +153,7 @@ def weight_equivalent_ablation(
         if target.output_norm_module is not None:
             norm_weight = model.get_submodule(target.output_norm_module).weight
             gamma = _materialised(norm_weight, target.output_norm, read_tensor).float()
-            u = write_direction(rows.to(gamma.device), gamma, target.norm_offset)
+            u = norm_adjusted_basis(rows.to(gamma.device), gamma, target.norm_offset)
         if mode == "norm-preserving":
             weight = _materialised(module.weight, target.tensor, read_tensor).float()
             scale = input_scale(weight, u.to(weight.device), target.residual_axis, strength)

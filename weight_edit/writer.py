@@ -31,7 +31,7 @@ import torch
 from weight_edit import __version__
 from weight_edit.architecture import EditTarget, architecture_for
 from weight_edit.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo
-from weight_edit.edit_math import EditMode, edited_pieces, write_direction
+from weight_edit.edit_math import EditMode, edited_pieces, norm_adjusted_basis
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.hashing import file_sha256, tensor_sha256
 from weight_edit.model_card import CARD_FILE, write_card
@@ -483,7 +483,7 @@ def apply_direction(
             return rows, strength
         with norm_lock:
             if target.output_norm not in norm_cache:
-                norm_cache[target.output_norm] = write_direction(
+                norm_cache[target.output_norm] = norm_adjusted_basis(
                     rows, source.read(target.output_norm).float(), target.norm_offset
                 )
         return norm_cache[target.output_norm], strength
