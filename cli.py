@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -129,19 +128,6 @@ class Command(click.Command):
             fail(f"{where}{exc.strerror or exc}")
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
 model_option = click.option(
     "--model",
     "model_spec",
@@ -225,43 +211,6 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()  # rich bars below are the tool's own progress display
     hf_logging.set_verbosity_error()
-
-
-def load_split(dataset: Path, seed: int):
-    from weight_edit.dataset import load_split as load
-
-    return load(dataset, seed)
-
-
-def writable(folder: Path, what: str) -> None:
-    """Check an output folder before any computing (see writer.check_writable_dir)."""
-    from weight_edit.writer import check_writable_dir
-
-    check_writable_dir(folder, what)
-
-
-def check_lengths(folder: Path, groups) -> None:
-    """Every prompt within the model's context and the token budget, checked with the tokenizer alone
-    before the model loads. `groups`: (file, prompts with their row numbers)."""
-    from transformers import AutoTokenizer
-
-    from weight_edit.chat import check_prompt_lengths, prompt_token_limit
-
-    if not (folder / "config.json").is_file():
-        return  # not a checkpoint folder: the command's own checks say so
-    config = json.loads((folder / "config.json").read_text())
-    limit, why = prompt_token_limit(config, settings.MAX_PROMPT_TOKENS)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    for origin, prompts in groups:
-        check_prompt_lengths(tokenizer, [(p.row, p.text) for p in prompts], str(origin), limit, why)
-
-
-def require_harmless(split, dataset: Path, what: str) -> None:
-    if not split.select("train", settings.HARMLESS_LABEL):
-        fail(
-            f"{dataset}: no rows labelled 'harmless' (ordinary instructions); {what} needs them — "
-            "add some, or use --contrast safe"
-        )
 
 
 @main.command(cls=Command)
@@ -437,9 +386,10 @@ def apply(
     from weight_edit.checkpoint import Checkpoint, fingerprint
     from weight_edit.direction_file import check_compatible, load_direction
     from weight_edit.models import resolve_model, weights_note
+    from weight_edit.workflow import checks
     from weight_edit.writer import apply_direction
 
-    writable(out.resolve().parent, "the folder of --out")
+    checks.writable(out.resolve().parent, "the folder of --out")
     vector, sidecar = load_direction(direction_path)
     named = model_spec or (sidecar or {}).get("model", {}).get("spec")  # what the user called the model
     if model_spec is None and sidecar is not None:
@@ -593,12 +543,15 @@ def apply(
 @max_memory_option
 def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> None:
     """Check an edited checkpoint against hook-based ablation on the source model; exit 1 on failure."""
+    from weight_edit.dataset import load_split
     from weight_edit.model_card import write_card
+    from weight_edit.records import write_json
     from weight_edit.verify import read_provenance, verify_checkpoint
+    from weight_edit.workflow import checks
 
     _, split = load_split(dataset, seed)
     chosen = [p for label in ("safe", "unsafe") for p in split.prompts("validation", label, num_prompts // 2)]
-    check_lengths(Path(read_provenance(Path(out))["source"]["path"]), [(dataset, chosen)])
+    checks.prompt_lengths(Path(read_provenance(Path(out))["source"]["path"]), [(dataset, chosen)])
     prompts = [p.text for p in chosen]
     with console.status("running the hooked source and the edited checkpoint"):
         report = verify_checkpoint(out, prompts, settings.VERIFY_TOLERANCES, new_tokens, device, max_memory=max_memory)
@@ -757,11 +710,13 @@ def difference_table(title: str, key: str, rows: list[dict[str, Any]]) -> Table:
 def diagnose(model_spec, dataset, seed, direction_path, out_dir, device, dtype, batch_size) -> None:
     """Per-area refusal directions at the fitted layer and position: cosines, PCA, area budget, rank-k subspace."""
     from weight_edit.checkpoint import Checkpoint, fingerprint
+    from weight_edit.dataset import load_split
     from weight_edit.diagnose import run_diagnostics, save_diagnostics
     from weight_edit.direction_file import check_compatible, load_direction
     from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model
+    from weight_edit.workflow import checks
 
-    writable(out_dir, "--out-dir")
+    checks.writable(out_dir, "--out-dir")
     vector, sidecar = load_direction(direction_path)
     if sidecar is None or "layer" not in sidecar or "position" not in sidecar:
         fail(
@@ -772,7 +727,7 @@ def diagnose(model_spec, dataset, seed, direction_path, out_dir, device, dtype, 
     folder = resolve_model(model_spec, model_progress())
     check_compatible(sidecar, vector, fingerprint(Checkpoint(folder)), direction_path)
     data, split = load_split(dataset, seed)
-    check_lengths(folder, [(dataset, data.prompts)])
+    checks.prompt_lengths(folder, [(dataset, data.prompts)])
     fitted_held_out = sidecar.get("split", {}).get("held_out_areas")
     if fitted_held_out is not None and list(fitted_held_out) != list(split.held_out_areas):
         fail(
@@ -836,8 +791,9 @@ def diagnose(model_spec, dataset, seed, direction_path, out_dir, device, dtype, 
 def report(fit_dir, eval_dir, diagnose_dir, out, variants) -> None:
     """Write a Markdown report with tables and figures from the outputs of fit, evaluate and diagnose."""
     from weight_edit.report import write_report
+    from weight_edit.workflow import checks
 
-    writable(out, "--out")
+    checks.writable(out, "--out")
     named = {}
     for item in variants:
         name, separator, folder = item.partition("=")
@@ -947,10 +903,23 @@ def benchmark(
     request.device, request.max_memory, request.dtype, request.batch_size = device, max_memory, dtype, batch_size
     with progress_bars() as factory:
         run = run_benchmark(request, factory, model_progress(), say=console.print)
+    for label, comparison in run.comparisons.items():
+        if comparison["perplexity"]:
+            p = comparison["perplexity"]
+            console.print(
+                f"{label}: perplexity on {p['tokens']} tokens: source {p['source_perplexity']:.3f}, "
+                f"edited {p['edited_perplexity']:.3f}, ratio {p['perplexity_ratio']:.4f}"
+            )
+    console.print(capability_table(run.comparisons))
+    console.print(f"wrote {', '.join(str(f) for f in run.files)} in {run.summary['wall_seconds']:.0f} s")
+
+
+def capability_table(comparisons: dict[str, dict[str, Any]]) -> Table:
+    """Per edit and benchmark: accuracies, the paired difference with its interval, items lost and gained."""
     table = Table(title="capability: edited − source, paired on the same items")
     for column in ("edited", "benchmark", "n", "source", "edited", "edited − source [95 % CI]", "lost / gained", "p"):
         table.add_column(column)
-    for label, comparison in run.comparisons.items():
+    for label, comparison in comparisons.items():
         for r in (r for r in comparison["rows"] if r["subject"] == "ALL"):
             table.add_row(
                 label,
@@ -962,14 +931,7 @@ def benchmark(
                 f"{r['lost']} / {r['gained']}",
                 f"{r['mcnemar_p']:.2g}",
             )
-        if comparison["perplexity"]:
-            p = comparison["perplexity"]
-            console.print(
-                f"{label}: perplexity on {p['tokens']} tokens: source {p['source_perplexity']:.3f}, "
-                f"edited {p['edited_perplexity']:.3f}, ratio {p['perplexity_ratio']:.4f}"
-            )
-    console.print(table)
-    console.print(f"wrote {', '.join(str(f) for f in run.files)} in {run.summary['wall_seconds']:.0f} s")
+    return table
 
 
 @main.command(cls=Command)

@@ -404,6 +404,315 @@ def _generated_refusals(
     return refused
 
 
+REFERENCE_TRIAL = 0  # the first enqueued seed, the full-strength foundation edit: always generated in full
+
+
+def _refuse_unsearchable(
+    arch: Architecture,
+    mode: EditMode,
+    n_trials: int,
+    max_strength: float,
+    val_unsafe: Sequence[str],
+    val_safe: Sequence[str],
+) -> None:
+    """Refuse a search that cannot run before the model does any work (a family whose per-layer strengths the
+    hook twin cannot reproduce would score edits `apply` does not write)."""
+    if n_trials < 1:
+        raise ValueError("n_trials must be at least 1")
+    if not max_strength >= 1.0 or not math.isfinite(max_strength):
+        raise ValueError(f"max_strength must be a finite number ≥ 1 (the full-strength edit), got {max_strength}")
+    if not val_unsafe or not val_safe:
+        raise ValueError("the search needs unsafe and safe validation prompts")
+    if not arch.supports_partial_strength(mode):
+        hint = "" if arch.has_output_norms else ": use --mode project"
+        raise PlanError(
+            f"per-layer strengths in {mode} mode are not supported for the '{arch.family}' family "
+            f"(the hook twin would not equal the written checkpoint){hint}"
+        )
+
+
+@dataclass
+class _ValidationBatches:
+    """The validation prompts, tokenized once: no trial and no generation tokenizes anything."""
+
+    scoring: list[Batch]  # unsafe prompts, then the KL prompts, by length: every trial's first-token scores
+    unsafe: list[Batch]  # the unsafe prompts, for generation
+    safe: list[Batch]  # the safe prompts, for generation (over-refusals)
+    refusal_ids: list[int]
+    counts: dict[str, int]  # prompts per set: unsafe, safe, kl
+
+    @classmethod
+    def prepare(
+        cls,
+        model: torch.nn.Module,
+        tokenizer,
+        val_unsafe: Sequence[str],
+        val_safe: Sequence[str],
+        val_kl: Sequence[str] | None,
+        batch_size: int,
+        refusal_prefixes: Sequence[str],
+    ) -> _ValidationBatches:
+        device = input_device(model)
+        suffix = post_instruction_ids(tokenizer)
+        refusal_ids = refusal_token_ids(tokenizer, refusal_prefixes)
+        kl_prompts = list(val_safe if val_kl is None else val_kl)
+        if not kl_prompts:
+            raise ValueError("the search needs prompts to measure KL on")
+        return cls(
+            scoring=tokenized_batches(
+                tokenizer, [*val_unsafe, *kl_prompts], batch_size, device, suffix, by_length=True
+            ),
+            unsafe=tokenized_batches(tokenizer, list(val_unsafe), batch_size, device, suffix),
+            safe=tokenized_batches(tokenizer, list(val_safe), batch_size, device, suffix),
+            refusal_ids=refusal_ids,
+            counts={"unsafe": len(val_unsafe), "safe": len(val_safe), "kl": len(kl_prompts)},
+        )
+
+    @property
+    def n_scored(self) -> int:
+        """Prompts every trial scores (unsafe, then KL)."""
+        return self.counts["unsafe"] + self.counts["kl"]
+
+    @property
+    def n_generated(self) -> int:
+        """Prompts one member's full generation covers (both sets)."""
+        return self.counts["unsafe"] + self.counts["safe"]
+
+
+@dataclass
+class _HookedModel:
+    """The unedited model, run as the checkpoint `apply` would write for a plan (its exact hook twin)."""
+
+    model: torch.nn.Module
+    targets: list[EditTarget]
+    mode: EditMode
+    read_tensor: Callable[[str], torch.Tensor] | None
+
+    def edited_as(self, plan: EditPlan | None):
+        """A context in which the model runs `plan`'s edit; None: the unedited model."""
+        if plan is None:
+            return nullcontext()
+        return weight_equivalent_ablation(self.model, self.targets, plan, self.mode, read_tensor=self.read_tensor)
+
+
+@dataclass(frozen=True, eq=False)
+class _TrialSpace:
+    """What a trial can be: a kernel within these ranges, and the plan it is scored as (and `apply` writes)."""
+
+    direction: torch.Tensor
+    num_layers: int
+    subspace: torch.Tensor | None
+    layer_directions: torch.Tensor | None
+    max_strength: float
+    centre_layer: float | None
+
+    def seeds(self) -> list[tuple[str, KernelParams]]:
+        return seed_kernels(self.num_layers, self.centre_layer, self.max_strength)
+
+    def suggest(self, trial) -> KernelParams:
+        """Optuna's kernel for one trial, from flat parameters over fixed ranges (any point is a valid kernel)."""
+        last = float(max(0, self.num_layers - 1))
+        values = {"embedding": trial.suggest_float("embedding", 0.0, 1.0)}
+        for group in GROUPS:
+            values[f"{group}_peak_layer"] = trial.suggest_float(f"{group}_peak_layer", 0.0, last)
+            values[f"{group}_peak"] = trial.suggest_float(f"{group}_peak", 0.0, self.max_strength)
+            values[f"{group}_width"] = trial.suggest_float(f"{group}_width", 1.0, max(1.0, float(self.num_layers)))
+            values[f"{group}_floor_fraction"] = trial.suggest_float(f"{group}_floor_fraction", 0.0, 1.0)
+        return _kernel_from_trial_params(values)
+
+    def strengths(self, kernel: KernelParams) -> Strengths:
+        return kernel_strengths(kernel, self.num_layers, self.max_strength)
+
+    def plan(self, strengths: Strengths) -> EditPlan:
+        return EditPlan.build(self.direction, self.num_layers, self.subspace, self.layer_directions, strengths)
+
+
+def _run_trials(
+    hooked: _HookedModel,
+    scores: TrialScorer,
+    batches: list[Batch],
+    space: _TrialSpace,
+    n_trials: int,
+    seed: int,
+    progress: ProgressFactory,
+) -> tuple[list[TrialRecord], dict[int, EditPlan], float]:
+    """The Optuna study: the seed kernels first, then TPE's; every trial scored on the hooked model.
+
+    Returns one record per trial (by number), each trial's plan (generation reuses it), and the seconds the
+    trials took. A trial whose scores are not finite is told to Optuna as failed, so the sampler ignores it.
+    """
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+    previous_verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    records: list[TrialRecord] = []
+    plans: dict[int, EditPlan] = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+            for name, kernel in space.seeds()[:n_trials]:
+                study.enqueue_trial(_trial_params(kernel), user_attrs={"source": f"seed:{name}"})
+            advance = progress("search: trials", n_trials)
+            trials_started = time.perf_counter()
+            for _ in range(n_trials):
+                trial = study.ask()
+                kernel = space.suggest(trial)
+                strengths = space.strengths(kernel)
+                plan = space.plan(strengths)
+                with hooked.edited_as(plan):
+                    log_probs = first_token_log_probs(hooked.model, batches)
+                score, prob, kl = scores(log_probs)
+                if math.isfinite(prob) and math.isfinite(kl):
+                    study.tell(trial, [prob, kl])
+                else:  # overflow in a half dtype: recorded, kept off the front, ignored by the sampler
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                source = trial.user_attrs.get("source", "sampled")
+                records.append(TrialRecord(trial.number, source, kernel, strengths, score, prob, kl))
+                plans[trial.number] = plan
+                advance(1)
+            trial_seconds = time.perf_counter() - trials_started
+    finally:
+        optuna.logging.set_verbosity(previous_verbosity)
+    return records, plans, trial_seconds
+
+
+def _mark_front(records: list[TrialRecord]) -> list[int]:
+    """The Pareto front over every record (non-finite ones never on it), by increasing KL; marked on the records."""
+    points = [(r.refusal_prob, r.kl) for r in records]
+    front = sorted(pareto_front(points), key=lambda i: (records[i].kl, records[i].number))
+    for i in front:
+        records[i].on_front = True
+    return front
+
+
+class _FrontGenerator:
+    """Greedy generations of the hooked model on either validation set, counted by the broad markers."""
+
+    def __init__(
+        self,
+        hooked: _HookedModel,
+        tokenizer,
+        batches: _ValidationBatches,
+        markers: Sequence[str],
+        max_new_tokens: int,
+        progress: ProgressFactory,
+    ) -> None:
+        self.hooked, self.tokenizer, self.batches = hooked, tokenizer, batches
+        self.markers, self.max_new_tokens, self.progress = markers, max_new_tokens, progress
+        self.advance: Callable[[int], None] = lambda count: None
+
+    def start(self, members: int) -> None:
+        """Open the progress bar: the unedited model, the reference and `members` front members, both sets each."""
+        self.advance = self.progress("search: generating (front)", (members + 2) * self.batches.n_generated)
+
+    def _refused(self, batches: list[Batch], plan: EditPlan | None) -> int:
+        with self.hooked.edited_as(plan):
+            return _generated_refusals(
+                self.hooked.model, self.tokenizer, batches, self.markers, self.max_new_tokens, self.advance
+            )
+
+    def unsafe(self, plan: EditPlan | None) -> int:
+        return self._refused(self.batches.unsafe, plan)
+
+    def safe(self, plan: EditPlan | None) -> int:
+        return self._refused(self.batches.safe, plan)
+
+    def counts(self, unsafe: int, safe: int | None) -> GeneratedCounts:
+        return GeneratedCounts(unsafe, self.batches.counts["unsafe"], safe, self.batches.counts["safe"])
+
+    def both(self, plan: EditPlan | None) -> GeneratedCounts:
+        """Both sets generated in full (unsafe first)."""
+        unsafe = self.unsafe(plan)
+        return self.counts(unsafe, self.safe(plan))
+
+
+def _generate_front(
+    records: list[TrialRecord],
+    plans: dict[int, EditPlan],
+    front: list[int],
+    generator: _FrontGenerator,
+    max_generated: int,
+    max_refusal: float,
+    lazy: bool,
+) -> tuple[list[int], GeneratedCounts]:
+    """Generate the unedited model, the reference trial and the front members the choice needs.
+
+    At most `max_generated` members are considered (spread along the front, the reference kept). The rule
+    takes the lowest KL among qualifying members: visit the likeliest to qualify first (lowest refusal
+    probability), skip members whose KL cannot beat a qualifying one, and generate the safe prompts only for
+    members whose unsafe count is within the limit. The choice is the one generating every member would give
+    (tested); only the work differs. `lazy=False` generates every member on both sets. Returns the members
+    considered and the unedited model's counts.
+    """
+    generate = _spread(front, max_generated, {REFERENCE_TRIAL} & set(front))
+    generator.start(len(generate))
+    baseline = generator.both(None)
+    records[REFERENCE_TRIAL].generated = generator.both(plans[REFERENCE_TRIAL])
+    n_unsafe, n_safe = generator.batches.counts["unsafe"], generator.batches.counts["safe"]
+    best_kl = math.inf
+    for i in sorted(generate, key=lambda i: (records[i].refusal_prob, records[i].kl, i)):
+        record = records[i]
+        if record.generated is None:
+            if lazy and record.kl > best_kl:
+                generator.advance(n_unsafe + n_safe)
+                continue
+            unsafe = generator.unsafe(plans[i])
+            if lazy and unsafe / n_unsafe > max_refusal:
+                record.generated = generator.counts(unsafe, None)
+                generator.advance(n_safe)
+            else:
+                record.generated = generator.counts(unsafe, generator.safe(plans[i]))
+        if _qualifies(record.generated, baseline.safe_refused, max_refusal):
+            best_kl = min(best_kl, record.kl)
+    if best_kl == math.inf:
+        _generate_fallback_ties(records, plans, generate, generator)
+    return generate, baseline
+
+
+def _generate_fallback_ties(
+    records: list[TrialRecord], plans: dict[int, EditPlan], generate: list[int], generator: _FrontGenerator
+) -> None:
+    """No member qualified: the fallback rule breaks ties at the lowest unsafe rate by safe refusals, so the
+    tied members the lazy order skipped get their safe prompts generated."""
+    generated = [records[i] for i in generate if records[i].generated is not None]
+    lowest = min(r.generated.unsafe_rate for r in generated)  # type: ignore[union-attr]
+    for record in generated:
+        if record.generated.unsafe_rate == lowest and record.generated.safe_refused is None:  # type: ignore[union-attr]
+            record.generated.safe_refused = generator.safe(plans[record.number])  # type: ignore[union-attr]
+
+
+def _run_settings(
+    space: _TrialSpace,
+    generator: _FrontGenerator,
+    batch_size: int,
+    max_generated: int,
+    lazy: bool,
+    considered: list[TrialRecord],
+) -> dict[str, Any]:
+    """What the result records of how the search ran (`considered`: the front members' records)."""
+    import optuna
+
+    return {
+        "sampler": "optuna TPESampler(multivariate=True, n_startup_trials=10)",
+        "optuna": optuna.__version__,
+        "batch_size": batch_size,
+        "max_new_tokens": generator.max_new_tokens,
+        "decoding": "plain greedy (the checkpoint's generation_config is not applied)",
+        "max_generated": max_generated,
+        "generated_candidates": sum(r.generated is not None for r in considered),
+        "front_members_considered": len(considered),
+        "lazy_generation": lazy,
+        "refusal_markers": "settings.BROAD_REFUSAL_MARKERS"
+        if tuple(generator.markers) == settings.BROAD_REFUSAL_MARKERS
+        else list(generator.markers),
+        "refusal_tokens": generator.tokenizer.convert_ids_to_tokens(generator.batches.refusal_ids),
+        "centre_layer": space.centre_layer,
+        "max_strength": space.max_strength,
+    }
+
+
 def search_strengths(
     model: torch.nn.Module,
     tokenizer,
@@ -436,140 +745,29 @@ def search_strengths(
 
     Layer strengths range over [0, `max_strength`]: above 1 the projection overshoots (flips part of
     the component), which peers' searches also allow. `centre_layer` (e.g. the fitted direction's
-    layer) places the seed kernels; `max_generated` caps
-    how many front members are generated (spread along the front; 0: all). `subspace`,
-    `layer_directions` and `read_tensor` are passed to `EditPlan.build` / the hook twin unchanged.
+    layer) places the seed kernels; `max_generated` caps how many front members are generated (spread
+    along the front; 0: all). `subspace`, `layer_directions` and `read_tensor` are passed to
+    `EditPlan.build` / the hook twin unchanged.
     `lazy=False` generates every front member on both prompt sets (the reference the lazy order is
     tested against). `val_kl` are the prompts the KL objective is measured on (ordinary harmless
     instructions; default: `val_safe`); the safe prompts always count generated over-refusals.
     """
-    import optuna
+    import optuna  # noqa: F401  (a missing optuna fails here, before any check or model work)
 
-    if n_trials < 1:
-        raise ValueError("n_trials must be at least 1")
-    if not max_strength >= 1.0 or not math.isfinite(max_strength):
-        raise ValueError(f"max_strength must be a finite number ≥ 1 (the full-strength edit), got {max_strength}")
-    if not val_unsafe or not val_safe:
-        raise ValueError("the search needs unsafe and safe validation prompts")
-    if not arch.supports_partial_strength(mode):
-        hint = "" if arch.has_output_norms else ": use --mode project"
-        raise PlanError(
-            f"per-layer strengths in {mode} mode are not supported for the '{arch.family}' family "
-            f"(the hook twin would not equal the written checkpoint){hint}"
-        )
+    _refuse_unsearchable(arch, mode, n_trials, max_strength, val_unsafe, val_safe)
     started = time.perf_counter()
-    device = input_device(model)
-    suffix = post_instruction_ids(tokenizer)
-    refusal_ids = refusal_token_ids(tokenizer, refusal_prefixes)
-    n_unsafe = len(val_unsafe)
-    kl_prompts = list(val_safe if val_kl is None else val_kl)
-    if not kl_prompts:
-        raise ValueError("the search needs prompts to measure KL on")
-    prepared = tokenized_batches(tokenizer, [*val_unsafe, *kl_prompts], batch_size, device, suffix, by_length=True)
-    unsafe_batches = tokenized_batches(tokenizer, list(val_unsafe), batch_size, device, suffix)
-    safe_batches = tokenized_batches(tokenizer, list(val_safe), batch_size, device, suffix)
-
+    batches = _ValidationBatches.prepare(model, tokenizer, val_unsafe, val_safe, val_kl, batch_size, refusal_prefixes)
     baseline_log_probs = first_token_log_probs(
-        model, prepared, progress("search: unedited model", n_unsafe + len(kl_prompts))
+        model, batches.scoring, progress("search: unedited model", batches.n_scored)
     )
-    scores = TrialScorer(baseline_log_probs, n_unsafe, refusal_ids)
+    scores = TrialScorer(baseline_log_probs, batches.counts["unsafe"], batches.refusal_ids)
     baseline_score, baseline_prob, _ = scores(baseline_log_probs)
-    plans: dict[int, EditPlan] = {}
-
-    def plan_for(strengths: Strengths) -> EditPlan:
-        return EditPlan.build(direction, num_layers, subspace, layer_directions, strengths)
-
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
-    previous_verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    records: list[TrialRecord] = []
-    last = float(max(0, num_layers - 1))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-            for name, kernel in seed_kernels(num_layers, centre_layer, max_strength)[:n_trials]:
-                study.enqueue_trial(_trial_params(kernel), user_attrs={"source": f"seed:{name}"})
-            advance = progress("search: trials", n_trials)
-            trials_started = time.perf_counter()
-            for _ in range(n_trials):
-                trial = study.ask()
-                values = {"embedding": trial.suggest_float("embedding", 0.0, 1.0)}
-                for group in GROUPS:
-                    values[f"{group}_peak_layer"] = trial.suggest_float(f"{group}_peak_layer", 0.0, last)
-                    values[f"{group}_peak"] = trial.suggest_float(f"{group}_peak", 0.0, max_strength)
-                    values[f"{group}_width"] = trial.suggest_float(f"{group}_width", 1.0, max(1.0, float(num_layers)))
-                    values[f"{group}_floor_fraction"] = trial.suggest_float(f"{group}_floor_fraction", 0.0, 1.0)
-                kernel = _kernel_from_trial_params(values)
-                strengths = kernel_strengths(kernel, num_layers, max_strength)
-                plan = plan_for(strengths)
-                with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=read_tensor):
-                    log_probs = first_token_log_probs(model, prepared)
-                score, prob, kl = scores(log_probs)
-                if math.isfinite(prob) and math.isfinite(kl):
-                    study.tell(trial, [prob, kl])
-                else:  # overflow in a half dtype: recorded, kept off the front, ignored by the sampler
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                records.append(
-                    TrialRecord(
-                        trial.number, trial.user_attrs.get("source", "sampled"), kernel, strengths, score, prob, kl
-                    )
-                )
-                plans[trial.number] = plan
-                advance(1)
-            trial_seconds = time.perf_counter() - trials_started
-    finally:
-        optuna.logging.set_verbosity(previous_verbosity)
-
-    front = sorted(
-        pareto_front([(r.refusal_prob, r.kl) for r in records]), key=lambda i: (records[i].kl, records[i].number)
-    )
-    for i in front:
-        records[i].on_front = True
-    reference = 0  # the full-strength foundation edit, generated in full whether or not it is on the front
-    generate = _spread(front, max_generated, {reference} & set(front))
-    advance = progress("search: generating (front)", (len(generate) + 2) * (len(val_unsafe) + len(val_safe)))
-
-    def refused(batches: list[Batch], plan: EditPlan | None) -> int:
-        with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=read_tensor) if plan else nullcontext():
-            return _generated_refusals(model, tokenizer, batches, markers, max_new_tokens, advance)
-
-    def unsafe_count(plan: EditPlan | None) -> int:
-        return refused(unsafe_batches, plan)
-
-    def safe_count(plan: EditPlan | None) -> int:
-        return refused(safe_batches, plan)
-
-    def counts(unsafe: int, safe: int | None) -> GeneratedCounts:
-        return GeneratedCounts(unsafe, len(val_unsafe), safe, len(val_safe))
-
-    baseline_counts = counts(unsafe_count(None), safe_count(None))
-    records[reference].generated = counts(unsafe_count(plans[reference]), safe_count(plans[reference]))
-    # The rule takes the lowest KL among qualifying members: visit the likeliest to qualify first (lowest
-    # refusal probability), skip members whose KL cannot beat a qualifying one, and generate the safe
-    # prompts only for members whose unsafe count is within the limit. The choice is the one generating
-    # every member would give (tested); only the work differs.
-    best_kl = math.inf
-    for i in sorted(generate, key=lambda i: (records[i].refusal_prob, records[i].kl, i)):
-        record = records[i]
-        if record.generated is None:
-            if lazy and record.kl > best_kl:
-                advance(len(val_unsafe) + len(val_safe))
-                continue
-            unsafe = unsafe_count(plans[i])
-            if lazy and unsafe / len(val_unsafe) > max_refusal:
-                record.generated = counts(unsafe, None)
-                advance(len(val_safe))
-            else:
-                record.generated = counts(unsafe, safe_count(plans[i]))
-        if _qualifies(record.generated, baseline_counts.safe_refused, max_refusal):
-            best_kl = min(best_kl, record.kl)
-    if best_kl == math.inf:  # fallback rule: ties at the lowest unsafe rate are broken by safe refusals
-        generated = [records[i] for i in generate if records[i].generated is not None]
-        lowest = min(r.generated.unsafe_rate for r in generated)  # type: ignore[union-attr]
-        for record in generated:
-            if record.generated.unsafe_rate == lowest and record.generated.safe_refused is None:  # type: ignore[union-attr]
-                record.generated.safe_refused = safe_count(plans[record.number])  # type: ignore[union-attr]
+    hooked = _HookedModel(model, targets, mode, read_tensor)
+    space = _TrialSpace(direction, num_layers, subspace, layer_directions, max_strength, centre_layer)
+    records, plans, trial_seconds = _run_trials(hooked, scores, batches.scoring, space, n_trials, seed, progress)
+    front = _mark_front(records)
+    generator = _FrontGenerator(hooked, tokenizer, batches, markers, max_new_tokens, progress)
+    generate, baseline_counts = _generate_front(records, plans, front, generator, max_generated, max_refusal, lazy)
     chosen, fallback = choose(records, front, baseline_counts.safe_refused, max_refusal)
     records[chosen].chosen = True
     return SearchResult(
@@ -588,25 +786,9 @@ def search_strengths(
             "refusal_prob": baseline_prob,
             "generated": vars(baseline_counts).copy(),
         },
-        prompts={"unsafe": len(val_unsafe), "safe": len(val_safe), "kl": len(kl_prompts)},
+        prompts=dict(batches.counts),
         plan={"rank": plans[chosen].rank, "per_layer_directions": layer_directions is not None},
         wall_seconds=time.perf_counter() - started,
         trial_seconds=trial_seconds,
-        settings={
-            "sampler": "optuna TPESampler(multivariate=True, n_startup_trials=10)",
-            "optuna": optuna.__version__,
-            "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens,
-            "decoding": "plain greedy (the checkpoint's generation_config is not applied)",
-            "max_generated": max_generated,
-            "generated_candidates": sum(records[i].generated is not None for i in generate),
-            "front_members_considered": len(generate),
-            "lazy_generation": lazy,
-            "refusal_markers": "settings.BROAD_REFUSAL_MARKERS"
-            if tuple(markers) == settings.BROAD_REFUSAL_MARKERS
-            else list(markers),
-            "refusal_tokens": tokenizer.convert_ids_to_tokens(refusal_ids),
-            "centre_layer": centre_layer,
-            "max_strength": max_strength,
-        },
+        settings=_run_settings(space, generator, batch_size, max_generated, lazy, [records[i] for i in generate]),
     )
