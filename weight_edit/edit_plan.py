@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from weight_edit.architecture import EditTarget
+from weight_edit.architecture import Architecture, EditTarget
 from weight_edit.edit_math import orthonormal_rows, unit
 
 
@@ -143,3 +143,7 @@ class EditPlan:
 
     def strength_for(self, target: EditTarget) -> float:
         return self.strengths.for_target(target)
+
+    def guarantee(self, arch: Architecture, mode: str) -> str:
+        """What a checkpoint written with this plan equals (`Architecture.guarantee`; recorded by `apply`)."""
+        return arch.guarantee(mode, self.layer_bases is not None, self.strengths.is_full)
