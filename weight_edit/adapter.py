@@ -23,7 +23,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,14 @@ from safetensors.torch import save_file
 
 from weight_edit import __version__
 from weight_edit.architecture import Architecture, EditTarget, architecture_for
-from weight_edit.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, fingerprint
+from weight_edit.checkpoint import Checkpoint, fingerprint
 from weight_edit.edit_math import EditMode, unit
 from weight_edit.hashing import tensor_sha256
 from weight_edit.writer import (
     DIRECTION_COPY,
     LAYER_DIRECTIONS_COPY,
     _replace_atomically,
+    check_float_writer,
     check_output_location,
     new_staging,
 )
@@ -169,6 +170,182 @@ def _fan_in_fan_out(arch: Architecture, targets: list[EditTarget]) -> bool:
     return axes == {1}
 
 
+def _checked_bases(
+    source: Checkpoint, arch: Architecture, direction: torch.Tensor, layer_directions: torch.Tensor | None
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The basis Q [k, d] of `direction`, and each layer's basis when `layer_directions` gives them, checked
+    against the model's hidden size and layer count."""
+    hidden = arch.hidden_size(source.config)
+    basis = checked_basis(direction)
+    if basis.shape[1] != hidden:
+        raise ValueError(f"direction has shape {tuple(direction.shape)}, the model's hidden size is {hidden}")
+    rank = basis.shape[0]
+    num_layers = arch.num_layers(source.config)
+    if layer_directions is None:
+        return basis, None
+    expected = (num_layers, hidden) if rank == 1 else (num_layers, rank, hidden)
+    if tuple(layer_directions.shape) != expected:
+        raise ValueError(f"layer directions have shape {tuple(layer_directions.shape)}, expected {expected}")
+    return basis, [checked_basis(layer_directions[layer]) for layer in range(num_layers)]
+
+
+def _check_writers(source: Checkpoint, targets: list[EditTarget]) -> None:
+    """Refuse, before anything is written, writers that are not float or not the 2-D weights (or 1-D biases) a
+    LoRA layer adds to."""
+    for target in targets:
+        check_float_writer(source, target.tensor)
+        info = source.info(target.tensor)
+        if len(info.shape) != (1 if target.is_bias else 2):
+            raise AdapterError(f"residual writer '{target.tensor}' has shape {list(info.shape)}; expected 2-D weights")
+
+
+def _finite_strength(strength: Strength, target: EditTarget) -> float:
+    value = float(strength(target) if callable(strength) else strength)
+    if not torch.isfinite(torch.tensor(value)):
+        raise ValueError(f"strength for '{target.tensor}' is not finite ({value})")
+    return value
+
+
+@dataclass
+class _Adapter:
+    """What the adapter holds, before it is written."""
+
+    rank: int
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # by PEFT's names
+    modules: list[str] = field(default_factory=list)  # LoRA target modules, in the order of the targets
+    strengths: dict[str, float] = field(default_factory=dict)  # by module
+    source_hashes: dict[str, str] = field(default_factory=dict)  # sha256 of each edited source tensor, as stored
+    bias: str = "none"  # PEFT's `bias` setting
+
+
+def _lora_adapter(
+    source: Checkpoint,
+    targets: list[EditTarget],
+    basis: torch.Tensor,
+    layer_bases: list[torch.Tensor] | None,
+    strength: Strength,
+) -> _Adapter:
+    """Every writer's LoRA factors (edited biases as the layers' own), reading one source tensor at a time."""
+    adapter = _Adapter(rank=basis.shape[0])
+    for target in targets:
+        stored = source.read(target.tensor)
+        adapter.source_hashes[target.tensor] = _tensor_sha256(stored)
+        s = _finite_strength(strength, target)
+        rows = basis if layer_bases is None else layer_bases[target.layer or 0]
+        if target.is_bias:
+            adapter.tensors[f"{PEFT_PREFIX}{target.module}.base_layer.bias"] = edited_bias(stored, rows, s)
+        else:
+            a, b = lora_factors(stored, rows, target.residual_axis, s)
+            key_a, key_b = _peft_keys(target)
+            adapter.tensors[key_a], adapter.tensors[key_b] = a, b
+            adapter.modules.append(target.module)
+            adapter.strengths[target.module] = s
+        del stored
+    adapter.bias = "lora_only" if any(t.is_bias for t in targets) else "none"
+    return adapter
+
+
+def _adapter_config(source: Checkpoint, adapter: _Adapter, fan_in_fan_out: bool) -> dict[str, Any]:
+    """PEFT's adapter_config.json for a LoRA whose B A is the edit itself."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(source.folder),
+        "revision": None,
+        "inference_mode": True,
+        "r": adapter.rank,
+        "lora_alpha": adapter.rank,  # scaling lora_alpha / r = 1: B A is the edit itself
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(adapter.modules),
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": adapter.bias,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "ensure_weight_tying": False,  # tied models: the adapter must change the lookup only, as `apply` unties
+    }
+
+
+def _save_adapter_files(
+    staging: Path,
+    adapter: _Adapter,
+    config: dict[str, Any],
+    basis: torch.Tensor,
+    layer_directions: torch.Tensor | None,
+    hidden: int,
+) -> dict[str, Any]:
+    """Write the adapter's weights and config, and the direction copies `apply` also stores; returns their
+    provenance entries ("direction", "layer_directions", "adapter")."""
+    weights_path = staging / ADAPTER_WEIGHTS_FILE
+    save_file(
+        {k: v.contiguous() for k, v in sorted(adapter.tensors.items())}, str(weights_path), metadata={"format": "pt"}
+    )
+    (staging / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    stored_basis = (basis[0] if adapter.rank == 1 else basis).contiguous()  # as `apply`: the unit direction
+    save_file({"direction": stored_basis}, str(staging / DIRECTION_COPY), metadata={"format": "pt"})
+    if layer_directions is not None:
+        save_file(
+            {"layer_directions": layer_directions.detach().to(torch.float32).contiguous().cpu()},
+            str(staging / LAYER_DIRECTIONS_COPY),
+            metadata={"format": "pt"},
+        )
+    return {
+        "direction": {"sha256": tensor_sha256(stored_basis.flatten()), "file": DIRECTION_COPY, "hidden_size": hidden},
+        "layer_directions": None
+        if layer_directions is None
+        else {"file": LAYER_DIRECTIONS_COPY, "sha256": tensor_sha256(layer_directions.detach().cpu().flatten())},
+        "adapter": {
+            "file": ADAPTER_WEIGHTS_FILE,
+            "sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
+            "bytes": weights_path.stat().st_size,
+        },
+    }
+
+
+def _adapter_provenance(
+    source: Checkpoint,
+    arch: Architecture,
+    mode: EditMode,
+    adapter: _Adapter,
+    targets: list[EditTarget],
+    files: dict[str, Any],
+    provenance_extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The adapter's record of its source, edit and files (`files`: from `_save_adapter_files`)."""
+    strengths = adapter.strengths
+    uniform = len(set(strengths.values())) <= 1
+    return {
+        "tool": "weight-edit",
+        "version": __version__,
+        "created_unix": int(time.time()),
+        "kind": "peft-lora-adapter",
+        "mode": mode,
+        "architecture": arch.family,
+        # The adapter equals `apply --mode project`, so it inherits that guarantee for one direction at
+        # full strength only.
+        "guarantee": arch.guarantee(mode, files["layer_directions"] is not None)
+        if adapter.rank == 1 and set(strengths.values()) <= {1.0}
+        else None,
+        "rank": adapter.rank,
+        "strength": next(iter(strengths.values()), 1.0) if uniform else None,
+        "strengths": None if uniform else strengths,
+        "source": {
+            "path": str(source.folder),
+            "fingerprint": fingerprint(source),
+            "edited_tensors_sha256": dict(sorted(adapter.source_hashes.items())),
+        },
+        "direction": files["direction"],
+        "layer_directions": files["layer_directions"],
+        "target_modules": sorted(adapter.modules),
+        "edited_tensors": sorted(t.tensor for t in targets),
+        "bias": adapter.bias,
+        "adapter": files["adapter"],
+        **(provenance_extra or {}),
+    }
+
+
 def write_adapter(
     source: Checkpoint,
     direction: torch.Tensor,
@@ -191,135 +368,19 @@ def write_adapter(
     check_output_location(source.folder, out, force)
     arch = architecture_for(source.config)
     check_adapter_supported(arch, mode)
-    hidden = arch.hidden_size(source.config)
-    basis = checked_basis(direction)
-    if basis.shape[1] != hidden:
-        raise ValueError(f"direction has shape {tuple(direction.shape)}, the model's hidden size is {hidden}")
-    rank = basis.shape[0]
-    num_layers = arch.num_layers(source.config)
-    layer_bases: list[torch.Tensor] | None = None
-    if layer_directions is not None:
-        expected = (num_layers, hidden) if rank == 1 else (num_layers, rank, hidden)
-        if tuple(layer_directions.shape) != expected:
-            raise ValueError(f"layer directions have shape {tuple(layer_directions.shape)}, expected {expected}")
-        layer_bases = [checked_basis(layer_directions[layer]) for layer in range(num_layers)]
-
+    basis, layer_bases = _checked_bases(source, arch, direction, layer_directions)
     targets = arch.targets(source.config, source.tensor_names)
-    for target in targets:  # refuse before writing anything
-        info = source.info(target.tensor)
-        if info.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(
-                f"{source.folder / source.weight_map[target.tensor]}: residual writer '{target.tensor}' has "
-                f"non-float dtype {info.dtype}; only float16, bfloat16, float32 and float64 weights can be edited"
-            )
-        if len(info.shape) != (1 if target.is_bias else 2):
-            raise AdapterError(f"residual writer '{target.tensor}' has shape {list(info.shape)}; expected 2-D weights")
+    _check_writers(source, targets)
     fan_in_fan_out = _fan_in_fan_out(arch, targets)
-
-    def basis_for(target: EditTarget) -> torch.Tensor:
-        return basis if layer_bases is None else layer_bases[target.layer or 0]
-
-    def strength_for(target: EditTarget) -> float:
-        value = float(strength(target) if callable(strength) else strength)
-        if not torch.isfinite(torch.tensor(value)):
-            raise ValueError(f"strength for '{target.tensor}' is not finite ({value})")
-        return value
-
-    tensors: dict[str, torch.Tensor] = {}
-    source_hashes: dict[str, str] = {}
-    strengths: dict[str, float] = {}
-    modules: list[str] = []
-    for target in targets:
-        stored = source.read(target.tensor)
-        source_hashes[target.tensor] = _tensor_sha256(stored)
-        s = strength_for(target)
-        if target.is_bias:
-            tensors[f"{PEFT_PREFIX}{target.module}.base_layer.bias"] = edited_bias(stored, basis_for(target), s)
-        else:
-            a, b = lora_factors(stored, basis_for(target), target.residual_axis, s)
-            key_a, key_b = _peft_keys(target)
-            tensors[key_a], tensors[key_b] = a, b
-            modules.append(target.module)
-            strengths[target.module] = s
-        del stored
-    has_biases = any(t.is_bias for t in targets)
-    bias_setting = "lora_only" if has_biases else "none"
-
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(source.folder),
-        "revision": None,
-        "inference_mode": True,
-        "r": rank,
-        "lora_alpha": rank,  # scaling lora_alpha / r = 1: B A is the edit itself
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_dropout": 0.0,
-        "target_modules": sorted(modules),
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": bias_setting,
-        "lora_bias": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "ensure_weight_tying": False,  # tied models: the adapter must change the lookup only, as `apply` unties
-    }
-
+    adapter = _lora_adapter(source, targets, basis, layer_bases, strength)
+    config = _adapter_config(source, adapter, fan_in_fan_out)
     staging = new_staging(out)
     try:
-        weights_path = staging / ADAPTER_WEIGHTS_FILE
-        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(weights_path), metadata={"format": "pt"})
-        (staging / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
-        stored_basis = (basis[0] if rank == 1 else basis).contiguous()  # as `apply`: the unit direction
-        save_file({"direction": stored_basis}, str(staging / DIRECTION_COPY), metadata={"format": "pt"})
-        if layer_directions is not None:
-            save_file(
-                {"layer_directions": layer_directions.detach().to(torch.float32).contiguous().cpu()},
-                str(staging / LAYER_DIRECTIONS_COPY),
-                metadata={"format": "pt"},
-            )
-        uniform = len(set(strengths.values())) <= 1
-        provenance = {
-            "tool": "weight-edit",
-            "version": __version__,
-            "created_unix": int(time.time()),
-            "kind": "peft-lora-adapter",
-            "mode": mode,
-            "architecture": arch.family,
-            # The adapter equals `apply --mode project`, so it inherits that guarantee for one direction at
-            # full strength only.
-            "guarantee": arch.guarantee(mode, layer_directions is not None)
-            if rank == 1 and set(strengths.values()) <= {1.0}
-            else None,
-            "rank": rank,
-            "strength": next(iter(strengths.values()), 1.0) if uniform else None,
-            "strengths": None if uniform else strengths,
-            "source": {
-                "path": str(source.folder),
-                "fingerprint": fingerprint(source),
-                "edited_tensors_sha256": dict(sorted(source_hashes.items())),
-            },
-            "direction": {
-                "sha256": tensor_sha256(stored_basis.flatten()),
-                "file": DIRECTION_COPY,
-                "hidden_size": hidden,
-            },
-            "layer_directions": None
-            if layer_directions is None
-            else {"file": LAYER_DIRECTIONS_COPY, "sha256": tensor_sha256(layer_directions.detach().cpu().flatten())},
-            "target_modules": sorted(modules),
-            "edited_tensors": sorted(t.tensor for t in targets),
-            "bias": bias_setting,
-            "adapter": {
-                "file": ADAPTER_WEIGHTS_FILE,
-                "sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
-                "bytes": weights_path.stat().st_size,
-            },
-            **(provenance_extra or {}),
-        }
+        files = _save_adapter_files(staging, adapter, config, basis, layer_directions, arch.hidden_size(source.config))
+        provenance = _adapter_provenance(source, arch, mode, adapter, targets, files, provenance_extra)
         (staging / ADAPTER_PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         _replace_atomically(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return AdapterResult(out, sorted(modules), rank, bias_setting, provenance)
+    return AdapterResult(out, sorted(adapter.modules), adapter.rank, adapter.bias, provenance)
