@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from weight_edit.architecture import GUARANTEES, architecture_for
+from weight_edit.architecture import GUARANTEES, Architecture, architecture_for
 from weight_edit.chat import tokenize_instructions
 from weight_edit.checkpoint import Checkpoint
 from weight_edit.direction_file import load_direction
@@ -205,6 +205,141 @@ def _run(model, ids, mask, new_tokens: int) -> dict[str, torch.Tensor]:
     }
 
 
+def _check_files(out: Path, check_files: bool, check_source: bool) -> tuple[dict[str, Any], bool, torch.Tensor]:
+    """The provenance, whether the output's other files could be checked, and the stored direction, after
+    checking the output's files and the source's against the hashes `apply` recorded: verify compares a
+    checkpoint with its source, so either changed since apply would make the comparison meaningless."""
+    provenance = read_provenance(out)
+    files_checked = check_files and check_output_files(out, provenance)
+    if check_source:
+        check_source_files(provenance)
+    direction, _ = load_direction(out / provenance["direction"]["file"])
+    if tensor_sha256(direction) != provenance["direction"]["sha256"]:
+        raise VerifyError(f"{out}: the stored direction does not match the provenance hash")
+    return provenance, files_checked, direction
+
+
+@dataclass
+class _Runs:
+    """Both models' outputs on the same prompts (see `_run`)."""
+
+    hooked: dict[str, torch.Tensor]  # the source under the edit's hook twin
+    edited: dict[str, torch.Tensor]  # the edited checkpoint, plain
+    paper: dict[str, torch.Tensor] | None  # the source under the paper's residual ablation, where it must agree
+    valid: torch.Tensor  # [prompts, positions]: True where a token is not padding
+
+
+def _run_models(
+    out: Path,
+    provenance: dict[str, Any],
+    direction: torch.Tensor,
+    source: Checkpoint,
+    arch: Architecture,
+    prompts: list[str],
+    new_tokens: int,
+    placement: dict[str, Any],
+) -> tuple[EditPlan, _Runs]:
+    """The edit's plan, rebuilt from the files beside the checkpoint, and both models' runs: the source first
+    (hooked, and for a single direction in project mode also under the paper's ablation, which the edit then
+    equals), then the edited checkpoint, so that memory holds one model at a time."""
+    model, tokenizer = load_model(source.folder, dtype="float32", **placement)
+    ids, mask = tokenize_instructions(tokenizer, prompts)
+    ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
+    targets = arch.targets(source.config, source.tensor_names)
+    plan = plan_from_provenance(out, provenance, direction, arch.num_layers(source.config))
+    mode = provenance["mode"]
+    with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=source.read):
+        hooked = _run(model, ids, mask, new_tokens)
+    paper = None
+    if mode == "project" and plan.guarantee(arch, mode) == "hook-exact":
+        with residual_ablation(model, arch, arch.num_layers(source.config), plan.basis):
+            paper = _run(model, ids, mask, new_tokens)
+    del model
+    release_memory()
+    model, _ = load_model(out, dtype="float32", **placement)
+    ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
+    edited = _run(model, ids, mask, new_tokens)
+    del model
+    release_memory()
+    return plan, _Runs(hooked, edited, paper, mask.bool().cpu())
+
+
+def _metrics(runs: _Runs, plan: EditPlan, num_layers: int, top1_margin: float) -> dict[str, float]:
+    """The edited checkpoint against the hooked source over the prompts' real tokens: logits, KL, top-1, greedy
+    continuations, and the largest share of the plan's subspace in any layer's residual input."""
+    valid, hooked, result = runs.valid, runs.hooked, runs.edited
+    delta = (result["logits"] - hooked["logits"]).abs().amax(dim=-1)[valid]
+    log_p = torch.log_softmax(hooked["logits"].double(), dim=-1)
+    log_q = torch.log_softmax(result["logits"].double(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)[valid]
+    top1 = top1_agreement(hooked["logits"][valid], result["logits"][valid], top1_margin)
+    # The subspace's share of every layer's residual input: ‖Q h‖ / ‖h‖ (|r̂ᵀh| / ‖h‖ at rank 1).
+    basis = plan.basis.to(result["hidden"][0].dtype)
+    component = max(
+        float(((h[valid] @ basis.T).norm(dim=-1) / h[valid].norm(dim=-1).clamp_min(1e-12)).max())
+        for h in result["hidden"][:num_layers]
+    )
+    return {
+        "max_abs_logit": float(delta.max()),
+        "kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        **top1,
+        "continuations_match": float((hooked["continuations"] == result["continuations"]).all(dim=-1).float().mean()),
+        "direction_component": component,
+    }
+
+
+def _twin_failures(metrics: dict[str, float], tolerances: dict[str, float], stored_dtype: str) -> list[str]:
+    """Where the edited checkpoint departs from its hook twin by more than the stored dtype's rounding allows."""
+    failures = []
+    if metrics["max_abs_logit"] > tolerances["max_abs_logit"]:
+        failures.append(f"max |Δlogit| {metrics['max_abs_logit']:.3g} > {tolerances['max_abs_logit']}")
+    if metrics["kl"] > tolerances["kl"]:
+        failures.append(f"mean KL {metrics['kl']:.3g} > {tolerances['kl']}")
+    if metrics["top1"] < tolerances["top1"]:
+        failures.append(
+            f"top-1 agreement {metrics['top1']:.3f} < {tolerances['top1']} on the {metrics['top1_positions']:.0f} "
+            f"positions whose top-2 logit gap exceeds {tolerances['top1_margin']} ({metrics['top1_raw']:.3f} "
+            "over all positions)"
+        )
+    if stored_dtype == "float32" and metrics["continuations_match"] < 1.0:
+        failures.append("greedy continuations differ from the hooked source")
+    return failures
+
+
+def _check_direction_component(
+    plan: EditPlan, metrics: dict[str, float], tolerances: dict[str, float], checks: dict[str, Any], failures: list
+) -> dict[str, float]:
+    """Enforce the direction's absence where the edit removes one direction in full; otherwise report it only
+    and return the tolerances without its bound (each layer removes its own direction, or part of it)."""
+    component = metrics["direction_component"]
+    if plan.layer_bases is not None or not plan.strengths.is_full:
+        checks["direction_component"] = (
+            "reported only (each layer removes its own biprojected direction)"
+            if plan.layer_bases is not None
+            else "reported only (per-layer strengths below 1 keep part of the direction)"
+        )
+        return {k: v for k, v in tolerances.items() if k != "direction_component"}
+    if component > tolerances["direction_component"]:
+        failures.append(f"direction component {component:.3g} > {tolerances['direction_component']}")
+    return tolerances
+
+
+def _file_checks(
+    provenance: dict[str, Any], check_files: bool, files_checked: bool, check_source: bool
+) -> dict[str, str]:
+    """What the report says of the files checked before the models ran."""
+    return {
+        "output_checksums": "passed" if check_files else "skipped",
+        "output_files": "passed" if files_checked else OLD_PROVENANCE if check_files else "skipped",
+        "source_checksums": (
+            ("passed" if provenance["source"].get("files") else "passed (shards only: no source files recorded)")
+            if check_source
+            else "skipped"
+        ),
+    }
+
+
 def verify_checkpoint(
     out: Path,
     prompts: list[str],
@@ -216,14 +351,14 @@ def verify_checkpoint(
     device_map: dict[str, Any] | None = None,
     check_source: bool = True,
 ) -> VerifyReport:
+    """The edited checkpoint in `out` against its source running the same edit as hooks, on `prompts`.
+
+    The output's files (`check_files`) and the source's (`check_source`) are checked against the provenance
+    first; then both models run, one after the other, and their logits, greedy continuations and the
+    direction's share of the residual stream are held to `tolerances_by_dtype` of the stored dtype.
+    """
     out = Path(out).resolve()
-    provenance = read_provenance(out)
-    files_checked = check_files and check_output_files(out, provenance)
-    if check_source:
-        check_source_files(provenance)
-    direction, _ = load_direction(out / provenance["direction"]["file"])
-    if tensor_sha256(direction) != provenance["direction"]["sha256"]:
-        raise VerifyError(f"{out}: the stored direction does not match the provenance hash")
+    provenance, files_checked, direction = _check_files(out, check_files, check_source)
     source = Checkpoint(provenance["source"]["path"])
     edited = Checkpoint(out)
     arch = architecture_for(source.config)
@@ -231,93 +366,25 @@ def verify_checkpoint(
     mode = provenance["mode"]
     stored_dtype = edited.main_dtype()
     tolerances = {"top1_margin": DEFAULT_TOP1_MARGIN.get(stored_dtype, 0.0), **tolerances_by_dtype[stored_dtype]}
-
     placement = {"device": device, "max_memory": max_memory, "device_map": device_map}
-    model, tokenizer = load_model(source.folder, dtype="float32", **placement)
-    ids, mask = tokenize_instructions(tokenizer, prompts)
-    ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
-    targets = arch.targets(source.config, source.tensor_names)
-    plan = plan_from_provenance(out, provenance, direction, num_layers)
-    layer_directions = plan.layer_bases
+    plan, runs = _run_models(out, provenance, direction, source, arch, prompts, new_tokens, placement)
+    metrics = _metrics(runs, plan, num_layers, tolerances["top1_margin"])
     twin_exact = arch.twin_is_exact(mode)
-    guarantee = arch.guarantee(mode, layer_directions is not None, plan.strengths.is_full)
-    with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=source.read):
-        hooked = _run(model, ids, mask, new_tokens)
-    paper = None
-    if mode == "project" and guarantee == "hook-exact":
-        with residual_ablation(model, arch, num_layers, plan.basis):
-            paper = _run(model, ids, mask, new_tokens)
-    del model
-    release_memory()
-    model, _ = load_model(out, dtype="float32", **placement)
-    ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
-    result = _run(model, ids, mask, new_tokens)
-    del model
-    release_memory()
-
-    valid = mask.bool().cpu()
-    ids, mask = ids.cpu(), mask.cpu()
-    delta = (result["logits"] - hooked["logits"]).abs().amax(dim=-1)[valid]
-    log_p = torch.log_softmax(hooked["logits"].double(), dim=-1)
-    log_q = torch.log_softmax(result["logits"].double(), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)[valid]
-    top1 = top1_agreement(hooked["logits"][valid], result["logits"][valid], tolerances["top1_margin"])
-    # The subspace's share of every layer's residual input: ‖Q h‖ / ‖h‖ (|r̂ᵀh| / ‖h‖ at rank 1).
-    basis = plan.basis.to(result["hidden"][0].dtype)
-    component = max(
-        float(((h[valid] @ basis.T).norm(dim=-1) / h[valid].norm(dim=-1).clamp_min(1e-12)).max())
-        for h in result["hidden"][:num_layers]
-    )
-    metrics = {
-        "max_abs_logit": float(delta.max()),
-        "kl": float(kl.mean()),
-        "max_kl": float(kl.max()),
-        **top1,
-        "continuations_match": float((hooked["continuations"] == result["continuations"]).all(dim=-1).float().mean()),
-        "direction_component": component,
-    }
-    failures = []
     checks: dict[str, Any] = {
-        "output_checksums": "passed" if check_files else "skipped",
-        "output_files": "passed" if files_checked else OLD_PROVENANCE if check_files else "skipped",
-        "source_checksums": (
-            ("passed" if provenance["source"].get("files") else "passed (shards only: no source files recorded)")
-            if check_source
-            else "skipped"
-        ),
+        **_file_checks(provenance, check_files, files_checked, check_source),
         # Where hooks cannot rescale per expert, the twin comparison is reported but not enforced.
         "hook_twin_equality": "enforced" if twin_exact else "reported only (block hooks cannot rescale per expert)",
     }
-    if twin_exact:
-        if metrics["max_abs_logit"] > tolerances["max_abs_logit"]:
-            failures.append(f"max |Δlogit| {metrics['max_abs_logit']:.3g} > {tolerances['max_abs_logit']}")
-        if metrics["kl"] > tolerances["kl"]:
-            failures.append(f"mean KL {metrics['kl']:.3g} > {tolerances['kl']}")
-        if metrics["top1"] < tolerances["top1"]:
-            failures.append(
-                f"top-1 agreement {metrics['top1']:.3f} < {tolerances['top1']} on the {metrics['top1_positions']:.0f} "
-                f"positions whose top-2 logit gap exceeds {tolerances['top1_margin']} ({metrics['top1_raw']:.3f} "
-                "over all positions)"
-            )
-        if stored_dtype == "float32" and metrics["continuations_match"] < 1.0:
-            failures.append("greedy continuations differ from the hooked source")
-    if layer_directions is not None or not plan.strengths.is_full:
-        # Each layer removes its own direction, or only part of it: no single direction is absent.
-        tolerances = {k: v for k, v in tolerances.items() if k != "direction_component"}
-        checks["direction_component"] = (
-            "reported only (each layer removes its own biprojected direction)"
-            if layer_directions is not None
-            else "reported only (per-layer strengths below 1 keep part of the direction)"
-        )
-    elif component > tolerances["direction_component"]:
-        failures.append(f"direction component {component:.3g} > {tolerances['direction_component']}")
-    if paper is not None:
-        paper_delta = float((result["logits"] - paper["logits"]).abs().amax(dim=-1)[valid].max())
+    failures = _twin_failures(metrics, tolerances, stored_dtype) if twin_exact else []
+    tolerances = _check_direction_component(plan, metrics, tolerances, checks, failures)
+    if runs.paper is not None:
+        paper_delta = float((runs.edited["logits"] - runs.paper["logits"]).abs().amax(dim=-1)[runs.valid].max())
         metrics["paper_ablation_max_abs_logit"] = paper_delta
         checks["paper_ablation"] = "compared"
         if paper_delta > tolerances["max_abs_logit"]:
             failures.append(f"differs from the paper's residual-stream ablation: max |Δlogit| {paper_delta:.3g}")
     checks["rank"] = plan.rank
+    guarantee = plan.guarantee(arch, mode)
     return VerifyReport(
         passed=not failures,
         guarantee=guarantee,
