@@ -259,28 +259,11 @@ def main() -> None:
     help="refusal-then-kl: lowest KL among candidates that leave at most "
     f"{settings.SELECTION_MAX_REFUSAL:.0%} of unsafe validation prompts refused; paper: lowest bypass score.",
 )
-def fit(
-    model_spec,
-    dataset,
-    out_dir,
-    device,
-    max_memory,
-    dtype,
-    batch_size,
-    seed,
-    screen_keep,
-    screen_prompts,
-    validation_prompts,
-    contrast,
-    selection,
-) -> None:
+def fit(**options) -> None:
     """Fit the refusal direction on the fit areas and select it on their validation prompts."""
     from weight_edit.workflow.fit import FitRequest, run_fit
 
-    request = FitRequest(
-        model_spec, dataset, out_dir, device, max_memory, dtype, batch_size, seed, screen_keep, screen_prompts
-    )
-    request.validation_prompts, request.contrast, request.selection = validation_prompts, contrast, selection
+    request = FitRequest(**options)
     with progress_bars() as factory:
         run = run_fit(request, factory, model_progress(), say=console.print)
     chosen, result = run.result.chosen(), run.result
@@ -298,7 +281,7 @@ def fit(
     console.print(table)
     console.print(
         f"baseline refusal log-odds: unsafe {result.baseline['unsafe_refusal_log_odds']:.2f}, "
-        f"{contrast} {result.baseline[f'{contrast}_refusal_log_odds']:.2f}; {result.selection_note}"
+        f"{request.contrast} {result.baseline[f'{request.contrast}_refusal_log_odds']:.2f}; {result.selection_note}"
     )
     console.print(f"wrote {', '.join(str(f) for f in run.files)} in {run.seconds:.0f} s")
 
@@ -628,31 +611,12 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> N
     help="Column (or JSON field) holding the prompt in --benchmark files (default: the first of "
     "prompt, goal, instruction, behavior, in any case).",
 )
-def evaluate(
-    edited,
-    model_spec,
-    dataset,
-    seed,
-    out_dir,
-    device,
-    max_memory,
-    dtype,
-    batch_size,
-    max_new_tokens,
-    limit,
-    judge_path,
-    reuse_source,
-    benchmarks,
-    prompt_column,
-) -> None:
+def evaluate(**options) -> None:
     """Compare source and edited models on the held-out policy areas and public benchmark files (aggregates only)."""
     from weight_edit.workflow.evaluate import EvaluateRequest, run_evaluation
 
-    request = EvaluateRequest(edited, model_spec, dataset, seed, out_dir, device, max_memory, dtype, batch_size)
-    request.max_new_tokens, request.limit, request.judge_path = max_new_tokens, limit, judge_path
-    request.reuse_source, request.benchmarks, request.prompt_column = reuse_source, benchmarks, prompt_column
     with progress_bars() as factory:
-        evaluation = run_evaluation(request, factory, model_progress(), say=console.print)
+        evaluation = run_evaluation(EvaluateRequest(**options), factory, model_progress(), say=console.print)
     console.print(difference_table("held-out areas: refused (by refusal substrings)", "area", evaluation.area_rows))
     if evaluation.benchmark_rows:
         title = "public benchmark files: refused (by refusal substrings)"
@@ -863,25 +827,7 @@ def report(fit_dir, eval_dir, diagnose_dir, out, variants) -> None:
     default=Path("runs") / "capability",
     show_default=True,
 )
-def benchmark(
-    edited,
-    model_spec,
-    mmlu,
-    arc,
-    arc_train,
-    text,
-    shots,
-    limit,
-    text_tokens,
-    max_length,
-    stride,
-    seed,
-    device,
-    max_memory,
-    dtype,
-    batch_size,
-    out_dir,
-) -> None:
+def benchmark(edited, **options) -> None:
     """What edits cost: MMLU/ARC accuracy (answer-letter log-likelihood) and perplexity, source vs each EDITED
     folder (default: ./edited), paired on the same items; the source is scored once."""
     import shlex
@@ -890,17 +836,7 @@ def benchmark(
 
     ctx = click.get_current_context()
     command = "weight-edit " + shlex.join([ctx.info_name, *ctx.meta["argv"]])
-    request = BenchmarkRequest(list(edited) or [Path("edited")], command)
-    request.model_spec, request.mmlu, request.arc, request.arc_train, request.text = (
-        model_spec,
-        mmlu,
-        arc,
-        arc_train,
-        text,
-    )
-    request.shots, request.limit, request.text_tokens, request.seed = shots, limit, text_tokens, seed
-    request.max_length, request.stride, request.out_dir = max_length, stride, out_dir
-    request.device, request.max_memory, request.dtype, request.batch_size = device, max_memory, dtype, batch_size
+    request = BenchmarkRequest(list(edited) or [Path("edited")], command, **options)
     with progress_bars() as factory:
         run = run_benchmark(request, factory, model_progress(), say=console.print)
     for label, comparison in run.comparisons.items():
@@ -1004,25 +940,11 @@ def push(out, repo_id, private, dry_run) -> None:
 @device_option
 @dtype_option
 @batch_option
-def tune(
-    model_spec,
-    dataset,
-    seed,
-    fit_dir,
-    trials,
-    mode,
-    max_refusal,
-    validation_prompts,
-    max_strength,
-    device,
-    dtype,
-    batch_size,
-) -> None:
+def tune(**options) -> None:
     """Choose per-layer edit strengths: search the refusal/KL trade-off on the fit areas' validation prompts."""
     from weight_edit.workflow.tune import TuneRequest, run_tune
 
-    request = TuneRequest(model_spec, dataset, seed, fit_dir, trials, mode, max_refusal, validation_prompts)
-    request.max_strength, request.device, request.dtype, request.batch_size = max_strength, device, dtype, batch_size
+    request = TuneRequest(**options)
     with progress_bars() as factory:
         run = run_tune(request, factory, model_progress(), say=console.print)
     result = run.result
@@ -1046,7 +968,7 @@ def tune(
     console.print(table)
     if result.fallback:
         console.print(
-            f"[yellow]no front trial met the rule (≤ {max_refusal:.0%} refusals); took the fewest refusals[/]"
+            f"[yellow]no front trial met the rule (≤ {request.max_refusal:.0%} refusals); took the fewest refusals[/]"
         )
     console.print(
         f"{result.n_trials} trials in {result.trial_seconds:.0f} s ({result.trials_per_second:.2f}/s); wrote the search "
