@@ -671,42 +671,13 @@ def difference_table(title: str, key: str, rows: list[dict[str, Any]]) -> Table:
 @device_option
 @dtype_option
 @batch_option
-def diagnose(model_spec, dataset, seed, direction_path, out_dir, device, dtype, batch_size) -> None:
+def diagnose(**options) -> None:
     """Per-area refusal directions at the fitted layer and position: cosines, PCA, area budget, rank-k subspace."""
-    from weight_edit.checkpoint import Checkpoint, fingerprint
-    from weight_edit.dataset import load_split
-    from weight_edit.diagnose import run_diagnostics, save_diagnostics
-    from weight_edit.direction_file import check_compatible, load_direction
-    from weight_edit.models import auto_batch_size, load_model, resolve_dtype, resolve_model
-    from weight_edit.workflow import checks
+    from weight_edit.workflow.diagnose import DiagnoseRequest, run_diagnose
 
-    checks.writable(out_dir, "--out-dir")
-    vector, sidecar = load_direction(direction_path)
-    if sidecar is None or "layer" not in sidecar or "position" not in sidecar:
-        fail(
-            f"{direction_path.with_suffix('.json')} (written by `weight-edit fit`) is needed for the layer and position"
-        )
-    if model_spec is None:
-        model_spec = sidecar.get("model", {}).get("folder")
-    folder = resolve_model(model_spec, model_progress())
-    check_compatible(sidecar, vector, fingerprint(Checkpoint(folder)), direction_path)
-    data, split = load_split(dataset, seed)
-    checks.prompt_lengths(folder, [(dataset, data.prompts)])
-    fitted_held_out = sidecar.get("split", {}).get("held_out_areas")
-    if fitted_held_out is not None and list(fitted_held_out) != list(split.held_out_areas):
-        fail(
-            f"--dataset/--seed give held-out areas {', '.join(split.held_out_areas)}, but {direction_path} was fit "
-            f"with {', '.join(fitted_held_out)} held out; pass the dataset and seed used by `fit`"
-        )
-    started = time.time()
-    dtype = resolve_dtype(dtype, device)  # recorded as the dtype actually used
-    model, tokenizer = load_model(folder, dtype=dtype, device=device)
-    batch_size = batch_size or auto_batch_size(model)
+    request = DiagnoseRequest(**options)
     with progress_bars() as factory:
-        result = run_diagnostics(
-            model, tokenizer, split, sidecar["layer"], sidecar["position"], vector, batch_size, seed, factory
-        )
-    save_diagnostics(result, out_dir)
+        result, seconds = run_diagnose(request, factory, model_progress())
     table = Table(title=f"policy-area directions at layer {result.layer}, position {result.position}")
     table.add_column("measure")
     table.add_column("value")
@@ -722,7 +693,7 @@ def diagnose(model_spec, dataset, seed, direction_path, out_dir, device, dtype, 
         )
     table.add_row("refusal subspace rows", str(result.subspace.shape[0]))
     console.print(table)
-    console.print(f"wrote {out_dir} in {time.time() - started:.0f} s")
+    console.print(f"wrote {request.out_dir} in {seconds:.0f} s")
 
 
 @main.command(cls=Command)
