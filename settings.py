@@ -143,7 +143,6 @@ VERIFY_TOLERANCES = {
 ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
 DIRECTION_FILE = "direction.safetensors"
 DIRECTION_SIDECAR = "direction.json"
-PROVENANCE_FILE = "weight_edit_provenance.json"
 DEFAULT_FIT_DIR = Path("runs") / "fit"
 DEFAULT_DIAGNOSE_DIR = Path("runs") / "diagnose"
 

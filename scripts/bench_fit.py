@@ -36,12 +36,12 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak per 
 
 def main() -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from weight_edit.architecture import architecture_for
     from weight_edit.dataset import load_split
     from weight_edit.fit import FitSettings, fit_direction
-    from weight_edit.synthetic import train_chat_tokenizer
+    from weight_edit.synthetic import random_model, train_chat_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="qwen2.5-1.5b")
@@ -68,9 +68,7 @@ def main() -> None:
             spec["num_hidden_layers"] = args.layers
         model_type = spec.pop("model_type")
         config = AutoConfig.for_model(model_type, **spec)
-        torch.manual_seed(0)
-        with torch.device(args.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+        model = random_model(config, getattr(torch, args.dtype), args.device)
         tokenizer = train_chat_tokenizer(vocab_size=4000)
     model.eval()
     build_s = time.time() - started

@@ -40,10 +40,10 @@ def parse_memory(text: str) -> dict:
 def build_checkpoint(name: str, layers: int | None, folder: Path, device: str = "cpu") -> Path:
     """Random bfloat16 weights from a real config; built on `device` (a GPU initialises tens of GB in seconds)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from weight_edit.models import release_memory
-    from weight_edit.synthetic import train_chat_tokenizer
+    from weight_edit.synthetic import random_model, train_chat_tokenizer
 
     spec = dict(CONFIGS[name])
     if layers:
@@ -51,9 +51,7 @@ def build_checkpoint(name: str, layers: int | None, folder: Path, device: str = 
     tokenizer = train_chat_tokenizer(vocab_size=4000)
     spec["vocab_size"] = max(spec["vocab_size"], len(tokenizer))
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = random_model(config, torch.bfloat16, device)
     model.save_pretrained(str(folder), max_shard_size="2GB")
     del model
     release_memory()

@@ -56,13 +56,12 @@ def main() -> None:
     folder = resolve_model(args.model)
     started = time.perf_counter()
     if args.random_weights:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
+
+        from weight_edit.synthetic import random_model
 
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-        torch.manual_seed(0)
-        with torch.device(args.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
-        model.eval()
+        model = random_model(config, getattr(torch, args.dtype), args.device)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:

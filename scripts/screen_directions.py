@@ -22,7 +22,6 @@ Only scores are written (`--out` CSV); no completion is generated.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,9 @@ def main() -> None:
     from weight_edit.edit_plan import EditPlan, Strengths
     from weight_edit.hooks import weight_equivalent_ablation
     from weight_edit.models import auto_batch_size, input_device, load_model, resolve_model
+    from weight_edit.records import write_csv
     from weight_edit.search import TrialScorer, first_token_log_probs
+    from weight_edit.workflow import checks
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit-dir", type=Path, default=Path("runs/reference/fit"))
@@ -72,9 +73,8 @@ def main() -> None:
     num_layers = arch.num_layers(checkpoint.config)
     targets = arch.targets(checkpoint.config, checkpoint.tensor_names)
     seed = (sidecar.get("split") or {}).get("seed", settings.SEED)
-    _, split = load_split(settings.DEFAULT_DATASET, seed)
-    if list(split.fit_areas) != (sidecar.get("split") or {}).get("fit_areas", list(split.fit_areas)):
-        sys.exit("the fit used another split: the screen would see held-out prompts")
+    data, split = load_split(settings.DEFAULT_DATASET, seed)
+    checks.same_split(sidecar, data, split, args.fit_dir / settings.DIRECTION_SIDECAR)  # never a held-out prompt
 
     def texts(label: str) -> list[str]:
         return split.texts("validation", label, args.validation_prompts)
@@ -134,12 +134,7 @@ def main() -> None:
             rows.append({"variant": name, "mode": edit_mode, "strength": strength, **row, "seconds": seconds})
             print(f"{name:28s} {edit_mode:16s} s={strength:.2f} {row}", flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_csv(args.out, rows)}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def build_tiny_model(
 ) -> Path:
     """Save a random model of `model_type` with at least two shards, plus the tokenizer."""
     import transformers
-    from transformers import AutoModelForCausalLM
+
+    from weight_edit.synthetic import random_model
 
     torch.manual_seed(seed)
     common = dict(
@@ -75,7 +76,7 @@ def build_tiny_model(
         )
     else:
         config = transformers.AutoConfig.for_model(model_type, **common, **extra[model_type])
-    model = AutoModelForCausalLM.from_config(config)
+    model = random_model(config, seed=seed)
     with torch.no_grad():  # larger-than-default weights so the edit changes outputs visibly
         for name, parameter in model.named_parameters():
             if "norm" not in name:

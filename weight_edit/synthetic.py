@@ -39,3 +39,16 @@ def train_chat_tokenizer(vocab_size: int = 400):
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     return fast
+
+
+def random_model(config, dtype=None, device: str = "cpu", seed: int = 0):
+    """A random-weight model of `config` (a transformers config), built directly on `device` (a GPU
+    initialises tens of GB in seconds) with a fixed seed: the stand-in for real weights in tests and
+    benchmark scripts, which reach no hub."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    return model.eval()

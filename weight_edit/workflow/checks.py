@@ -8,7 +8,7 @@ from pathlib import Path
 
 import settings
 from weight_edit.chat import check_prompt_lengths, prompt_token_limit
-from weight_edit.dataset import DatasetError, Prompt, Split
+from weight_edit.dataset import Dataset, DatasetError, Prompt, Split
 from weight_edit.writer import check_writable_dir
 
 
@@ -36,4 +36,24 @@ def require_harmless(split: Split, dataset: Path, what: str) -> None:
         raise DatasetError(
             f"{dataset}: no rows labelled 'harmless' (ordinary instructions); {what} needs them — "
             "add some, or use --contrast safe"
+        )
+
+
+def same_split(sidecar: dict, data: Dataset, split: Split, sidecar_path: Path) -> None:
+    """The dataset and split a command is about to use must be the ones `fit` used (as its sidecar records
+    them): otherwise a held-out area could be tuned or diagnosed on as if it were a fit area."""
+    from weight_edit.direction_file import DirectionError
+
+    fitted = sidecar.get("split") or {}
+    recorded_sha = (sidecar.get("dataset") or {}).get("sha256")
+    differences = [
+        f"{name} {', '.join(fitted[key])} there, {', '.join(getattr(split, key))} here"
+        for key, name in (("fit_areas", "fit areas"), ("held_out_areas", "held-out areas"))
+        if key in fitted and list(fitted[key]) != list(getattr(split, key))
+    ]
+    if recorded_sha not in (None, data.sha256):
+        differences.insert(0, "another dataset (sha256 differs)")
+    if differences:
+        raise DirectionError(
+            f"{sidecar_path} was fit on {'; '.join(differences)}: pass the --dataset and --seed `fit` used"
         )

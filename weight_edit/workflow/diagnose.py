@@ -47,12 +47,7 @@ def run_diagnose(
     check_compatible(sidecar, vector, fingerprint(Checkpoint(folder)), path)
     data, split = load_split(request.dataset, request.seed)
     checks.prompt_lengths(folder, [(request.dataset, data.prompts)])
-    fitted_held_out = sidecar.get("split", {}).get("held_out_areas")
-    if fitted_held_out is not None and list(fitted_held_out) != list(split.held_out_areas):
-        raise DirectionError(
-            f"--dataset/--seed give held-out areas {', '.join(split.held_out_areas)}, but {path} was fit "
-            f"with {', '.join(fitted_held_out)} held out; pass the dataset and seed used by `fit`"
-        )
+    checks.same_split(sidecar, data, split, path.with_suffix(".json"))
     started = time.time()
     dtype = resolve_dtype(request.dtype, request.device)
     model, tokenizer = load_model(folder, dtype=dtype, device=request.device)

@@ -69,13 +69,7 @@ def run_tune(
     seed = fitted_split.get("seed", settings.SEED) if request.seed is None else request.seed
     data, split = load_split(request.dataset, seed)
     checks.prompt_lengths(folder, [(request.dataset, data.prompts)])
-    if (sidecar.get("dataset") or {}).get("sha256") not in (None, data.sha256) or fitted_split.get(
-        "fit_areas", list(split.fit_areas)
-    ) != list(split.fit_areas):
-        raise DirectionError(
-            f"{sidecar_path} was fit on another dataset or split (fit areas {fitted_split.get('fit_areas')}); "
-            "tune with the --dataset and --seed `fit` used, so that no held-out area is tuned on"
-        )
+    checks.same_split(sidecar, data, split, sidecar_path)
     arch = architecture_for(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
     limit = request.validation_prompts or None
