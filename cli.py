@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -351,161 +350,36 @@ def fit(**options) -> None:
     show_default=True,
     help="Shards written in parallel (0: automatic, up to 3; memory grows with it).",
 )
-def apply(
-    model_spec,
-    direction_path,
-    out,
-    mode,
-    force,
-    biproject,
-    rank,
-    subspace_path,
-    strengths_path,
-    tuned,
-    as_adapter,
-    workers,
-) -> None:
+def apply(**options) -> None:
     """Write a new checkpoint with the direction removed from every residual-writing weight."""
-    from weight_edit.checkpoint import Checkpoint, fingerprint
-    from weight_edit.direction_file import check_compatible, load_direction
-    from weight_edit.models import resolve_model, weights_note
-    from weight_edit.workflow import checks
-    from weight_edit.writer import apply_direction
+    from weight_edit.workflow.apply import ApplyRequest, run_apply
 
-    checks.writable(out.resolve().parent, "the folder of --out")
-    vector, sidecar = load_direction(direction_path)
-    named = model_spec or (sidecar or {}).get("model", {}).get("spec")  # what the user called the model
-    if model_spec is None and sidecar is not None:
-        model_spec = sidecar.get("model", {}).get("folder")
-    folder = resolve_model(model_spec, model_progress())
-    source = Checkpoint(folder)
-    check_compatible(sidecar, vector, fingerprint(source), direction_path)
-    extra = {
-        "base_model": settings.DEFAULT_MODEL_HUB_ID if named in (None, settings.DEFAULT_MODEL_NAME) else named,
-        "base_model_weights": (sidecar or {}).get("model", {}).get("weights") or weights_note(named),
-        "direction_source": {
-            "path": str(direction_path.resolve()),
-            "sidecar": sidecar is not None,
-            "layer": (sidecar or {}).get("layer"),
-            "position": (sidecar or {}).get("position"),
-            "checked": "fingerprint" if sidecar else "hidden size only",
-        },
-    }
-    from safetensors.torch import load_file
-
-    from weight_edit.architecture import architecture_for
-    from weight_edit.edit_plan import Strengths
-
-    num_layers = architecture_for(source.config).num_layers(source.config)
-    subspace = None
-    if rank > 1:
-        if not subspace_path.is_file():
-            fail(f"--rank {rank} needs {subspace_path} from `weight-edit diagnose` (or pass --subspace)")
-        stored = load_file(str(subspace_path))["subspace"]
-        if stored.shape[0] < rank:
-            fail(f"{subspace_path} holds {stored.shape[0]} directions; --rank {rank} needs {rank}")
-        subspace = stored[:rank]
-        extra["subspace_source"] = {"path": str(subspace_path.resolve()), "rank": rank}
-    if tuned and strengths_path:
-        fail("pass either --tuned or --strengths, not both")
-    strengths = None
-    if strengths_path:
-        try:
-            data = json.loads(strengths_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            fail(f"{strengths_path} is not valid JSON ({exc})")
-        strengths = Strengths.from_dict(data, num_layers, str(strengths_path))
-    elif tuned:
-        search = (sidecar or {}).get("search") or {}
-        chosen = search.get("chosen") or {}
-        if "strengths" not in chosen:
-            fail(f"--tuned needs a search recorded in {direction_path.with_suffix('.json')}: run `weight-edit tune`")
-        # The strengths were scored for one edit; applying them to another would write what was not scored.
-        if search.get("mode") != mode:
-            fail(f"the tuned strengths were searched in {search.get('mode')} mode: pass --mode {search.get('mode')}")
-        searched_plan = search.get("plan") or {}
-        if searched_plan.get("rank", 1) != rank or searched_plan.get("per_layer_directions", False) != biproject:
-            fail(
-                f"the tuned strengths were searched for a rank-{searched_plan.get('rank', 1)} edit "
-                f"{'with' if searched_plan.get('per_layer_directions') else 'without'} --biproject: apply the same"
-            )
-        strengths = Strengths.from_dict(chosen["strengths"], num_layers, str(direction_path.with_suffix(".json")))
-        extra["search"] = {k: search.get(k) for k in ("rule", "fallback", "seed", "n_trials", "max_refusal")} | {
-            "trial": chosen.get("trial")
-        }
-    layer_directions = None
-    if biproject:
-        import torch
-
-        from weight_edit.direction_file import load_activation_means
-        from weight_edit.edit_math import biprojected_directions, orthonormal_rows
-
-        means_path = direction_path.parent / "activation_means.safetensors"
-        # The contrast's mean: harmless instructions, or the safe prompts for a direction fit against them.
-        means = load_activation_means(direction_path, sidecar)
-        safe_means = means[(sidecar or {}).get("contrast", "safe")][:, sidecar["position"], :]
-        rows = vector if subspace is None else orthonormal_rows(torch.cat([vector.unsqueeze(0), subspace[1:]]))
-        layer_directions = biprojected_directions(rows, safe_means)
-        extra["biprojection"] = {"means": str(means_path.resolve()), "position": sidecar["position"]}
-    if as_adapter:
-        from weight_edit.adapter import write_adapter
-        from weight_edit.edit_plan import EditPlan
-
-        started = time.time()
-        plan = EditPlan.build(vector, num_layers, subspace, layer_directions, strengths)
-        result = write_adapter(
-            source,
-            plan.basis,
-            out,
-            mode=mode,
-            strength=plan.strength_for,
-            layer_directions=plan.layer_bases,
-            force=force,
-            provenance_extra=extra,
-        )
-        console.print(
-            f"wrote a rank-{result.rank} LoRA adapter for {len(result.target_modules)} modules"
-            f"{' (edited biases as base_layer.bias)' if result.bias != 'none' else ''} to {result.out} "
-            f"({result.provenance['adapter']['bytes'] / 1e6:.1f} MB) in {time.time() - started:.0f} s; "
-            f"load with PeftModel.from_pretrained(<source model>, '{result.out}')"
-        )
-        return
+    request = ApplyRequest(**options)
     started = time.time()
-    bars = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    with bars:
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[rate]}"))
+    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bars:
         tasks: list = []  # the bar appears with the first progress, after apply's checks have passed
 
         def on_progress(done: int, total: int) -> None:
             if not tasks:
-                tasks.append(bars.add_task(f"editing {folder.name}", total=total, rate=""))
+                tasks.append(bars.add_task(f"editing into {request.out.name}", total=total, rate=""))
             elapsed = max(time.time() - started, 1e-6)
             bars.update(tasks[0], completed=done, total=total, rate=f"{done / elapsed / 1e6:.0f} MB/s")
 
-        result = apply_direction(
-            source,
-            vector,
-            out,
-            mode=mode,
-            force=force,
-            provenance_extra=extra,
-            on_progress=on_progress,
-            layer_directions=layer_directions,
-            workers=workers,
-            subspace=subspace,
-            strengths=strengths,
+        run = run_apply(request, on_progress, model_progress())
+    result = run.result
+    if run.as_adapter:
+        console.print(
+            f"wrote a rank-{result.rank} LoRA adapter for {len(result.target_modules)} modules"
+            f"{' (edited biases as base_layer.bias)' if result.bias != 'none' else ''} to {result.out} "
+            f"({result.provenance['adapter']['bytes'] / 1e6:.1f} MB) in {run.seconds:.0f} s; "
+            f"load with PeftModel.from_pretrained(<source model>, '{result.out}')"
         )
-    details = [mode] + (["biprojected"] if biproject else []) + ([f"rank {rank}"] if rank > 1 else [])
-    details += ["per-layer strengths"] if strengths is not None and not strengths.is_full else []
+        return
+    untied = "; untied embeddings (explicit lm_head.weight)" if result.untied_embeddings else ""
     console.print(
-        f"edited {len(result.edited_tensors)} tensors ({', '.join(details)}){'; untied embeddings (explicit lm_head.weight)' if result.untied_embeddings else ''}; wrote {result.out} in {time.time() - started:.0f} s"
+        f"edited {len(result.edited_tensors)} tensors ({', '.join(run.details)}){untied}; "
+        f"wrote {result.out} in {run.seconds:.0f} s"
     )
 
 
