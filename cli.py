@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -127,6 +128,26 @@ class Command(click.Command):
             fail(f"{where}{exc.strerror or exc}")
 
 
+FOLDER, FILE = click.Path(file_okay=False, path_type=Path), click.Path(dir_okay=False, path_type=Path)
+EXISTING_FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def option(names: str | tuple[str, ...], kind: Any, default: Any, help: str = "", **extra: Any):
+    """An option whose default `--help` shows; `names` is the flag, or the flag and its parameter name."""
+    names = (names,) if isinstance(names, str) else names
+    return click.option(*names, type=kind, default=default, show_default=True, help=help, **extra)
+
+
+def flag(name: str, help: str, **extra: Any):
+    return click.option(name, is_flag=True, help=help, **extra)
+
+
+CONTRASTS, SELECTIONS = ("harmless", "safe"), ("refusal-then-kl", "paper")  # first: the default
+MODES = ("norm-preserving", "project")
+DEFAULT_SUBSPACE = settings.DEFAULT_DIAGNOSE_DIR / "subspace.safetensors"
+
+
 model_option = click.option(
     "--model",
     "model_spec",
@@ -135,7 +156,7 @@ model_option = click.option(
 )
 dataset_option = click.option(
     "--dataset",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     default=settings.DEFAULT_DATASET,
     show_default="embedded policy-area CSV",
     help="CSV with columns prompt,label,category.",
@@ -143,37 +164,30 @@ dataset_option = click.option(
 device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
 
 
-def parse_max_memory(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
-    """'0=70GiB,1=70GiB,cpu=200GiB' → accelerate's max_memory {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'}."""
-    if not value:
-        return None
-    limits: dict[int | str, str] = {}
-    for item in value.split(","):
-        device, _, limit = item.partition("=")
-        device, limit = device.strip(), limit.strip()
-        if not device or not limit or not (device.isdigit() or device in ("cpu", "disk")):
-            raise click.BadParameter(f"'{item}' is not DEVICE=LIMIT (DEVICE a GPU index, cpu or disk; e.g. 0=70GiB)")
-        limits[int(device) if device.isdigit() else device] = limit
-    return limits
+def parsed_by(function_path: str):
+    """A click callback that parses an option with a library function; its ValueError becomes a usage error."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        module, name = function_path.rsplit(".", 1)
+        try:
+            return getattr(importlib.import_module(module), name)(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
+
+    return callback
 
 
-def parse_benchmarks(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list:
-    """Each --benchmark KIND:NAME=FILE → a BenchmarkSpec; names must be unique (they label the table's rows)."""
-    from weight_edit.prompt_files import PromptFileError, parse_benchmark_spec
-
-    try:
-        specs = [parse_benchmark_spec(value) for value in values]
-    except PromptFileError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        raise click.BadParameter(f"benchmark names must be unique, got {', '.join(names)}")
-    return specs
-
-
+benchmark_option = click.option(
+    "--benchmark",
+    "benchmarks",
+    multiple=True,
+    callback=parsed_by("weight_edit.prompt_files.parse_benchmark_specs"),
+    metavar="KIND:NAME=FILE",
+    help="A public prompt file (CSV, JSON, JSONL), KIND harmful, safe or harmless; repeatable. Evaluation only.",
+)
 max_memory_option = click.option(
     "--max-memory",
-    callback=parse_max_memory,
+    callback=parsed_by("weight_edit.models.parse_max_memory"),
     default=None,
     help="Split the model across devices with accelerate under these limits, e.g. '0=70GiB,1=70GiB,cpu=200GiB' "
     "(implies device_map='auto'; layers that fit nowhere are offloaded to disk).",
@@ -198,6 +212,20 @@ seed_option = click.option(
 )
 
 
+def together(*decorators: Callable) -> Callable:
+    """Several option decorators as one, in the order given."""
+
+    def apply(function: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+compute_options = together(device_option, max_memory_option, dtype_option, batch_option)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="weight-edit")
 def main() -> None:
@@ -215,51 +243,22 @@ def main() -> None:
 @main.command(cls=Command)
 @model_option
 @dataset_option
-@click.option(
-    "--out-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=settings.DEFAULT_FIT_DIR,
-    show_default=True,
-    help="Where direction.safetensors, its sidecar and the score tables go.",
-)
-@device_option
-@max_memory_option
-@dtype_option
-@batch_option
+@option("--out-dir", FOLDER, settings.DEFAULT_FIT_DIR, "Where the direction, its sidecar and score tables go.")
+@compute_options
 @seed_option
-@click.option(
-    "--screen-keep",
-    type=click.IntRange(0),
-    default=settings.SCREEN_KEEP,
-    show_default=True,
-    help="Candidates kept after the stage-1 screen (0: score every candidate in full).",
-)
-@click.option("--screen-prompts", type=click.IntRange(1), default=settings.SCREEN_PROMPTS, show_default=True)
-@click.option(
-    "--validation-prompts",
-    type=click.IntRange(1),
-    default=settings.MAX_VALIDATION_PROMPTS,
-    show_default=True,
-    help="Per label, for stage-2 scores.",
-)
-@click.option(
-    "--contrast",
-    type=click.Choice(["harmless", "safe"]),
-    default=settings.DEFAULT_CONTRAST,
-    show_default=True,
-    help="What the unsafe prompts are contrasted with: ordinary harmless instructions, or the topic-matched safe "
-    "prompts (the first releases' direction; add --selection paper to reproduce it exactly).",
-)
-@click.option(
-    "--selection",
-    type=click.Choice(["refusal-then-kl", "paper"]),
-    default=settings.SELECTION_RULE,
-    show_default=True,
-    help="refusal-then-kl: lowest KL among candidates that leave at most "
-    f"{settings.SELECTION_MAX_REFUSAL:.0%} of unsafe validation prompts refused; paper: lowest bypass score.",
-)
+@option("--screen-keep", click.IntRange(0), settings.SCREEN_KEEP, "Candidates kept after stage 1 (0: all).")
+@option("--screen-prompts", click.IntRange(1), settings.SCREEN_PROMPTS)
+@option("--validation-prompts", click.IntRange(1), settings.MAX_VALIDATION_PROMPTS, "Per label, for stage-2 scores.")
+@option("--contrast", click.Choice(CONTRASTS), settings.DEFAULT_CONTRAST, "Unsafe minus harmless or safe prompts.")
+@option("--selection", click.Choice(SELECTIONS), settings.SELECTION_RULE, "Rule that picks the candidate.")
 def fit(**options) -> None:
-    """Fit the refusal direction on the fit areas and select it on their validation prompts."""
+    """Fit the refusal direction on the fit areas and select it on their validation prompts.
+
+    Candidates are mean(unsafe) − mean(contrast) at every layer × post-instruction position; --contrast
+    harmless (default) uses ordinary instructions, safe the topic-matched safe prompts (with --selection
+    paper: the first releases' direction). --selection refusal-then-kl (default) takes the lowest KL among
+    candidates leaving ≤ 5 % of unsafe validation prompts refused; paper, the lowest bypass score.
+    """
     from weight_edit.workflow.fit import FitRequest, run_fit
 
     request = FitRequest(**options)
@@ -287,71 +286,26 @@ def fit(**options) -> None:
 
 @main.command(cls=Command)
 @model_option
-@click.option(
-    "--direction",
-    "direction_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_DIRECTION,
-    show_default=True,
-    help="direction.safetensors from `fit`, or any safetensors file with one [hidden_size] tensor named 'direction'.",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Folder for the edited checkpoint (written atomically).",
-)
-@click.option("--mode", type=click.Choice(["norm-preserving", "project"]), default="norm-preserving", show_default=True)
-@click.option("--force", is_flag=True, help="Replace a non-empty --out (atomically, after the new result is complete).")
-@click.option(
-    "--biproject",
-    is_flag=True,
-    help="Remove from each layer the direction made orthogonal to that layer's mean harmless activation "
-    "(needs activation_means.safetensors and the sidecar written by `fit` beside --direction).",
-)
-@click.option(
-    "--rank",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    help="Remove a k-dimensional refusal subspace: the direction plus the top k-1 principal components of the "
-    "policy-area directions (needs --subspace from `weight-edit diagnose`).",
-)
-@click.option(
-    "--subspace",
-    "subspace_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_DIAGNOSE_DIR / "subspace.safetensors",
-    show_default=True,
-    help="Orthonormal [k, d] basis written by `weight-edit diagnose` (read only with --rank > 1).",
-)
-@click.option(
-    "--strengths",
-    "strengths_path",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help='Per-layer projection strengths, JSON {"embedding": s, "attention": [s per layer], "mlp": [s per layer]}.',
-)
-@click.option(
-    "--tuned",
-    is_flag=True,
-    help="Use the per-layer strengths chosen by `weight-edit tune` (recorded in the direction's sidecar).",
-)
-@click.option(
-    "--as-adapter",
-    is_flag=True,
-    help="Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, a few MB) instead of a full "
-    "checkpoint; needs --mode project. Load with PeftModel.from_pretrained(source_model, OUT) (needs peft).",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(0),
-    default=0,
-    show_default=True,
-    help="Shards written in parallel (0: automatic, up to 3; memory grows with it).",
-)
+@option(("--direction", "direction_path"), FILE, DEFAULT_DIRECTION, "From `fit`, or one tensor 'direction'.")
+@click.option("--out", type=FOLDER, required=True, help="Folder for the edited checkpoint (written atomically).")
+@option("--mode", click.Choice(["norm-preserving", "project"]), "norm-preserving")
+@flag("--force", "Replace a non-empty --out (atomically, after the new result is complete).")
+@flag("--biproject", "Per layer, the direction orthogonal to the contrast's mean activation.")
+@option("--rank", click.IntRange(1), 1, "Remove the first RANK rows of --subspace (from `diagnose`).")
+@option(("--subspace", "subspace_path"), FILE, DEFAULT_SUBSPACE, "Orthonormal [k, d] basis from `diagnose`.")
+@click.option("--strengths", "strengths_path", type=EXISTING_FILE, help="Per-layer strengths, JSON.")
+@flag("--tuned", "Use the per-layer strengths chosen by `weight-edit tune` (recorded in the direction's sidecar).")
+@flag("--as-adapter", "Write a PEFT LoRA adapter instead (needs --mode project).")
+@option("--workers", click.IntRange(0), 0, "Shards written in parallel (0: automatic, up to 3; memory grows with it).")
 def apply(**options) -> None:
-    """Write a new checkpoint with the direction removed from every residual-writing weight."""
+    """Write a new checkpoint with the direction removed from every residual-writing weight.
+
+    --direction takes fit's direction.safetensors (its sidecar is checked against the model) or any
+    safetensors file with one [hidden_size] tensor named 'direction'. --strengths takes JSON {"embedding": s,
+    "attention": [s per layer], "mlp": [s per layer]}; --tuned, the strengths `tune` recorded. --biproject
+    needs fit's activation_means.safetensors. --as-adapter writes a PEFT LoRA adapter of a few MB; load it
+    with PeftModel.from_pretrained(source_model, OUT).
+    """
     from weight_edit.workflow.apply import ApplyRequest, run_apply
 
     request = ApplyRequest(**options)
@@ -384,18 +338,11 @@ def apply(**options) -> None:
 
 
 @main.command(cls=Command)
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=FOLDER)
 @dataset_option
 @seed_option
-@click.option(
-    "--prompts",
-    "num_prompts",
-    type=click.IntRange(2),
-    default=settings.VERIFY_PROMPTS,
-    show_default=True,
-    help="Sample prompts (half safe, half unsafe, from the validation split).",
-)
-@click.option("--new-tokens", type=click.IntRange(1), default=settings.VERIFY_NEW_TOKENS, show_default=True)
+@option(("--prompts", "num_prompts"), click.IntRange(2), settings.VERIFY_PROMPTS, "Validation prompts, half safe.")
+@option("--new-tokens", click.IntRange(1), settings.VERIFY_NEW_TOKENS)
 @device_option
 @max_memory_option
 def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> None:
@@ -434,59 +381,31 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> N
 
 
 @main.command(cls=Command)
-@click.argument("edited", type=click.Path(file_okay=False, path_type=Path), default=Path("edited"))
-@click.option(
-    "--model", "model_spec", default=None, help="Source model (default: the source recorded in EDITED's provenance)."
-)
+@click.argument("edited", type=FOLDER, default=Path("edited"))
+@click.option("--model", "model_spec", help="Source model (default: the one in EDITED's provenance).")
 @dataset_option
 @seed_option
-@click.option(
-    "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs") / "eval", show_default=True
-)
-@device_option
-@max_memory_option
-@dtype_option
-@batch_option
-@click.option("--max-new-tokens", type=click.IntRange(1), default=settings.EVAL_MAX_NEW_TOKENS, show_default=True)
-@click.option(
-    "--limit",
-    type=click.IntRange(1),
-    default=None,
-    help="At most this many held-out prompts per label (spread over areas).",
-)
-@click.option(
-    "--judge",
-    "judge_path",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="A local sequence-classification checkpoint that labels (prompt, completion) pairs; "
-    "its label counts are added per area.",
-)
-@click.option(
+@option("--out-dir", FOLDER, Path("runs") / "eval")
+@compute_options
+@option("--max-new-tokens", click.IntRange(1), settings.EVAL_MAX_NEW_TOKENS)
+@click.option("--limit", type=click.IntRange(1), help="At most this many held-out prompts per label.")
+@click.option("--judge", "judge_path", type=EXISTING_FOLDER, help="Local classifier of (prompt, completion).")
+@flag(
     "--reuse-source/--no-reuse-source",
+    "Reuse cached source scores of identical settings.",
     default=True,
     show_default=True,
-    help="Reuse the source model's scores from an earlier evaluation with identical settings (cached under "
-    "the weight-edit cache, keyed by the source's shard hashes from the provenance); never with --model or --judge.",
 )
-@click.option(
-    "--benchmark",
-    "benchmarks",
-    multiple=True,
-    callback=parse_benchmarks,
-    metavar="KIND:NAME=FILE",
-    help="Also evaluate a public prompt file (CSV, JSON or JSONL), declared harmful (should be refused), safe "
-    "(over-refusal set: should be answered) or harmless (ordinary instructions: KL); repeatable; one table row per "
-    "file. E.g. harmful:advbench=advbench.csv. Evaluation only: never fit or tune on these.",
-)
-@click.option(
-    "--prompt-column",
-    default=None,
-    help="Column (or JSON field) holding the prompt in --benchmark files (default: the first of "
-    "prompt, goal, instruction, behavior, in any case).",
-)
+@benchmark_option
+@click.option("--prompt-column", help="Prompt column of --benchmark files (default: found by name).")
 def evaluate(**options) -> None:
-    """Compare source and edited models on the held-out policy areas and public benchmark files (aggregates only)."""
+    """Compare source and edited models on the held-out policy areas and public benchmark files (aggregates only).
+
+    --benchmark KIND:NAME=FILE (or KIND:FILE): KIND harmful (should be refused), safe (over-refusal set) or
+    harmless (ordinary instructions, for KL); the prompt column is the first of prompt, goal, instruction,
+    behavior unless --prompt-column names it. The source's scores are cached and reused by a later
+    evaluation with identical settings (not with --model or --judge).
+    """
     from weight_edit.workflow.evaluate import EvaluateRequest, run_evaluation
 
     with progress_bars() as factory:
@@ -527,21 +446,8 @@ def difference_table(title: str, key: str, rows: list[dict[str, Any]]) -> Table:
 @model_option
 @dataset_option
 @seed_option
-@click.option(
-    "--direction",
-    "direction_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_DIRECTION,
-    show_default=True,
-    help="direction.safetensors from `fit`; its sidecar (direction.json) gives the layer and position.",
-)
-@click.option(
-    "--out-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_DIAGNOSE_DIR,
-    show_default=True,
-    help="Where the cosine, PCA and budget tables, area_directions.safetensors and subspace.safetensors go.",
-)
+@option(("--direction", "direction_path"), FILE, DEFAULT_DIRECTION, "From `fit`, with its sidecar.")
+@option("--out-dir", FOLDER, DEFAULT_DIAGNOSE_DIR, "Where the tables and the subspace go.")
 @device_option
 @dtype_option
 @batch_option
@@ -571,32 +477,11 @@ def diagnose(**options) -> None:
 
 
 @main.command(cls=Command)
-@click.option(
-    "--fit-dir", type=click.Path(file_okay=False, path_type=Path), default=settings.DEFAULT_FIT_DIR, show_default=True
-)
-@click.option(
-    "--eval-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs") / "eval", show_default=True
-)
-@click.option(
-    "--diagnose-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_DIAGNOSE_DIR,
-    show_default=True,
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs") / "report",
-    show_default=True,
-    help="Folder for README.md and figures/*.png.",
-)
-@click.option(
-    "--variant",
-    "variants",
-    multiple=True,
-    metavar="NAME=DIR",
-    help="An edit variant's `evaluate` folder (evaluation_summary.json) for the variants table; repeatable.",
-)
+@option("--fit-dir", FOLDER, settings.DEFAULT_FIT_DIR)
+@option("--eval-dir", FOLDER, Path("runs") / "eval")
+@option("--diagnose-dir", FOLDER, DEFAULT_DIAGNOSE_DIR)
+@option("--out", FOLDER, Path("runs") / "report", "Folder for README.md and figures/*.png.")
+@click.option("--variant", "variants", multiple=True, metavar="NAME=DIR", help="An `evaluate` folder.")
 def report(fit_dir, eval_dir, diagnose_dir, out, variants) -> None:
     """Write a Markdown report with tables and figures from the outputs of fit, evaluate and diagnose."""
     from weight_edit.report import write_report
@@ -617,61 +502,20 @@ def report(fit_dir, eval_dir, diagnose_dir, out, variants) -> None:
 
 
 @main.command(cls=Command)
-@click.argument("edited", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--model",
-    "model_spec",
-    default=None,
-    help="Source model (default: the source recorded in the first EDITED's provenance).",
-)
-@click.option(
-    "--mmlu",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="MMLU folder: headerless <subject>_test.csv files (and <subject>_dev.csv for shots), flat or in test/ and dev/.",
-)
-@click.option(
-    "--arc", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="ARC JSONL questions."
-)
-@click.option(
-    "--arc-train",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="ARC JSONL file the k-shot examples are drawn from (needed with --shots > 0 and --arc).",
-)
-@click.option(
-    "--text",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Plain-text file for perplexity (CRLF read as LF), e.g. WikiText-2 raw test.",
-)
-@click.option("--shots", type=click.IntRange(0, 25), default=0, show_default=True, help="0 or 5 (the standard MMLU k).")
-@click.option(
-    "--limit",
-    type=click.IntRange(1),
-    default=None,
-    help="At most this many questions per benchmark, spread over subjects round-robin (seeded).",
-)
-@click.option(
-    "--text-tokens", type=click.IntRange(2), default=None, help="Score only the text's first N tokens (default: all)."
-)
-@click.option(
-    "--max-length", type=click.IntRange(2), default=1024, show_default=True, help="Perplexity window, tokens."
-)
-@click.option(
-    "--stride", type=click.IntRange(1), default=512, show_default=True, help="Perplexity window step, tokens."
-)
-@click.option("--seed", type=int, default=settings.SEED, show_default=True, help="Seed of --limit and the ARC shots.")
-@device_option
-@max_memory_option
-@dtype_option
-@batch_option
-@click.option(
-    "--out-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs") / "capability",
-    show_default=True,
-)
+@click.argument("edited", nargs=-1, type=FOLDER)
+@click.option("--model", "model_spec", help="Source model (default: the first EDITED's provenance).")
+@click.option("--mmlu", type=EXISTING_FOLDER, help="MMLU folder of <subject>_test.csv (and _dev) files.")
+@click.option("--arc", type=EXISTING_FILE, default=None, help="ARC JSONL questions.")
+@click.option("--arc-train", type=EXISTING_FILE, help="ARC JSONL file for the k-shot examples.")
+@click.option("--text", type=EXISTING_FILE, help="Plain text for perplexity, e.g. WikiText-2 raw.")
+@option("--shots", click.IntRange(0, 25), 0, "0 or 5 (the standard MMLU k).")
+@click.option("--limit", type=click.IntRange(1), help="At most this many questions per benchmark.")
+@click.option("--text-tokens", type=click.IntRange(2), help="Score only the first N tokens.")
+@option("--max-length", click.IntRange(2), 1024, "Perplexity window, tokens.")
+@option("--stride", click.IntRange(1), 512, "Perplexity window step, tokens.")
+@option("--seed", int, settings.SEED, "Seed of --limit and the ARC shots.")
+@compute_options
+@option("--out-dir", FOLDER, Path("runs") / "capability")
 def benchmark(edited, **options) -> None:
     """What edits cost: MMLU/ARC accuracy (answer-letter log-likelihood) and perplexity, source vs each EDITED
     folder (default: ./edited), paired on the same items; the source is scored once."""
@@ -716,10 +560,10 @@ def capability_table(comparisons: dict[str, dict[str, Any]]) -> Table:
 
 
 @main.command(cls=Command)
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=EXISTING_FOLDER)
 @click.option("--repo-id", required=True, help="Hub repository, owner/name (created if missing).")
-@click.option("--private", is_flag=True, help="Create the repository as private.")
-@click.option("--dry-run", is_flag=True, help="List what would be uploaded and stop.")
+@flag("--private", "Create the repository as private.")
+@flag("--dry-run", "List what would be uploaded and stop.")
 def push(out, repo_id, private, dry_run) -> None:
     """Upload a verified edited checkpoint to the hub in one commit (refuses unverified or altered output)."""
     from weight_edit.publish import push as push_folder
@@ -733,60 +577,23 @@ def push(out, repo_id, private, dry_run) -> None:
 @main.command(cls=Command)
 @model_option
 @dataset_option
-@click.option(
-    "--seed",
-    type=int,
-    default=None,
-    help="Seed of the policy-area split and of the search's sampler (default: the split seed `fit` recorded).",
-)
-@click.option(
-    "--fit-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=settings.DEFAULT_FIT_DIR,
-    show_default=True,
-    help="Folder of `fit`'s direction.safetensors and direction.json; the search is recorded in direction.json "
-    "(read by `apply --tuned`) and every trial in search_trials.csv.",
-)
-@click.option(
-    "--trials",
-    type=click.IntRange(1),
-    default=settings.TUNE_TRIALS,
-    show_default=True,
-    help="Optuna trials; the first five are fixed seeds, the full-strength edit first.",
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["norm-preserving", "project"]),
-    default="norm-preserving",
-    show_default=True,
-    help="Edit mode the strengths are tuned for (`apply --tuned` must use the same).",
-)
-@click.option(
-    "--max-refusal",
-    type=click.FloatRange(0, 1),
-    default=settings.TUNE_MAX_REFUSAL,
-    show_default=True,
-    help="Highest refusal rate (generated text, broad markers) on unsafe validation prompts a chosen edit may keep.",
-)
-@click.option(
-    "--validation-prompts",
-    type=click.IntRange(0),
-    default=0,
-    show_default=True,
-    help="Per label, from the fit areas' validation prompts, spread over areas (0: all of them).",
-)
-@click.option(
-    "--max-strength",
-    type=click.FloatRange(min=1.0),
-    default=settings.TUNE_MAX_STRENGTH,
-    show_default=True,
-    help="Highest per-layer strength tried (1 removes the component; above 1 overshoots, as peers' searches allow).",
-)
+@click.option("--seed", type=int, help="Split and sampler seed (default: the one `fit` recorded).")
+@option("--fit-dir", FOLDER, settings.DEFAULT_FIT_DIR, "`fit`'s folder; the search is recorded there.")
+@option("--trials", click.IntRange(1), settings.TUNE_TRIALS, "Optuna trials (full strength first).")
+@option("--mode", click.Choice(MODES), "norm-preserving", "Edit mode (`apply --tuned` must match).")
+@option("--max-refusal", click.FloatRange(0, 1), settings.TUNE_MAX_REFUSAL, "Refusal rate a choice may keep.")
+@option("--validation-prompts", click.IntRange(0), 0, "Per label (0: all).")
+@option("--max-strength", click.FloatRange(min=1.0), settings.TUNE_MAX_STRENGTH, "Highest strength tried.")
 @device_option
 @dtype_option
 @batch_option
 def tune(**options) -> None:
-    """Choose per-layer edit strengths: search the refusal/KL trade-off on the fit areas' validation prompts."""
+    """Choose per-layer edit strengths: search the refusal/KL trade-off on the fit areas' validation prompts.
+
+    Optuna trials (the first five fixed seeds, the full-strength edit first), strengths up to
+    --max-strength (above 1 overshoots); the front's members generate text, and the rule takes the lowest KL
+    with at most --max-refusal generated refusals. Recorded in direction.json for `apply --tuned`.
+    """
     from weight_edit.workflow.tune import TuneRequest, run_tune
 
     request = TuneRequest(**options)

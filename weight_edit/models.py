@@ -114,6 +114,19 @@ def resolve_default_model(progress: ProgressFn | None = None) -> Path:
     return folder
 
 
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """'0=70GiB,1=70GiB,cpu=200GiB' → accelerate's max_memory {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'}."""
+    if not text:
+        return None
+    limits: dict[int | str, str] = {}
+    for item in text.split(","):
+        device, _, limit = (part.strip() for part in item.partition("="))
+        if not device or not limit or not (device.isdigit() or device in ("cpu", "disk")):
+            raise ValueError(f"'{item}' is not DEVICE=LIMIT (DEVICE a GPU index, cpu or disk; e.g. 0=70GiB)")
+        limits[int(device) if device.isdigit() else device] = limit
+    return limits
+
+
 def weights_note(spec: str | None) -> str | None:
     """What a model spec's weights are when they are not the original release's (the default model, a .gguf)."""
     if spec in (None, settings.DEFAULT_MODEL_NAME):

@@ -49,6 +49,15 @@ def parse_benchmark_spec(text: str) -> BenchmarkSpec:
     return BenchmarkSpec(kind, name, Path(file))
 
 
+def parse_benchmark_specs(texts: Iterable[str]) -> list[BenchmarkSpec]:
+    """Every --benchmark value; names must be unique, since they label the evaluation's rows."""
+    specs = [parse_benchmark_spec(text) for text in texts]
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise PromptFileError(f"benchmark names must be unique, got {', '.join(names)}")
+    return specs
+
+
 def load_prompt_file(spec: BenchmarkSpec, prompt_column: str | None = None) -> list[Prompt]:
     """Read one benchmark file into Prompts labelled `spec.kind`, category `spec.name`; every problem names its row.
 
