@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 import settings
+from weight_edit.errors import WeightEditError
 
 console = Console(stderr=True)
 DEFAULT_DIRECTION = settings.DEFAULT_FIT_DIR / settings.DIRECTION_FILE
@@ -76,41 +77,6 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def expected_errors() -> tuple[type[Exception], ...]:
-    from weight_edit.adapter import AdapterError
-    from weight_edit.architecture import ArchitectureError
-    from weight_edit.capability import BenchmarkError
-    from weight_edit.chat import PromptLengthError, TemplateError
-    from weight_edit.checkpoint import CheckpointError
-    from weight_edit.dataset import DatasetError
-    from weight_edit.direction_file import DirectionError
-    from weight_edit.edit_plan import PlanError
-    from weight_edit.models import ModelResolutionError
-    from weight_edit.prompt_files import PromptFileError
-    from weight_edit.publish import PublishError
-    from weight_edit.search import SearchError
-    from weight_edit.verify import VerifyError
-    from weight_edit.writer import OutputError
-
-    return (
-        BenchmarkError,
-        SearchError,
-        AdapterError,
-        PlanError,
-        PublishError,
-        ArchitectureError,
-        TemplateError,
-        CheckpointError,
-        DatasetError,
-        DirectionError,
-        ModelResolutionError,
-        VerifyError,
-        OutputError,
-        PromptFileError,
-        PromptLengthError,
-    )
-
-
 class Command(click.Command):
     """Turn the library's expected errors into one red line and exit code 2, without a traceback."""
 
@@ -121,7 +87,7 @@ class Command(click.Command):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except expected_errors() as exc:
+        except WeightEditError as exc:
             fail(str(exc))
         except OSError as exc:  # disk full, permission denied, ...: one line naming the file, not a traceback
             where = f"{exc.filename}: " if exc.filename else ""

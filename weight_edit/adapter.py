@@ -34,6 +34,7 @@ from weight_edit import __version__
 from weight_edit.architecture import Architecture, EditTarget, architecture_for
 from weight_edit.checkpoint import Checkpoint, fingerprint
 from weight_edit.edit_math import EditMode, unit
+from weight_edit.errors import WeightEditError
 from weight_edit.hashing import tensor_sha256
 from weight_edit.writer import (
     DIRECTION_COPY,
@@ -54,7 +55,7 @@ ORTHONORMAL_TOLERANCE = 1e-5
 Strength = float | Callable[[EditTarget], float]
 
 
-class AdapterError(ValueError):
+class AdapterError(WeightEditError):
     """The requested edit cannot be expressed exactly as a PEFT LoRA adapter."""
 
 

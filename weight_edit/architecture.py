@@ -20,6 +20,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from weight_edit.errors import WeightEditError
+
 GUARANTEES = {
     "hook-exact-per-layer": "edited checkpoint equals hook-based removal of each layer's own (biprojected) "
     "direction on the source model; every write is orthogonal to its layer's direction",
@@ -48,7 +50,7 @@ _FAMILY_KEYS = {
 _WRITER_KEYS = {"tensor": str, "module": str, "residual_axis": int}
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(WeightEditError):
     """The model's architecture is not covered, or its checkpoint does not match the family table."""
 
 

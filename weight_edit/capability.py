@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from weight_edit.errors import WeightEditError
 from weight_edit.fit import ProgressFactory, no_progress
 from weight_edit.models import input_device
 from weight_edit.stats import paired_summary
@@ -40,7 +41,7 @@ _LETTER_PROBE = "Answer:"
 _LOGIT_BUDGET = 2**27  # float32 logits kept per perplexity batch (512 MiB): bounds memory at large vocabularies
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(WeightEditError):
     """A benchmark file breaks its format, or a model cannot be scored on it; the message says where."""
 
 

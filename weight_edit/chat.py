@@ -11,14 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
+from weight_edit.errors import WeightEditError
+
 _PROBE = "Probe instruction for locating the template suffix"
 
 
-class TemplateError(ValueError):
+class TemplateError(WeightEditError):
     """The tokenizer's chat template cannot be used for post-instruction positions."""
 
 
-class PromptLengthError(ValueError):
+class PromptLengthError(WeightEditError):
     """A prompt is longer than the model's context or the per-prompt token budget; names its file and row."""
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from weight_edit.errors import WeightEditError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -44,7 +46,7 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WeightEditError):
     """A checkpoint is missing, malformed, or not something weight-edit will read."""
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from weight_edit.errors import WeightEditError
+
 COLUMNS = ("prompt", "label", "category")
 POLICY_LABELS = ("safe", "unsafe")  # the labels of a policy area
 HARMLESS_LABEL = "harmless"
@@ -24,7 +26,7 @@ LABELS = (*POLICY_LABELS, HARMLESS_LABEL)
 PARTS = ("train", "validation", "held_out")
 
 
-class DatasetError(ValueError):
+class DatasetError(WeightEditError):
     """The CSV breaks a rule; the message names the file, row and column."""
 
 

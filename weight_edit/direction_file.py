@@ -12,12 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from weight_edit.errors import WeightEditError
 from weight_edit.hashing import file_sha256, tensor_sha256
 
 SIDECAR_HASH_FIELD = "sidecar_sha256"
 
 
-class DirectionError(ValueError):
+class DirectionError(WeightEditError):
     """A direction file is unusable for this model, or its sidecar does not match it."""
 
 

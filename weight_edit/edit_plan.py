@@ -18,9 +18,10 @@ import torch
 
 from weight_edit.architecture import Architecture, EditTarget
 from weight_edit.edit_math import orthonormal_rows, unit
+from weight_edit.errors import WeightEditError
 
 
-class PlanError(ValueError):
+class PlanError(WeightEditError):
     """An edit plan does not fit the model (wrong layer count, hidden size) or is malformed."""
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import settings
+from weight_edit.errors import WeightEditError
 
 ProgressFn = Callable[[str, int, int], None]  # (step description, done, total)
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
 
 
-class ModelResolutionError(ValueError):
+class ModelResolutionError(WeightEditError):
     """The --model value cannot be turned into a local safetensors checkpoint."""
 
 

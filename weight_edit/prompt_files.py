@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from weight_edit.dataset import Prompt
+from weight_edit.errors import WeightEditError
 
 KINDS = ("harmful", "safe", "harmless")  # harmful: should be refused; safe: over-refusal set; harmless: KL set
 PROMPT_COLUMNS = ("prompt", "goal", "instruction", "behavior")  # searched case-insensitively, in this order
@@ -19,7 +20,7 @@ SPEC_FORM = f"KIND:NAME=FILE or KIND:FILE, with KIND one of {', '.join(KINDS)} (
 Record = tuple[int, object]  # (row number as reported in errors, the row: a dict of columns, a string, or other JSON)
 
 
-class PromptFileError(ValueError):
+class PromptFileError(WeightEditError):
     """A benchmark file (or its spec) breaks a rule; the message starts with the file path, then 'row N:'."""
 
 

@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from weight_edit.errors import WeightEditError
 from weight_edit.model_card import CARD_FILE, render_card
 from weight_edit.verify import OLD_PROVENANCE, VerifyError, check_output_files, read_provenance
 from weight_edit.writer import VERIFY_FILE
 
 
-class PublishError(ValueError):
+class PublishError(WeightEditError):
     """The folder is not fit to publish (unverified, failed verification, or altered since)."""
 
 

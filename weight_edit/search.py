@@ -36,6 +36,7 @@ from weight_edit.architecture import Architecture, EditTarget
 from weight_edit.chat import Batch, post_instruction_ids, refusal_token_ids
 from weight_edit.edit_math import EditMode
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
+from weight_edit.errors import WeightEditError
 from weight_edit.evaluate import greedy_completions, is_broad_refusal
 from weight_edit.fit import ProgressFactory, no_progress
 from weight_edit.hooks import weight_equivalent_ablation
@@ -58,7 +59,7 @@ FALLBACK_RULE = (
 GROUPS = ("attention", "mlp")
 
 
-class SearchError(ValueError):
+class SearchError(WeightEditError):
     """The search cannot choose an edit (every trial's scores were non-finite)."""
 
 

@@ -19,6 +19,7 @@ from weight_edit.chat import tokenize_instructions
 from weight_edit.checkpoint import Checkpoint
 from weight_edit.direction_file import load_direction
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
+from weight_edit.errors import WeightEditError
 from weight_edit.hashing import file_sha256, tensor_sha256
 from weight_edit.hooks import residual_ablation, weight_equivalent_ablation
 from weight_edit.models import input_device, load_model, release_memory
@@ -35,7 +36,7 @@ from weight_edit.writer import PROVENANCE_FILE, PROVENANCE_SEAL, UNRECORDED_FILE
 DEFAULT_TOP1_MARGIN = {"float32": 1e-4, "float16": 0.005, "bfloat16": 0.02}
 
 
-class VerifyError(ValueError):
+class VerifyError(WeightEditError):
     """The output folder cannot be verified (missing provenance, altered files)."""
 
 

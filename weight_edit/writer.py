@@ -33,6 +33,7 @@ from weight_edit.architecture import Architecture, EditTarget, architecture_for
 from weight_edit.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo
 from weight_edit.edit_math import EditMode, edited_pieces, norm_adjusted_basis
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
+from weight_edit.errors import WeightEditError
 from weight_edit.hashing import file_sha256, tensor_sha256
 from weight_edit.model_card import CARD_FILE, write_card
 
@@ -53,7 +54,7 @@ LOCK_SUFFIX = ".weight-edit.lock"  # OUT.weight-edit.lock, beside OUT, while a r
 UNREADABLE_LOCK_STALE_S = 60  # a lock with no readable owner (killed between create and write) is stale after this
 
 
-class OutputError(ValueError):
+class OutputError(WeightEditError):
     """The requested output location is unsafe or occupied."""
 
 
