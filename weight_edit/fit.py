@@ -129,6 +129,25 @@ def _refusal_odds(model, prepared, refusal_ids, advance) -> torch.Tensor:
     return refusal_log_odds(last_logits(model, prepared, advance), refusal_ids)
 
 
+def _candidate_scores(candidates: torch.Tensor, max_layer: float) -> list[CandidateScore]:
+    """One score record per (layer, position) of `candidates` [layers, positions, d], eligible or not.
+
+    Layer 0 sees only token embeddings: positions holding the same template token for every prompt give
+    a zero difference, which is no direction at all.
+    """
+    layers, n_pos = candidates.shape[:2]
+    return [
+        CandidateScore(
+            layer,
+            position - n_pos,
+            norm := float(candidates[layer, position].norm()),
+            layer < max_layer and norm > 1e-6,
+        )
+        for layer in range(layers)
+        for position in range(n_pos)
+    ]
+
+
 @torch.inference_mode()
 def _screen(model, arch, num_layers: int, vectors: torch.Tensor, encoded, device) -> torch.Tensor:
     """Last-position logits of every prompt under ablation of every vector: [vectors × prompts, vocab]."""
@@ -198,19 +217,7 @@ def fit_direction(
         f"{contrast_name}_refusal_log_odds": float(refusal_log_odds(baseline_contrast_logits, refusal_ids).mean()),
     }
 
-    max_layer = settings.max_layer_fraction * num_layers
-    scores = [
-        # Layer 0 sees only token embeddings: positions holding the same template token for every
-        # prompt give a zero difference, which is no direction at all.
-        CandidateScore(
-            layer,
-            position - n_pos,
-            norm := float(candidates[layer, position].norm()),
-            layer < max_layer and norm > 1e-6,
-        )
-        for layer in range(num_layers)
-        for position in range(n_pos)
-    ]
+    scores = _candidate_scores(candidates, settings.max_layer_fraction * num_layers)
     eligible = [s for s in scores if s.eligible]
 
     def vector(score: CandidateScore) -> torch.Tensor:
