@@ -40,7 +40,7 @@ def main() -> None:
 
     from weight_edit.architecture import architecture_for
     from weight_edit.dataset import load_split
-    from weight_edit.fit import FitSettings, fit_direction
+    from weight_edit.fit import FitSettings, StepTimer, fit_direction
     from weight_edit.synthetic import random_model, train_chat_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,22 +83,8 @@ def main() -> None:
     }
     arch = architecture_for({"model_type": model_type})
 
-    timings: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    clock: dict[str, float] = {}
-
-    def progress(description: str, total: int):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        clock[description] = time.time()
-        counts[description] = total
-
-        def advance(n: int) -> None:
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            timings[description] = time.time() - clock[description]
-
-        return advance
+    progress = StepTimer(torch.cuda.synchronize if args.device == "cuda" else lambda: None)
+    timings, counts = progress.seconds, progress.counts
 
     if args.batch_size == 0:
         from weight_edit.models import auto_batch_size

@@ -73,7 +73,7 @@ def run_fit(folder: Path, placement: dict, batch_size: int) -> dict:
     from weight_edit.architecture import architecture_for
     from weight_edit.checkpoint import Checkpoint
     from weight_edit.dataset import load_split
-    from weight_edit.fit import FitSettings, fit_direction
+    from weight_edit.fit import FitSettings, StepTimer, fit_direction
     from weight_edit.models import input_device, load_model, release_memory
 
     _, split = load_split(settings.DEFAULT_DATASET, settings.SEED)
@@ -86,23 +86,8 @@ def run_fit(folder: Path, placement: dict, batch_size: int) -> dict:
     started = time.time()
     model, tokenizer = load_model(folder, dtype="bfloat16", **placement)
     load_s = time.time() - started
-    timings: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    clock: dict[str, float] = {}
-
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def progress(description: str, total: int):
-        sync()
-        clock[description], counts[description] = time.time(), total
-
-        def advance(n: int) -> None:
-            sync()
-            timings[description] = time.time() - clock[description]
-
-        return advance
+    progress = StepTimer(torch.cuda.synchronize if torch.cuda.is_available() else lambda: None)
+    timings, counts = progress.seconds, progress.counts
 
     started = time.time()
     result = fit_direction(

@@ -259,3 +259,15 @@ def test_fast_dtype_is_float32_on_cpus_without_native_bf16(monkeypatch):
     assert models.resolve_dtype("fast", "cpu") == "bfloat16"
     assert models.resolve_dtype("bfloat16", "cpu") == "bfloat16" and models.resolve_dtype("auto", "cpu") == "auto"
     assert models.resolve_dtype("fast", "cuda") == "bfloat16"
+
+
+def test_step_timer_records_counts_and_times_and_syncs():
+    from weight_edit.fit import StepTimer
+
+    calls = []
+    timer = StepTimer(lambda: calls.append(1))
+    advance = timer("activations: unsafe", 5)
+    advance(2)
+    advance(3)
+    assert timer.counts == {"activations: unsafe": 5} and timer.seconds["activations: unsafe"] >= 0
+    assert len(calls) == 3  # at the start and at each advance

@@ -22,6 +22,7 @@ stop once the outcome is decided: the kept set and the choice are those of scori
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -39,6 +40,26 @@ ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 def no_progress(description: str, total: int) -> Callable[[int], None]:
     return lambda n: None
+
+
+class StepTimer:
+    """A ProgressFactory for benchmarks: each step's item count and wall time from its start to its last
+    advance, with `sync` (e.g. torch.cuda.synchronize) called at both ends so a GPU's queued work counts."""
+
+    def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
+        self.sync = sync
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, description: str, total: int) -> Callable[[int], None]:
+        self.sync()
+        started, self.counts[description] = time.time(), total
+
+        def advance(n: int) -> None:
+            self.sync()
+            self.seconds[description] = time.time() - started
+
+        return advance
 
 
 SELECTION_RULES = ("refusal-then-kl", "paper")
