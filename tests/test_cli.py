@@ -461,3 +461,18 @@ def test_tune_then_apply_tuned_and_verify(tmp_path, tiny_model, runner):
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli.main, ["verify", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
+
+
+def test_messages_name_the_model_type_and_every_file_and_no_bar_before_checks(tmp_path, chat_tokenizer, runner):
+    from conftest import build_tiny_model
+
+    qwen2 = build_tiny_model(tmp_path / "qwen2", chat_tokenizer, model_type="qwen2")
+    fit_dir = tmp_path / "fit"
+    result = runner.invoke(cli.main, ["fit", "--model", str(qwen2), "--out-dir", str(fit_dir), *FAST_FIT])
+    assert result.exit_code == 0, result.output
+    flat = "".join(result.output.split())  # rich wraps long lines, even inside paths
+    assert "(qwen2,editedasthellamafamily" in flat  # not reported as "llama" alone
+    assert "activation_means.safetensors" in flat.split("wrote", 1)[1]
+    args = ["apply", "--direction", str(fit_dir / "direction.safetensors"), "--out", str(tmp_path / "e"), "--rank", "2"]
+    result = runner.invoke(cli.main, [*args, "--subspace", str(tmp_path / "missing.safetensors")])
+    assert result.exit_code == 2 and "needs" in result.output and "editing" not in result.output

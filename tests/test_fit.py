@@ -271,3 +271,22 @@ def test_step_timer_records_counts_and_times_and_syncs():
     advance(3)
     assert timer.counts == {"activations: unsafe": 5} and timer.seconds["activations: unsafe"] >= 0
     assert len(calls) == 3  # at the start and at each advance
+
+
+@pytest.mark.parametrize("selection", ["paper", "refusal-then-kl"])
+def test_progress_never_passes_its_totals(fitted, selection):
+    """Each bar's advances add up to at most its total (a stage-1 bar once showed 162/48)."""
+    model, tokenizer, arch = fitted
+    totals, done = {}, {}
+
+    def progress(description, total):
+        totals[description], done[description] = total, 0
+
+        def advance(n):
+            done[description] += n
+
+        return advance
+
+    settings = FitSettings(batch_size=6, screen_prompts=3, screen_keep=2, max_layer_fraction=1.0, selection=selection)
+    fit_direction(model, tokenizer, arch, 2, UNSAFE, SAFE, UNSAFE[:4], SAFE[:4], settings, progress)
+    assert totals and all(done[d] <= totals[d] for d in totals), {d: (done[d], totals[d]) for d in totals}
