@@ -29,6 +29,18 @@ def runner():
     return CliRunner()
 
 
+def fit_and_apply(runner, model, folder):
+    """`fit` (fast settings) and `apply` into FOLDER/fit and FOLDER/edited; both must succeed."""
+    fit_dir, out = folder / "fit", folder / "edited"
+    result = runner.invoke(cli.main, ["fit", "--model", str(model), "--out-dir", str(fit_dir), *FAST_FIT])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        cli.main, ["apply", "--direction", str(fit_dir / "direction.safetensors"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    return fit_dir, out
+
+
 def test_fit_apply_verify_evaluate(tmp_path, tiny_model, runner):
     fit_dir = tmp_path / "fit"
     result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--out-dir", str(fit_dir), *FAST_FIT])
@@ -297,13 +309,7 @@ def test_contrast_safe_reproduces_the_first_direction_exactly(tmp_path, tiny_mod
 
 
 def test_evaluate_public_benchmark_files(tmp_path, tiny_model, runner):
-    fit_dir, out = tmp_path / "fit", tmp_path / "edited"
-    result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--out-dir", str(fit_dir), *FAST_FIT])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(
-        cli.main, ["apply", "--direction", str(fit_dir / "direction.safetensors"), "--out", str(out)]
-    )
-    assert result.exit_code == 0, result.output
+    fit_dir, out = fit_and_apply(runner, tiny_model, tmp_path)
     files = tmp_path / "bench"
     files.mkdir()
     (files / "bad_requests.csv").write_text("goal,category\nDo a bad thing,x\nDo another bad thing,y\nA third,x\n")
@@ -431,13 +437,7 @@ def test_prompts_longer_than_the_context_are_named_before_the_model_runs(tmp_pat
     assert result.exit_code == 2, result.output
     assert f"data.csv: row {row}: the prompt is" in result.output and "context is 256 tokens" in result.output
 
-    fit_dir, out = tmp_path / "fit", tmp_path / "edited"
-    result = runner.invoke(cli.main, ["fit", "--model", str(tiny_model), "--out-dir", str(fit_dir), *FAST_FIT])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(
-        cli.main, ["apply", "--direction", str(fit_dir / "direction.safetensors"), "--out", str(out)]
-    )
-    assert result.exit_code == 0, result.output
+    fit_dir, out = fit_and_apply(runner, tiny_model, tmp_path)
     huge = tmp_path / "huge.jsonl"
     huge.write_text(json.dumps({"prompt": "short one"}) + "\n" + json.dumps({"prompt": "x" * 130_000}) + "\n")
     result = runner.invoke(cli.main, ["evaluate", str(out), "--benchmark", f"harmless:{huge}", "--device", "cpu"])
