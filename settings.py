@@ -34,7 +34,6 @@ UNSAFE_LABEL = "unsafe"
 HELD_OUT_AREAS = 4  # policy areas kept out of fitting and selection, used only by `evaluate`
 MIN_FIT_AREAS = 2
 VALIDATION_FRACTION = 0.25  # of each fit area's prompts per label, used for direction selection
-HARMLESS_LABEL = "harmless"
 # Harmless instructions get a seeded split of their own: validation (selection, tune) and held-out
 # (evaluate) fractions; the rest is the direction's contrast.
 HARMLESS_VALIDATION_FRACTION = 0.25

@@ -13,10 +13,9 @@ from typing import Any
 import torch
 
 import settings
+from weight_edit.diagnose import SUBSPACE_FILE
 from weight_edit.edit_plan import PlanError, Strengths
 from weight_edit.workflow import checks
-
-SUBSPACE_FILE = "subspace.safetensors"
 
 
 @dataclass

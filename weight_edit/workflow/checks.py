@@ -8,7 +8,7 @@ from pathlib import Path
 
 import settings
 from weight_edit.chat import check_prompt_lengths, prompt_token_limit
-from weight_edit.dataset import Dataset, DatasetError, Prompt, Split
+from weight_edit.dataset import HARMLESS_LABEL, Dataset, DatasetError, Prompt, Split
 from weight_edit.writer import check_writable_dir
 
 
@@ -32,7 +32,7 @@ def prompt_lengths(folder: Path, groups: Iterable[tuple[Path | str, Sequence[Pro
 
 
 def require_harmless(split: Split, dataset: Path, what: str) -> None:
-    if not split.select("train", settings.HARMLESS_LABEL):
+    if not split.select("train", HARMLESS_LABEL):
         raise DatasetError(
             f"{dataset}: no rows labelled 'harmless' (ordinary instructions); {what} needs them — "
             "add some, or use --contrast safe"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import settings
+from weight_edit.dataset import HARMLESS_LABEL
 from weight_edit.fit import FitResult, FitSettings, ProgressFactory, fit_direction, no_progress
 from weight_edit.records import write_csv
 from weight_edit.workflow import checks
@@ -57,7 +58,7 @@ def run_fit(
 
     checks.writable(request.out_dir, "--out-dir")
     data, split = load_split(request.dataset, request.seed)
-    if request.contrast == settings.HARMLESS_LABEL:
+    if request.contrast == HARMLESS_LABEL:
         checks.require_harmless(split, request.dataset, "--contrast harmless")
     folder = resolve_model(request.model_spec, model_progress)
     checks.prompt_lengths(folder, [(request.dataset, data.prompts)])

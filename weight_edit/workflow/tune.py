@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import settings
+from weight_edit.dataset import HARMLESS_LABEL
 from weight_edit.direction_file import DirectionError
 from weight_edit.fit import ProgressFactory, no_progress
 from weight_edit.records import write_csv
@@ -75,7 +76,7 @@ def run_tune(
     limit = request.validation_prompts or None
     unsafe, safe = split.texts("validation", "unsafe", limit), split.texts("validation", "safe", limit)
     contrast = sidecar.get("contrast", "safe")
-    if contrast == settings.HARMLESS_LABEL:
+    if contrast == HARMLESS_LABEL:
         checks.require_harmless(split, request.dataset, "tune of a direction fit against harmless prompts")
     kl_prompts = split.texts("validation", contrast, limit)
     say(
