@@ -156,7 +156,8 @@ def test_source_with_adapter_equals_full_projected_checkpoint(tmp_path, chat_tok
     assert (adapted_logits - edited_logits).abs().max() < LOGIT_TOLERANCE
     if tie:  # the adapter changes the lookup only: the tied unembedding keeps the source matrix, as `apply` unties
         checkpoint = Checkpoint(source)
-        source_embedding = checkpoint.read(architecture_for(checkpoint.config).token_embedding["tensor"])
+        arch = architecture_for(checkpoint.config)
+        source_embedding = checkpoint.read(arch.token_embedding_tensor(checkpoint.tensor_names))
         assert torch.equal(adapted.get_output_embeddings().weight.detach(), source_embedding)
 
 

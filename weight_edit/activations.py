@@ -9,6 +9,7 @@ key/value cache to every row, and runs only the rest: the same causal computatio
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -97,17 +98,22 @@ def forward(
     instead: the prefix pass has `prefix_rows` rows, each repeated for consecutive batch rows.
     """
     # Sliding-window attention counts the pads between prefix and rest as distance: keep such prompts whole.
-    window = getattr(model.config, "sliding_window", None)
-    shared_prefix = shared_prefix and not (window and input_ids.shape[1] > window)
+    window = getattr(_text_config(model), "sliding_window", None)
+    shared_prefix = shared_prefix and not (window and input_ids.shape[1] > window) and model not in _NOT_PLAIN_KV
     split = split_shared_prefix(input_ids, attention_mask, keep_last) if shared_prefix else None
-    if split is None or input_ids.shape[0] % prefix_rows:
+    cache = None
+    if split is not None and not input_ids.shape[0] % prefix_rows:
+        cache_name = _cache_argument(model)
+        with (prefix_hooks or nullcontext)():
+            # Only the cache is used: the prefix pass computes one position's logits and drops them at once.
+            prefix_ids = split.prefix_ids.expand(prefix_rows, -1)
+            cache = getattr(model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1), cache_name)
+        if not plain_kv_cache(cache):
+            _NOT_PLAIN_KV.add(model)  # hybrid (linear attention, state-space): whole prompts from now on
+            cache = None
+    if cache is None:
         with (rest_hooks or nullcontext)():
             return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-    cache_name = _cache_argument(model)
-    with (prefix_hooks or nullcontext)():
-        # Only the cache is used: the prefix pass computes one position's logits and drops them at once.
-        prefix_ids = split.prefix_ids.expand(prefix_rows, -1)
-        cache = getattr(model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1), cache_name)
     if input_ids.shape[0] != prefix_rows:
         cache.batch_repeat_interleave(input_ids.shape[0] // prefix_rows)
     with (rest_hooks or nullcontext)():
@@ -119,6 +125,24 @@ def forward(
             use_cache=True,
             **kwargs,
         )
+
+
+# Models whose cache is not plain per-layer keys and values: the shared prefix cannot be expanded to every row.
+_NOT_PLAIN_KV: weakref.WeakSet = weakref.WeakSet()
+
+
+def plain_kv_cache(cache) -> bool:
+    """Whether every layer of a cache holds only attention keys and values (full or sliding window), which can be
+    repeated for every row of a batch; a linear-attention or state-space layer's recurrent state cannot."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _cache_argument(model) -> str:

@@ -1,15 +1,23 @@
 """Architectures as data: which on-disk tensors write into the residual stream, and along which axis.
 
-Each family is one JSON file in `weight_edit/architectures/`, with `${layer}` (and, for experts,
-`${expert}`) templates. A family is looked up from `config.json`'s `model_type`, validated, and
+Each family is one JSON file in `weight_edit/architectures/`, with `${decoder}`, `${layer}` (and, for
+experts, `${expert}`) templates. A family is looked up from `config.json`'s `model_type`, validated, and
 expanded against a checkpoint's tensor names into `EditTarget`s keyed by on-disk name.
+
+`${decoder}` is the text decoder's root. On disk it is the prefix of one of the family's `layouts` (a
+multimodal checkpoint may store its decoder under `language_model.model.` or `model.language_model.`:
+the layout whose token embedding the checkpoint holds is used, and it also names where an untied
+unembedding goes); in memory it is `module_root`, the decoder's path in the class that `loader` names.
 
 Per writer, the table also says how its run-time twin is hooked: `"hook": "module"` (the module whose
 weight is edited: exact in both edit modes) or `"hook": "block"` (a parent whose output is the
 writes' linear combination, e.g. a fused mixture-of-experts block: exact for the plain projection
-only). A writer with `output_norm` is followed by a norm before the residual add (sandwich or
-post-norm): its edit removes û ∝ (offset + γ) ⊙ r̂ so what reaches the residual stream is exactly
-orthogonal to r̂, but no longer equal to the paper's residual-stream ablation.
+only). A writer with `output_norm` (one norm, or a chain applied innermost first) is followed by norms
+before the residual add (sandwich or post-norm): its edit removes û ∝ Π(offset + γ) ⊙ r̂ so what reaches
+the residual stream is exactly orthogonal to r̂, but no longer equal to the paper's residual-stream
+ablation. A writer with `layers` exists only in the layers its rule selects from the config (hybrid
+attention, dense-then-MoE); a writer of experts may name a `fused` alternative (one 3-D tensor per
+layer), used where the checkpoint stores the experts that way.
 """
 
 from __future__ import annotations
@@ -34,17 +42,37 @@ GUARANTEES = {
     "ablation is not exact for this family and mode",
 }
 HOOK_KINDS = ("module", "block")
-WRITER_KINDS = ("embedding", "position_embedding", "attention", "mlp", "expert", "shared_expert")
+# attention: any token mixer (self-attention, linear attention, state-space, convolution); mlp and experts:
+# channel mixers; per_layer_input: Gemma 4's per-layer input projection.
+WRITER_KINDS = (
+    "embedding",
+    "position_embedding",
+    "attention",
+    "mlp",
+    "expert",
+    "shared_expert",
+    "per_layer_input",
+)
+LOADERS = ("causal-lm", "image-text-to-text")
+# How a writer's `layers` rule selects layer l from the config value v of its key.
+LAYER_TESTS = {
+    "in_list": "v[l] is one of values",
+    "listed": "l is in the list v",
+    "not_listed": "l is not in the list v",
+    "at_least": "l >= v",
+    "below": "l < v",
+    "every": "(l + 1) is a multiple of v",
+    "true": "v is true",
+    "false": "v is false",
+}
+DEFAULT_LAYOUT = {"decoder": "model.", "unembedding": "lm_head.weight"}
 _FAMILY_KEYS = {
     "family": str,
     "model_types": list,
     "num_layers_key": str,
     "hidden_size_key": str,
     "layer_module": str,
-    "attention_module": str,
-    "mlp_module": str,
     "embeddings": list,
-    "unembedding_tensor": str,
     "writers": list,
 }
 _WRITER_KEYS = {"tensor": str, "module": str, "residual_axis": int}
@@ -55,19 +83,64 @@ class ArchitectureError(WeightEditError):
 
 
 @dataclass(frozen=True)
+class OutputNorm:
+    """A norm between a writer and the residual add: it scales each coordinate by offset + γ."""
+
+    tensor: str  # on-disk norm weight
+    module: str  # the same norm in memory (for the run-time twin)
+    offset: float = 0.0
+
+
+@dataclass(frozen=True)
 class EditTarget:
     """One on-disk tensor that writes into the residual stream."""
 
     tensor: str  # name in the safetensors files: the contract
     residual_axis: int  # axis that holds residual-space vectors
     module: str  # in-memory module for the run-time twin
-    kind: str  # "embedding", "position_embedding", "attention", "mlp" or "expert"
+    kind: str  # one of WRITER_KINDS
     layer: int | None  # None for embeddings
     is_bias: bool = False
     hook: str = "module"
-    output_norm: str | None = None  # on-disk norm weight applied to this write before the residual add
-    output_norm_module: str | None = None  # the same norm in memory (for the run-time twin)
-    norm_offset: float = 0.0
+    output_norms: tuple[OutputNorm, ...] = ()  # applied to this write before the residual add, innermost first
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way a family's checkpoints name their tensors on disk."""
+
+    decoder: str  # prefix of the text decoder's tensors (fills ${decoder} in tensor templates)
+    unembedding: str  # where the output embedding is (or, untied by apply, will be) stored
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Which layers have a writer, decided by one config value (see LAYER_TESTS)."""
+
+    test: str
+    key: str
+    values: tuple[Any, ...] = ()
+    default: Any = None
+
+    def holds(self, layer: int, config: dict[str, Any]) -> bool:
+        value = _config_value(config, self.key, self.default)
+        try:
+            if self.test == "in_list":
+                return value[layer] in self.values
+            if self.test in ("listed", "not_listed"):
+                return (layer in value) == (self.test == "listed")
+            if self.test == "at_least":
+                return layer >= int(value)
+            if self.test == "below":
+                return layer < int(value)
+            if self.test == "every":
+                return int(value) > 0 and (layer + 1) % int(value) == 0
+            return bool(value) == (self.test == "true")
+        except (TypeError, IndexError, ValueError) as exc:
+            raise ArchitectureError(
+                f"config.json's '{self.key}' ({value!r}) cannot say whether layer {layer} has this writer "
+                f"({self.test}: {LAYER_TESTS[self.test]})"
+            ) from exc
 
 
 @dataclass(frozen=True)
@@ -78,12 +151,11 @@ class Architecture:
     num_layers_key: str
     hidden_size_key: str
     layer_module: str
-    attention_module: str
-    mlp_module: str
     embeddings: tuple[dict[str, Any], ...]
-    unembedding_tensor: str
     writers: tuple[dict[str, Any], ...]
-    optional_prefix: str = ""
+    layouts: tuple[Layout, ...] = (Layout(**DEFAULT_LAYOUT),)
+    module_root: str = "model."
+    loader: str = "causal-lm"
 
     @property
     def token_embedding(self) -> dict[str, Any]:
@@ -92,6 +164,11 @@ class Architecture:
     @property
     def has_output_norms(self) -> bool:
         return any("output_norm" in w for w in self.writers)
+
+    @property
+    def layer_dependent(self) -> bool:
+        """Whether some writers exist only in some layers (hybrid or dense-then-MoE decoders)."""
+        return any("layers" in w for w in self.writers)
 
     def twin_is_exact(self, mode: str) -> bool:
         """Can hooks reproduce the weight edit exactly? Block hooks only project (no per-expert rescale)."""
@@ -116,74 +193,212 @@ class Architecture:
     def hidden_size(self, config: dict[str, Any]) -> int:
         return int(_config_value(config, self.hidden_size_key))
 
-    def targets(self, config: dict[str, Any], tensor_names: set[str]) -> list[EditTarget]:
-        """Expand the templates for this checkpoint; every weight must exist, biases are optional."""
-        missing: list[str] = []
+    def module(self, template: str, **values: int) -> str:
+        """An in-memory module name (for the classes `loader` names)."""
+        return fill(template, decoder=self.module_root, **values)
 
-        def on_disk(template: str, **values: int) -> str | None:
-            name = fill(template, **values)
-            for candidate in (name, name.removeprefix(self.optional_prefix)) if self.optional_prefix else (name,):
-                if candidate in tensor_names:
-                    return candidate
-            return None
+    def layer_module_name(self, layer: int) -> str:
+        return self.module(self.layer_module, layer=layer)
+
+    def token_embedding_module(self) -> str:
+        return self.module(self.token_embedding["module"])
+
+    def writer_modules(self, config: dict[str, Any], num_layers: int) -> list[tuple[int, list[str]]]:
+        """Per layer, the in-memory modules whose outputs are that layer's writes into the residual stream (a
+        fused block once): where the paper's ablation projects. Needs only the config, not the checkpoint."""
+        layers = []
+        for layer in range(num_layers):
+            names = [
+                self.module(writer["module"], layer=layer)
+                for writer in self.writers
+                if all(rule.holds(layer, config) for rule in _layer_rules(writer))
+            ]
+            layers.append((layer, list(dict.fromkeys(names))))
+        return layers
+
+    def layout(self, tensor_names: set[str]) -> Layout:
+        """The checkpoint's layout: the one whose token embedding it holds (exactly one must match)."""
+        template = self.token_embedding["tensor"]
+        found = [layout for layout in self.layouts if fill(template, decoder=layout.decoder) in tensor_names]
+        if len(found) == 1:
+            return found[0]
+        places = " or ".join(fill(template, decoder=layout.decoder) for layout in self.layouts)
+        if not found:
+            raise ArchitectureError(
+                f"checkpoint does not match the '{self.family}' architecture table: no token embedding at {places}"
+            )
+        raise ArchitectureError(
+            f"checkpoint holds the token embedding under several '{self.family}' layouts ({places}): ambiguous"
+        )
+
+    def unembedding_tensor(self, tensor_names: set[str]) -> str:
+        return self.layout(tensor_names).unembedding
+
+    def token_embedding_tensor(self, tensor_names: set[str]) -> str:
+        return fill(self.token_embedding["tensor"], decoder=self.layout(tensor_names).decoder)
+
+    def targets(self, config: dict[str, Any], tensor_names: set[str]) -> list[EditTarget]:
+        """Expand the templates for this checkpoint; every weight must exist, biases are optional.
+
+        A writer whose `layers` rule leaves a layer out must have no tensor there: a checkpoint that
+        disagrees with its own config is refused rather than half edited.
+        """
+        layout = self.layout(tensor_names)
+        missing: list[str] = []
+        unexpected: list[str] = []
+
+        def on_disk(template: str, **values: int) -> str:
+            return fill(template, decoder=layout.decoder, **values)
 
         def require(template: str, **values: int) -> str:
             name = on_disk(template, **values)
-            if name is None:
-                missing.append(fill(template, **values))
-                return fill(template, **values)
+            if name not in tensor_names:
+                missing.append(name)
             return name
 
         targets = []
         for emb in self.embeddings:
             targets.append(
                 EditTarget(
-                    require(emb["tensor"]), emb["residual_axis"], emb["module"], emb.get("kind", "embedding"), None
+                    require(emb["tensor"]),
+                    emb["residual_axis"],
+                    self.module(emb["module"]),
+                    emb.get("kind", "embedding"),
+                    None,
                 )
             )
         for layer in range(self.num_layers(config)):
             for writer in self.writers:
-                experts = (
-                    range(int(_config_value(config, writer["experts_key"]))) if "experts_key" in writer else [None]
-                )
-                norm = writer.get("output_norm")
-                norm_name = require(norm["tensor"], layer=layer) if norm else None
-                common = dict(
-                    kind=writer.get("kind", "mlp"),
-                    layer=layer,
-                    hook=writer.get("hook", "module"),
-                    output_norm=norm_name,
-                    output_norm_module=fill(norm["module"], layer=layer) if norm else None,
-                    norm_offset=float(norm.get("offset", 0.0)) if norm else 0.0,
-                    module=fill(writer["module"], layer=layer),
-                )
-                for expert in experts:
-                    values = {"layer": layer} if expert is None else {"layer": layer, "expert": expert}
-                    targets.append(EditTarget(require(writer["tensor"], **values), writer["residual_axis"], **common))
-                    if writer.get("bias") and (bias := on_disk(writer["bias"], **values)) is not None:
-                        targets.append(EditTarget(bias, writer.get("bias_residual_axis", 0), is_bias=True, **common))
+                if not all(rule.holds(layer, config) for rule in _layer_rules(writer)):
+                    unexpected.extend(n for n in _writer_names(writer, layer, config, on_disk) if n in tensor_names)
+                    continue
+                targets.extend(self._writer_targets(writer, layer, config, tensor_names, on_disk, require))
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ArchitectureError(
                 f"checkpoint does not match the '{self.family}' architecture table: missing {shown}"
             )
+        if unexpected:
+            shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+            raise ArchitectureError(
+                f"checkpoint does not match its config under the '{self.family}' architecture table: it holds "
+                f"{shown}, in layers where config.json says that writer does not exist"
+            )
+        return targets
+
+    def _writer_targets(self, writer, layer, config, tensor_names, on_disk, require) -> list[EditTarget]:
+        """One writer's targets in one layer: per expert, or the fused alternative where the checkpoint has it."""
+        common = dict(
+            kind=writer.get("kind", "mlp"),
+            layer=layer,
+            hook=writer.get("hook", "module"),
+            output_norms=tuple(
+                OutputNorm(require(norm["tensor"], layer=layer), self.module(norm["module"], layer=layer), norm_offset)
+                for norm, norm_offset in ((n, float(n.get("offset", 0.0))) for n in _norms(writer))
+            ),
+            module=self.module(writer["module"], layer=layer),
+        )
+        spec = writer
+        fused = writer.get("fused")
+        if fused is not None and on_disk(writer["tensor"], layer=layer, expert=0) not in tensor_names:
+            if on_disk(fused["tensor"], layer=layer) in tensor_names:
+                spec = fused
+        expert_count = int(_config_value(config, writer["experts_key"])) if "experts_key" in writer else None
+        experts = [None] if spec is not writer or expert_count is None else range(expert_count)
+        targets = []
+        for expert in experts:
+            values = {"layer": layer} if expert is None else {"layer": layer, "expert": expert}
+            targets.append(EditTarget(require(spec["tensor"], **values), spec["residual_axis"], **common))
+            if spec.get("bias") and (bias := on_disk(spec["bias"], **values)) in tensor_names:
+                targets.append(EditTarget(bias, spec.get("bias_residual_axis", 0), is_bias=True, **common))
         return targets
 
 
-def fill(template: str, **values: int) -> str:
+def _layer_rules(writer: dict[str, Any]) -> list[LayerRule]:
+    rules = writer.get("layers", [])
+    return [
+        LayerRule(r["if"], r["key"], tuple(r.get("values", ())), r.get("default"))
+        for r in (rules if isinstance(rules, list) else [rules])
+    ]
+
+
+def _norms(writer: dict[str, Any]) -> list[dict[str, Any]]:
+    norm = writer.get("output_norm")
+    return [] if norm is None else norm if isinstance(norm, list) else [norm]
+
+
+def _writer_names(writer: dict[str, Any], layer: int, config: dict[str, Any], on_disk) -> list[str]:
+    """Every on-disk name a writer could have in `layer` (its weight, first expert, fused form, biases)."""
+    names = []
+    for spec in [writer, *([writer["fused"]] if "fused" in writer else [])]:
+        for key in ("tensor", "bias"):
+            if key in spec:
+                names.append(on_disk(spec[key], layer=layer, expert=0))
+    return names
+
+
+def fill(template: str, **values: int | str) -> str:
     for key, value in values.items():
         template = template.replace("${" + key + "}", str(value))
     return template
 
 
-def _config_value(config: dict[str, Any], key: str | list[str]) -> Any:
+_MISSING = object()
+
+
+def _config_value(config: dict[str, Any], key: str | list[str], default: Any = _MISSING) -> Any:
     """A config value by name, or by the first of several names that versions of a family used."""
     for name in [key] if isinstance(key, str) else key:
         # Multimodal configs nest the language model's settings under text_config.
-        for scope in (config, config.get("text_config", {})):
+        for scope in (config, config.get("text_config") or {}):
             if name in scope:
                 return scope[name]
+    if default is not None and default is not _MISSING:
+        return default
     raise ArchitectureError(f"config.json has no '{key if isinstance(key, str) else ' or '.join(key)}'")
+
+
+def _check_writer(source: str, index: int, writer: Any) -> None:
+    if not isinstance(writer, dict):
+        raise ArchitectureError(f"{source}: entry {index} must be an object")
+    for key, kind in _WRITER_KEYS.items():
+        if not isinstance(writer.get(key), kind):
+            raise ArchitectureError(f"{source}: entry {index} needs '{key}' ({kind.__name__})")
+    if writer["residual_axis"] not in (0, 1, 2):
+        raise ArchitectureError(f"{source}: entry {index} has residual_axis outside 0..2")
+    if writer.get("kind", "mlp") not in WRITER_KINDS:
+        raise ArchitectureError(f"{source}: entry {index} kind must be one of {WRITER_KINDS}")
+    if writer.get("hook", "module") not in HOOK_KINDS:
+        raise ArchitectureError(f"{source}: entry {index} hook must be one of {HOOK_KINDS}")
+    if ("${expert}" in writer["tensor"]) != ("experts_key" in writer):
+        raise ArchitectureError(f"{source}: entry {index} uses ${{expert}} exactly when it has experts_key")
+
+
+def _check_layer_writer(source: str, index: int, writer: dict[str, Any]) -> None:
+    for key in ("tensor", "module"):
+        if "${layer}" not in writer[key]:
+            raise ArchitectureError(f"{source}: per-layer {key} '{writer[key]}' lacks ${{layer}}")
+    for norm in _norms(writer):
+        if not (isinstance(norm, dict) and isinstance(norm.get("tensor"), str) and isinstance(norm.get("module"), str)):
+            raise ArchitectureError(f"{source}: writer {index}: output_norm needs 'tensor' and 'module'")
+        if not isinstance(norm.get("offset", 0.0), int | float):
+            raise ArchitectureError(f"{source}: writer {index}: output_norm offset must be a number")
+    rules = writer.get("layers", [])
+    for rule in rules if isinstance(rules, list) else [rules]:
+        if not isinstance(rule, dict) or rule.get("if") not in LAYER_TESTS or not isinstance(rule.get("key"), str):
+            raise ArchitectureError(
+                f"{source}: writer {index}: each 'layers' rule needs 'if' (one of {', '.join(LAYER_TESTS)}) and 'key'"
+            )
+        if rule["if"] == "in_list" and not isinstance(rule.get("values"), list):
+            raise ArchitectureError(f"{source}: writer {index}: an 'in_list' rule needs 'values' (a list)")
+    fused = writer.get("fused")
+    if fused is not None:
+        if "experts_key" not in writer:
+            raise ArchitectureError(f"{source}: writer {index}: only a per-expert writer has a 'fused' alternative")
+        if not isinstance(fused, dict) or not isinstance(fused.get("tensor"), str) or "${expert}" in fused["tensor"]:
+            raise ArchitectureError(f"{source}: writer {index}: 'fused' needs a 'tensor' without ${{expert}}")
+        if fused.get("residual_axis") not in (1, 2):
+            raise ArchitectureError(f"{source}: writer {index}: a fused tensor's residual_axis is 1 or 2")
 
 
 def _validate(raw: dict[str, Any], source: str) -> Architecture:
@@ -193,26 +408,19 @@ def _validate(raw: dict[str, Any], source: str) -> Architecture:
     if not raw["embeddings"] or not raw["writers"]:
         raise ArchitectureError(f"{source}: needs at least one embedding and one writer")
     for index, writer in enumerate([*raw["embeddings"], *raw["writers"]]):
-        for key, kind in _WRITER_KEYS.items():
-            if not isinstance(writer.get(key), kind):
-                raise ArchitectureError(f"{source}: entry {index} needs '{key}' ({kind.__name__})")
-        if writer["residual_axis"] not in (0, 1, 2):
-            raise ArchitectureError(f"{source}: entry {index} has residual_axis outside 0..2")
-        if writer.get("kind", "mlp") not in WRITER_KINDS:
-            raise ArchitectureError(f"{source}: entry {index} kind must be one of {WRITER_KINDS}")
-        if writer.get("hook", "module") not in HOOK_KINDS:
-            raise ArchitectureError(f"{source}: entry {index} hook must be one of {HOOK_KINDS}")
-        if writer.get("hook") == "block" and "output_norm" in writer:
-            raise ArchitectureError(f"{source}: entry {index} combines a block hook with an output norm")
-        if ("${expert}" in writer["tensor"]) != ("experts_key" in writer):
-            raise ArchitectureError(f"{source}: entry {index} uses ${{expert}} exactly when it has experts_key")
-    for writer in raw["writers"]:
-        for key in ("tensor", "module"):
-            if "${layer}" not in writer[key]:
-                raise ArchitectureError(f"{source}: per-layer {key} '{writer[key]}' lacks ${{layer}}")
-        norm = writer.get("output_norm")
-        if norm is not None and not (isinstance(norm.get("tensor"), str) and isinstance(norm.get("module"), str)):
-            raise ArchitectureError(f"{source}: output_norm needs 'tensor' and 'module'")
+        _check_writer(source, index, writer)
+    for index, writer in enumerate(raw["writers"]):
+        _check_layer_writer(source, index, writer)
+    layouts = raw.get("layouts", [DEFAULT_LAYOUT])
+    if not isinstance(layouts, list) or not layouts:
+        raise ArchitectureError(f"{source}: 'layouts' must be a non-empty list")
+    for layout in layouts:
+        if not (isinstance(layout, dict) and set(layout) == {"decoder", "unembedding"}):
+            raise ArchitectureError(f"{source}: each layout needs exactly 'decoder' and 'unembedding'")
+    if raw.get("loader", "causal-lm") not in LOADERS:
+        raise ArchitectureError(f"{source}: 'loader' must be one of {LOADERS}")
+    if not all("${decoder}" in e["tensor"] and "${decoder}" in e["module"] for e in raw["embeddings"]):
+        raise ArchitectureError(f"{source}: embedding tensors and modules start with ${{decoder}}")
     return Architecture(
         family=raw["family"],
         description=raw.get("description", ""),
@@ -220,12 +428,11 @@ def _validate(raw: dict[str, Any], source: str) -> Architecture:
         num_layers_key=raw["num_layers_key"],
         hidden_size_key=raw["hidden_size_key"],
         layer_module=raw["layer_module"],
-        attention_module=raw["attention_module"],
-        mlp_module=raw["mlp_module"],
         embeddings=tuple(raw["embeddings"]),
-        unembedding_tensor=raw["unembedding_tensor"],
         writers=tuple(raw["writers"]),
-        optional_prefix=raw.get("optional_prefix", ""),
+        layouts=tuple(Layout(**layout) for layout in layouts),
+        module_root=raw.get("module_root", "model."),
+        loader=raw.get("loader", "causal-lm"),
     )
 
 

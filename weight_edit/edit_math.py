@@ -129,6 +129,19 @@ def input_scale(weight: torch.Tensor, r: torch.Tensor, residual_axis: int, stren
     return torch.where(projected_norms > 0, norms / projected_norms.clamp_min(1e-30), 0.0)
 
 
+def norm_scale(norms: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """The elementwise scale g = Π (offset_i + γ_i) of a chain of RMSNorms (each after a scalar rescale) that a
+    write passes through before the residual add: the write lands orthogonal to r̂ iff it is orthogonal to g ⊙ r̂.
+    """
+    scale = None
+    for gamma, offset in norms:
+        factor = offset + gamma.float()
+        scale = factor if scale is None else scale * factor.to(scale.device)
+    if scale is None:
+        raise ValueError("norm_scale needs at least one norm")
+    return scale
+
+
 def norm_adjusted_basis(
     direction: torch.Tensor, norm_weight: torch.Tensor | None = None, offset: float = 0.0
 ) -> torch.Tensor:

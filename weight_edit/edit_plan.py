@@ -33,6 +33,7 @@ STRENGTH_GROUP = {
     "mlp": "mlp",
     "expert": "mlp",
     "shared_expert": "mlp",
+    "per_layer_input": "mlp",  # Gemma 4's per-layer input projection writes after the MLP, in the same half-layer
 }
 
 

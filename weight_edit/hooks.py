@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
-from weight_edit.architecture import Architecture, EditTarget, fill
-from weight_edit.edit_math import EditMode, input_scale, norm_adjusted_basis, orthonormal_rows
+from weight_edit.architecture import Architecture, ArchitectureError, EditTarget
+from weight_edit.edit_math import EditMode, input_scale, norm_adjusted_basis, norm_scale, orthonormal_rows
 from weight_edit.edit_plan import EditPlan
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -86,30 +86,52 @@ def _hooks(registrations: list) -> Iterator[None]:
             handle.remove()
 
 
+def check_module_root(model: torch.nn.Module, arch: Architecture) -> None:
+    """Check that the model's modules sit where the family table says (its `module_root`): hooks placed by name
+    on another class's layout would silently miss, so a mismatch is refused in one line."""
+    expected = arch.token_embedding_module()
+    try:
+        found = model.get_submodule(expected) is model.get_input_embeddings()
+    except AttributeError:
+        found = False
+    if not found:
+        names = [name for name, module in model.named_modules() if module is model.get_input_embeddings()]
+        raise ArchitectureError(
+            f"{type(model).__name__} keeps its token embedding at {names[0] if names else '?'}, not at {expected} "
+            f"as the '{arch.family}' table expects of the class it loads ({arch.loader}): load the model with "
+            "weight_edit.models.load_model"
+        )
+
+
+def _model_config(model: torch.nn.Module) -> dict:
+    config = model.config
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
 @contextmanager
 def residual_ablation(
     model: torch.nn.Module, arch: Architecture, num_layers: int, direction: torch.Tensor, per_row: bool = False
 ) -> Iterator[None]:
-    """The paper's ablation of `direction` [d] or of the span of rows [k, d] from every layer's input and output.
+    """The paper's ablation of `direction` [d] or of the span of rows [k, d] from every layer's input and from the
+    output of every module that writes into the residual stream (attention, linear attention, MLP, experts...).
 
     With `per_row`, `direction` [batch, d] gives each batch row its own direction (to screen many at once).
     """
+    check_module_root(model, arch)
     if per_row:
         rows = direction.float()
         project = _per_row_projector(rows / rows.norm(dim=-1, keepdim=True))
     else:
         project = _projector(orthonormal_rows(direction.float()))
     handles = []
-    for layer in range(num_layers):
+    for layer, modules in arch.writer_modules(_model_config(model), num_layers):
         handles.append(
-            model.get_submodule(fill(arch.layer_module, layer=layer)).register_forward_pre_hook(
+            model.get_submodule(arch.layer_module_name(layer)).register_forward_pre_hook(
                 _input_hook(project), with_kwargs=True
             )
         )
-        for template in (arch.attention_module, arch.mlp_module):
-            handles.append(
-                model.get_submodule(fill(template, layer=layer)).register_forward_hook(_output_hook(project))
-            )
+        for name in modules:
+            handles.append(model.get_submodule(name).register_forward_hook(_output_hook(project)))
     with _hooks(handles):
         yield
 
@@ -144,16 +166,18 @@ def weight_equivalent_ablation(
                 transform = _projector(rows, strength)
             handles.append(module.register_forward_hook(_output_hook(transform)))
             continue
+        u = rows
+        if target.output_norms:
+            gammas = [
+                (_materialised(model.get_submodule(norm.module).weight, norm.tensor, read_tensor).float(), norm.offset)
+                for norm in target.output_norms
+            ]
+            u = norm_adjusted_basis(rows.to(gammas[0][0].device), norm_scale(gammas))
         if target.hook == "block":
             if target.module not in blocks:
                 blocks.add(target.module)
-                handles.append(module.register_forward_hook(_output_hook(_projector(rows, strength))))
+                handles.append(module.register_forward_hook(_output_hook(_projector(u, strength))))
             continue
-        u = rows
-        if target.output_norm_module is not None:
-            norm_weight = model.get_submodule(target.output_norm_module).weight
-            gamma = _materialised(norm_weight, target.output_norm, read_tensor).float()
-            u = norm_adjusted_basis(rows.to(gamma.device), gamma, target.norm_offset)
         if mode == "norm-preserving":
             weight = _materialised(module.weight, target.tensor, read_tensor).float()
             scale = input_scale(weight, u.to(weight.device), target.residual_axis, strength)
@@ -183,6 +207,7 @@ def activation_addition(model: torch.nn.Module, arch: Architecture, layer: int, 
     def add(x: torch.Tensor) -> torch.Tensor:
         return x + vector.to(device=x.device, dtype=x.dtype)
 
-    module = model.get_submodule(fill(arch.layer_module, layer=layer))
+    check_module_root(model, arch)
+    module = model.get_submodule(arch.layer_module_name(layer))
     with _hooks([module.register_forward_pre_hook(_input_hook(add), with_kwargs=True)]):
         yield

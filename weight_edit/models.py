@@ -234,15 +234,16 @@ def load_model(
     import tempfile
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    auto_class = model_class(folder)
     dtype = resolve_dtype(dtype, device)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     if device == "auto" and not torch.cuda.is_available() and max_memory is None and device_map is None:
         device = "cpu"
     if device == "auto" or max_memory is not None or device_map is not None:
         offload = tempfile.mkdtemp(prefix="weight-edit-offload-")
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             str(folder),
             dtype=torch_dtype,
             trust_remote_code=False,
@@ -256,7 +257,7 @@ def load_model(
                 "to disk); raise --max-memory"
             )
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False)
+        model = auto_class.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False)
         model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
@@ -264,6 +265,23 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def model_class(folder: Path):
+    """The transformers Auto class that loads a checkpoint whole: the family table's `loader` (a multimodal
+    wrapper such as Mistral 3 has no causal-LM class; its text decoder runs inside the image-text-to-text
+    model), the causal-LM class for model types outside the tables."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from weight_edit.architecture import load_architectures
+
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    family = load_architectures().get(config.get("model_type"))
+    if family is not None and family.loader == "image-text-to-text":
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def input_device(model):

@@ -31,7 +31,7 @@ import torch
 from weight_edit import __version__
 from weight_edit.architecture import Architecture, EditTarget, architecture_for
 from weight_edit.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo
-from weight_edit.edit_math import EditMode, edited_pieces, norm_adjusted_basis
+from weight_edit.edit_math import EditMode, edited_pieces, norm_adjusted_basis, norm_scale
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.errors import WeightEditError
 from weight_edit.hashing import file_sha256, tensor_sha256
@@ -372,19 +372,19 @@ class _WriterBases:
 
     def __init__(self, plan: EditPlan, source: Checkpoint) -> None:
         self.plan, self.source = plan, source
-        self.norm_cache: dict[str, torch.Tensor] = {}
+        self.norm_cache: dict[tuple[str, ...], torch.Tensor] = {}
         self.lock = threading.Lock()
 
     def __call__(self, target: EditTarget) -> tuple[torch.Tensor, float]:
         rows, strength = self.plan.basis_for(target), self.plan.strength_for(target)
-        if target.output_norm is None:
+        if not target.output_norms:
             return rows, strength
+        key = tuple(norm.tensor for norm in target.output_norms)
         with self.lock:
-            if target.output_norm not in self.norm_cache:
-                self.norm_cache[target.output_norm] = norm_adjusted_basis(
-                    rows, self.source.read(target.output_norm).float(), target.norm_offset
-                )
-        return self.norm_cache[target.output_norm], strength
+            if key not in self.norm_cache:
+                scale = norm_scale([(self.source.read(norm.tensor), norm.offset) for norm in target.output_norms])
+                self.norm_cache[key] = norm_adjusted_basis(rows, scale)
+        return self.norm_cache[key], strength
 
 
 class _ByteProgress:
@@ -539,12 +539,10 @@ def _checked_plan(
 def _untie_from(source: Checkpoint, arch: Architecture) -> str | None:
     """The tied token embedding's on-disk name when the output needs an explicit unembedding (the source's tied
     one must stay unedited while the embedding is edited); None when there is nothing to untie."""
-    if not (source.tied_embeddings and arch.unembedding_tensor not in source.tensor_names):
+    layout = arch.layout(source.tensor_names)
+    if not (source.tied_embeddings and layout.unembedding not in source.tensor_names):
         return None
-    untie_from = arch.token_embedding["tensor"]
-    if untie_from not in source.tensor_names and arch.optional_prefix:
-        untie_from = untie_from.removeprefix(arch.optional_prefix)
-    return untie_from
+    return arch.token_embedding_tensor(source.tensor_names)
 
 
 def _write_index_and_config(
@@ -554,7 +552,7 @@ def _write_index_and_config(
     if source.index is not None:
         weight_map = dict(source.weight_map)
         if untie_from is not None:
-            weight_map[arch.unembedding_tensor] = source.weight_map[untie_from]
+            weight_map[arch.unembedding_tensor(source.tensor_names)] = source.weight_map[untie_from]
         index = {
             "metadata": {
                 **source.index.get("metadata", {}),
@@ -695,7 +693,8 @@ def apply_direction(
     check_output_location(source.folder, out, force)
     arch, plan, targets = _checked_plan(source, direction, mode, subspace, layer_directions, strengths)
     untie_from = _untie_from(source, arch)
-    edit = _ShardEdit(targets, _WriterBases(plan, source), mode, untie_from, arch.unembedding_tensor)
+    unembedding = arch.unembedding_tensor(source.tensor_names)
+    edit = _ShardEdit(targets, _WriterBases(plan, source), mode, untie_from, unembedding)
     progress = _ByteProgress(source, on_progress)
     with output_lock(out):
         check_output_location(source.folder, out, force)  # again, now that no other run can fill `out`
