@@ -46,9 +46,13 @@ def random_model(config, dtype=None, device: str = "cpu", seed: int = 0):
     initialises tens of GB in seconds) with a fixed seed: the stand-in for real weights in tests and
     benchmark scripts, which reach no hub."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    # A multimodal wrapper without a causal-LM class (Mistral 3, Qwen3-VL) is built as the whole wrapper.
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    auto_class = AutoModelForCausalLM if causal else AutoModelForImageTextToText
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+        model = auto_class.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     return model.eval()
