@@ -22,7 +22,8 @@ from weight_edit.architecture import EditTarget, architecture_for
 from weight_edit.checkpoint import Checkpoint
 from weight_edit.edit_math import edit_tensor, unit
 from weight_edit.hashing import tensor_sha256
-from weight_edit.writer import OutputError, apply_direction
+from weight_edit.output_folder import OutputError
+from weight_edit.writer import apply_direction
 
 peft = pytest.importorskip("peft")
 # Expected on tied sources: the adapter deliberately changes the embedding lookup only, not the tied unembedding.

@@ -25,7 +25,7 @@ def test_same_split_names_what_differs():
 
 def test_writable_names_the_file_in_the_way(tmp_path):
     (tmp_path / "f").write_text("x")
-    from weight_edit.writer import OutputError
+    from weight_edit.output_folder import OutputError
 
     with pytest.raises(OutputError, match="is a file, not a folder"):
         checks.writable(tmp_path / "f" / "out", "--out-dir")

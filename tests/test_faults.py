@@ -33,8 +33,9 @@ from weight_edit.direction_file import (
     save_direction,
 )
 from weight_edit.hashing import tensor_sha256
+from weight_edit.output_folder import OutputError
 from weight_edit.verify import VerifyError, verify_checkpoint
-from weight_edit.writer import DIRECTION_COPY, PROVENANCE_FILE, OutputError, apply_direction
+from weight_edit.writer import DIRECTION_COPY, PROVENANCE_FILE, apply_direction
 
 RESIDUAL_WRITER = "model.layers.0.mlp.down_proj.weight"
 PROMPTS = ["How do locks work?", "Tell me a joke"]

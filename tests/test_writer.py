@@ -10,7 +10,8 @@ from test_edit_math import reference_norm_preserving, reference_project
 
 from weight_edit.checkpoint import INDEX_FILE, Checkpoint
 from weight_edit.edit_math import unit
-from weight_edit.writer import PROVENANCE_FILE, OutputError, apply_direction
+from weight_edit.output_folder import OutputError
+from weight_edit.writer import PROVENANCE_FILE, apply_direction
 
 
 def read_all(folder):

@@ -36,14 +36,8 @@ from weight_edit.checkpoint import Checkpoint, fingerprint
 from weight_edit.edit_math import EditMode, unit
 from weight_edit.errors import WeightEditError
 from weight_edit.hashing import tensor_sha256
-from weight_edit.writer import (
-    DIRECTION_COPY,
-    LAYER_DIRECTIONS_COPY,
-    _replace_atomically,
-    check_float_writer,
-    check_output_location,
-    new_staging,
-)
+from weight_edit.output_folder import check_output_location, new_staging, replace_atomically
+from weight_edit.writer import DIRECTION_COPY, LAYER_DIRECTIONS_COPY, check_float_writer
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # the names PeftModel.from_pretrained looks for
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -380,7 +374,7 @@ def write_adapter(
         files = _save_adapter_files(staging, adapter, config, basis, layer_directions, arch.hidden_size(source.config))
         provenance = _adapter_provenance(source, arch, mode, adapter, targets, files, provenance_extra)
         (staging / ADAPTER_PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        _replace_atomically(staging, out)
+        replace_atomically(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -9,11 +9,11 @@ from pathlib import Path
 import settings
 from weight_edit.chat import check_prompt_lengths, prompt_token_limit
 from weight_edit.dataset import HARMLESS_LABEL, Dataset, DatasetError, Prompt, Split
-from weight_edit.writer import check_writable_dir
+from weight_edit.output_folder import check_writable_dir
 
 
 def writable(folder: Path, what: str) -> None:
-    """An output folder that could not be written fails now, in one line (see writer.check_writable_dir)."""
+    """An output folder that could not be written fails now, in one line (see output_folder.check_writable_dir)."""
     check_writable_dir(folder, what)
 
 
