@@ -42,6 +42,7 @@ from weight_edit.quantized import (
 from weight_edit.synthetic import random_model
 
 HIDDEN = 32
+VOCAB = 400  # the test chat tokenizer's, so that apply and verify can run on these checkpoints
 GPT_OSS_FF = 64  # != HIDDEN, so a transposed layout cannot pass
 GPT_OSS_MODULES_TO_NOT_CONVERT = [
     "model.layers.*.self_attn",
@@ -140,7 +141,7 @@ def _save(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
 def _float_state(folder: Path, model_type: str, **settings) -> tuple[dict, dict[str, torch.Tensor]]:
     """A random model's config and its tensors under their on-disk names (as save_pretrained writes them:
     DeepSeek-V3's experts one linear each, gpt-oss's fused)."""
-    config = AutoConfig.for_model(model_type, vocab_size=64, max_position_embeddings=64, **settings)
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, max_position_embeddings=64, **settings)
     model = random_model(config, seed=0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -228,7 +229,7 @@ def _describe(folder: Path) -> tuple[Checkpoint, dict[str, QuantizedTensor]]:
 
 
 def _entries(checkpoint: Checkpoint) -> dict:
-    return {name: checkpoint.info(name) for name in checkpoint.tensor_names}
+    return {name: checkpoint.info(name) for name in checkpoint.weight_map}
 
 
 def _load(folder: Path, explicit: bool = True) -> torch.nn.Module:
@@ -315,7 +316,7 @@ def test_mxfp4_description_names_the_writer_and_its_layout(gpt_oss_mxfp4):
     ]
     assert float_dtype(checkpoint.config) == torch.bfloat16
     float_state = load_file(str(gpt_oss_mxfp4.parent / "float" / "model.safetensors"))
-    assert (read_dequantized(down, checkpoint.read) - float_state[down.name]).norm() < 0.2 * float_state[
+    assert (read_dequantized(down, checkpoint.read_stored) - float_state[down.name]).norm() < 0.2 * float_state[
         down.name
     ].norm()
 
@@ -326,7 +327,7 @@ def test_transformers_loads_mxfp4_gpt_oss_dequantized_on_cpu(gpt_oss_mxfp4):
         model = _load(gpt_oss_mxfp4, explicit)
         assert not getattr(model, "is_quantized", False)
         for name, q in quantized.items():
-            assert torch.equal(model.get_parameter(name), read_dequantized(q, checkpoint.read))
+            assert torch.equal(model.get_parameter(name), read_dequantized(q, checkpoint.read_stored))
         model(torch.tensor([[1, 2, 3]]))
 
 
@@ -334,7 +335,7 @@ def test_gpt_oss_output_with_float_experts_loads(gpt_oss_mxfp4, tmp_path):
     checkpoint, quantized = _describe(gpt_oss_mxfp4)
     dtype = float_dtype(checkpoint.config)
     unit = dequantization_unit("model.layers.0.mlp.experts.down_proj", quantized)
-    floats = {q.name: read_dequantized(q, checkpoint.read) for q in unit}
+    floats = {q.name: read_dequantized(q, checkpoint.read_stored) for q in unit}
     floats["model.layers.0.mlp.experts.down_proj"] = _project_out(floats["model.layers.0.mlp.experts.down_proj"], 2)
     floats = {name: value.to(dtype) for name, value in floats.items()}
     config = _write_output(gpt_oss_mxfp4, tmp_path / "partial", floats)
@@ -346,9 +347,9 @@ def test_gpt_oss_output_with_float_experts_loads(gpt_oss_mxfp4, tmp_path):
     for name, value in floats.items():
         assert torch.equal(model.get_parameter(name), value.float())
     layer1 = quantized["model.layers.1.mlp.experts.down_proj"]
-    assert torch.equal(model.get_parameter(layer1.name), read_dequantized(layer1, checkpoint.read))
+    assert torch.equal(model.get_parameter(layer1.name), read_dequantized(layer1, checkpoint.read_stored))
 
-    everything = {q.name: read_dequantized(q, checkpoint.read).to(dtype) for q in quantized.values()}
+    everything = {q.name: read_dequantized(q, checkpoint.read_stored).to(dtype) for q in quantized.values()}
     config = _write_output(gpt_oss_mxfp4, tmp_path / "all", everything)
     assert "quantization_config" not in config
     model = _load(tmp_path / "all")
@@ -429,11 +430,11 @@ def test_transformers_loads_fp8_dequantized_on_cpu_and_the_float_output(llama_fp
     for explicit in (True, False):
         model = _load(llama_fp8, explicit)
         for name, q in quantized.items():
-            assert torch.equal(model.get_parameter(name), read_dequantized(q, checkpoint.read))
+            assert torch.equal(model.get_parameter(name), read_dequantized(q, checkpoint.read_stored))
     assert output_config(checkpoint.config, [], quantized, _entries(checkpoint)) == checkpoint.config
 
     o_proj = quantized["model.layers.0.self_attn.o_proj.weight"]
-    edited = _project_out(read_dequantized(o_proj, checkpoint.read), 0).to(float_dtype(checkpoint.config))
+    edited = _project_out(read_dequantized(o_proj, checkpoint.read_stored), 0).to(float_dtype(checkpoint.config))
     config = _write_output(llama_fp8, tmp_path / "out", {o_proj.name: edited})
     # no list in the source: transformers' default (lm_head) is kept by naming every float-stored weight
     assert config["quantization_config"]["modules_to_not_convert"] == [
@@ -444,7 +445,7 @@ def test_transformers_loads_fp8_dequantized_on_cpu_and_the_float_output(llama_fp
     model = _load(tmp_path / "out")
     assert torch.equal(model.get_parameter(o_proj.name), edited.float())
     down = quantized["model.layers.0.mlp.down_proj.weight"]
-    assert torch.equal(model.get_parameter(down.name), read_dequantized(down, checkpoint.read))
+    assert torch.equal(model.get_parameter(down.name), read_dequantized(down, checkpoint.read_stored))
 
     # a GPU load keeps FP8 modules quantized: the edited one must stay a float Linear (no kernel is run here)
     from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
@@ -478,10 +479,10 @@ def test_deepseek_fp8_experts_unit_and_output(deepseek_fp8, tmp_path, monkeypatc
 
     model = _load(deepseek_fp8)  # transformers merges the experts: compare through the fused parameter
     assert torch.equal(
-        model.get_parameter("model.layers.1.mlp.experts.down_proj")[2], read_dequantized(down, checkpoint.read)
+        model.get_parameter("model.layers.1.mlp.experts.down_proj")[2], read_dequantized(down, checkpoint.read_stored)
     )
 
-    floats = {q.name: read_dequantized(q, checkpoint.read) for q in unit}
+    floats = {q.name: read_dequantized(q, checkpoint.read_stored) for q in unit}
     floats = {n: (_project_out(v, 0) if "down_proj" in n else v).to(torch.bfloat16) for n, v in floats.items()}
     config = _write_output(deepseek_fp8, tmp_path / "out", floats)
     assert config["quantization_config"]["modules_to_not_convert"][-1] == "model.layers.1.mlp.experts"
@@ -532,3 +533,79 @@ def test_unknown_methods_and_inconsistent_tensors_are_refused():
         quantized_tensors(
             mxfp4, {"e.down_proj_blocks": _Entry("U8", (8, 1, 16)), "e.down_proj_scales": _Entry("U8", (8, 1))}
         )
+
+
+def _with_tokenizer(source: Path, folder: Path, tokenizer) -> Path:
+    """A copy of a quantized test checkpoint with a tokenizer, so that `verify` can run prompts through it."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["norm-preserving", "project"])
+def test_apply_and_verify_mxfp4_gpt_oss(gpt_oss_mxfp4, tmp_path, chat_tokenizer, mode):
+    """apply on gpt-oss as shipped: the MXFP4 experts are read as floats, `down_proj` edited and written in the
+    model's float dtype with `gate_up_proj` (its unit), the scales gone, quantization_config removed (nothing
+    quantized is left); the output loads as a plain model and passes verify against the dequantized source."""
+    from test_architectures import reference_edit
+    from test_verify import PROMPTS
+
+    import settings
+    from weight_edit.verify import verify_checkpoint
+    from weight_edit.writer import PROVENANCE_FILE, apply_direction
+
+    source_dir = _with_tokenizer(gpt_oss_mxfp4, tmp_path / "src", chat_tokenizer)
+    source = Checkpoint(source_dir)
+    down = "model.layers.0.mlp.experts.down_proj"
+    assert down in source.tensor_names and down + "_blocks" not in source.tensor_names
+    direction = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(5))
+    result = apply_direction(source, direction, tmp_path / "out", mode=mode)
+    out = Checkpoint(tmp_path / "out")
+
+    assert down in result.edited_tensors
+    assert not any(name.endswith(("_blocks", "_scales")) for name in out.weight_map)
+    assert "quantization_config" not in out.config and not out.quantized
+    assert out.info(down).dtype == "BF16" and out.info(down).shape == (3, GPT_OSS_FF, HIDDEN)
+    r = direction.double() / direction.double().norm()
+    expected = reference_edit(source.read(down), r, 2, mode, False)
+    torch.testing.assert_close(out.read(down).double(), expected.to(torch.bfloat16).double(), atol=0, rtol=0.0079)
+    gate_up = "model.layers.0.mlp.experts.gate_up_proj"
+    assert torch.equal(out.read(gate_up), source.read(gate_up).to(torch.bfloat16))
+    for name in source.weight_map:  # everything not quantized is copied bit for bit
+        if name in out.weight_map and name not in result.edited_tensors:
+            assert torch.equal(out.read(name), source.read(name)), name
+    record = json.loads((tmp_path / "out" / PROVENANCE_FILE).read_text())["dequantized"]
+    assert record["method"] == "mxfp4" and record["dtype"] == "bfloat16" and record["still_quantized"] == 0
+    assert set(record["tensors"]) == {n for n in source.quantized} and record["output_bytes"] > record["source_bytes"]
+    assert "Stored format changed: 4 mxfp4 tensors" in (tmp_path / "out" / "README.md").read_text()
+
+    report = verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
+    assert report.passed, report.failures
+    assert report.stored_dtype == "bfloat16"
+
+
+def test_apply_and_verify_fp8_llama(llama_fp8, tmp_path, chat_tokenizer):
+    """Block-FP8 llama: the residual writers (o_proj, down_proj) are dequantized, edited and written in bfloat16;
+    q/k/v, gate and up stay FP8 with their scales, and modules_to_not_convert names the written modules so that
+    a quantizing load keeps them float; the output loads and passes verify."""
+    from test_verify import PROMPTS
+
+    import settings
+    from weight_edit.verify import verify_checkpoint
+    from weight_edit.writer import apply_direction
+
+    source = Checkpoint(_with_tokenizer(llama_fp8, tmp_path / "src", chat_tokenizer))
+    result = apply_direction(source, torch.randn(HIDDEN), tmp_path / "out")
+    out = Checkpoint(tmp_path / "out")
+    o_proj, q_proj = "model.layers.1.self_attn.o_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    assert o_proj in result.edited_tensors and out.info(o_proj).dtype == "BF16"
+    assert o_proj + "_scale_inv" not in out.weight_map
+    assert out.info(q_proj).dtype == "F8_E4M3" and q_proj + "_scale_inv" in out.weight_map
+    assert torch.equal(out.read(q_proj), source.read(q_proj))
+    skipped = out.config["quantization_config"]["modules_to_not_convert"]
+    assert "model.layers.1.self_attn.o_proj" in skipped and "model.layers.1.mlp.down_proj" in skipped
+    assert "model.layers.1.self_attn.q_proj" not in skipped
+    report = verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
+    assert report.passed, report.failures

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from weight_edit.errors import WeightEditError
+from weight_edit.quantized import QuantizedTensor, quantized_tensors, read_dequantized
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -30,6 +31,7 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
 # Bits per element of every dtype safetensors knows; an entry's byte span must match its shape.
 DTYPE_BITS: dict[str, int] = {
     **dict.fromkeys(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"), 8),
@@ -229,6 +231,12 @@ class Checkpoint:
                 raise CheckpointError(
                     f"tensor '{name}' is listed in {index_path} but absent from {self.folder / shard}"
                 )
+        # A shipped quantized checkpoint (MXFP4 experts, block FP8) is seen under its float tensors' names.
+        self.quantized: dict[str, QuantizedTensor] = quantized_tensors(
+            self.config, {name: self.info(name) for name in self.weight_map}
+        )
+        dropped = {name for q in self.quantized.values() for name in q.dropped}
+        self._tensor_names = (set(self.weight_map) - dropped) | set(self.quantized)
 
     @property
     def shards(self) -> list[str]:
@@ -236,13 +244,22 @@ class Checkpoint:
 
     @property
     def tensor_names(self) -> set[str]:
-        return set(self.weight_map)
+        """The model's tensors by the names transformers gives them: the on-disk names, except that a tensor stored
+        quantized appears once, under its float name (its quantized parts and scales do not)."""
+        return self._tensor_names
 
     def info(self, name: str) -> TensorInfo:
+        """An on-disk tensor's header entry (a quantized tensor's float name has none: see `quantized`)."""
         return self.headers[self.weight_map[name]].tensors[name]
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk (never the whole shard)."""
+        """Read one tensor from disk (never the whole shard); a quantized one dequantized to float32."""
+        if name in self.quantized:
+            return read_dequantized(self.quantized[name], self.read_stored)
+        return self.read_stored(name)
+
+    def read_stored(self, name: str) -> torch.Tensor:
+        """An on-disk tensor as stored (quantized data and scales included)."""
         shard = self.weight_map[name]
         try:
             with safe_open(self.folder / shard, framework="pt") as handle:
@@ -284,7 +301,7 @@ def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
         if k not in ("tie_word_embeddings", "transformers_version", "torch_dtype", "dtype")
     }
     floats = [
-        (info.nbytes, name) for name in checkpoint.tensor_names if (info := checkpoint.info(name)).dtype in FLOAT_DTYPES
+        (info.nbytes, name) for name in checkpoint.weight_map if (info := checkpoint.info(name)).dtype in FLOAT_DTYPES
     ]
     if not floats:
         raise CheckpointError(f"{checkpoint.folder} holds no floating-point tensors")

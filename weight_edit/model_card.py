@@ -68,6 +68,7 @@ def render_card(provenance: dict[str, Any], verify: dict[str, Any] | None = None
             + ")."
         ),
         f"- Tied embeddings untied (explicit `lm_head.weight`): {'yes' if provenance['untied_embeddings'] else 'no'}.",
+        *_dequantized_lines(provenance.get("dequantized")),
         f"- Tool: weight-edit {provenance['version']}.",
         "",
         "## Provenance",
@@ -103,3 +104,17 @@ def write_card(folder: Path, provenance: dict[str, Any], verify: dict[str, Any] 
     partial.write_text(render_card(provenance, verify), encoding="utf-8")
     os.replace(partial, path)
     return path
+
+
+def _dequantized_lines(record: dict | None) -> list[str]:
+    """The format change of a shipped quantized source's edited tensors, and what it costs in size."""
+    if not record:
+        return []
+    method = record["method"] if isinstance(record["method"], str) else " and ".join(record["method"])
+    growth = record["output_bytes"] - record["source_bytes"]
+    return [
+        f"- Stored format changed: {len(record['tensors'])} {method} tensors (the quantized residual writers and "
+        f"what must leave quantization with them) are stored in {record['dtype']}: "
+        f"{record['source_bytes'] / 1e6:.1f} MB quantized became {record['output_bytes'] / 1e6:.1f} MB "
+        f"(+{growth / 1e6:.1f} MB); {record['still_quantized']} tensors stay quantized."
+    ]

@@ -237,6 +237,7 @@ def load_model(
     from transformers import AutoTokenizer
 
     auto_class = model_class(folder)
+    quantized = dequantizing_kwargs(folder)
     dtype = resolve_dtype(dtype, device)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     if device == "auto" and not torch.cuda.is_available() and max_memory is None and device_map is None:
@@ -250,6 +251,7 @@ def load_model(
             device_map=device_map or "auto",
             max_memory=max_memory,
             offload_folder=offload,
+            **quantized,
         )
         if input_device(model).type == "meta":
             raise ModelResolutionError(
@@ -257,7 +259,7 @@ def load_model(
                 "to disk); raise --max-memory"
             )
     else:
-        model = auto_class.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False)
+        model = auto_class.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False, **quantized)
         model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
@@ -282,6 +284,16 @@ def model_class(folder: Path):
     if family is not None and family.loader == "image-text-to-text":
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
+
+
+def dequantizing_kwargs(folder: Path) -> dict[str, Any]:
+    """A shipped quantized checkpoint (MXFP4, block FP8) loads dequantized: the hooked source that `verify`
+    compares against then holds exactly the floats `apply` edited (weight_edit.quantized)."""
+    import json
+
+    from weight_edit.quantized import dequantizing_load_kwargs
+
+    return dequantizing_load_kwargs(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")))
 
 
 def input_device(model):

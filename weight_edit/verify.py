@@ -220,6 +220,28 @@ def _check_files(out: Path, check_files: bool, check_source: bool) -> tuple[dict
     return provenance, files_checked, direction
 
 
+def _check_dequantized_source(source: Checkpoint, provenance: dict[str, Any]) -> None:
+    """The hooked source is transformers' dequantizing load of a quantized checkpoint; where that load is known to
+    give other values than the format's (FP8 blocks on a ragged edge, quantized.fp8_transformers_exact) for a tensor
+    apply dequantized, the comparison would blame the edit for transformers' rounding: refuse it in one line."""
+    written = set((provenance.get("dequantized") or {}).get("tensors", []))
+    wrong = sorted(
+        name for name in written if name in source.quantized and not source.quantized[name].transformers_exact
+    )
+    if wrong:
+        raise VerifyError(
+            f"cannot verify: transformers {_transformers_version()} dequantizes {wrong[0]}"
+            f"{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''} with the wrong block scales (a ragged FP8 "
+            "block edge), so the hooked source would not be the model apply edited"
+        )
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 @dataclass
 class _Runs:
     """Both models' outputs on the same prompts (see `_run`)."""
@@ -362,6 +384,7 @@ def verify_checkpoint(
     provenance, files_checked, direction = _check_files(out, check_files, check_source)
     source = Checkpoint(provenance["source"]["path"])
     edited = Checkpoint(out)
+    _check_dequantized_source(source, provenance)
     arch = architecture_for(source.config)
     num_layers = arch.num_layers(source.config)
     mode = provenance["mode"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,21 @@ import torch
 
 from weight_edit import __version__
 from weight_edit.architecture import Architecture, EditTarget, architecture_for
-from weight_edit.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo
+from weight_edit.checkpoint import (
+    DTYPE_CODES,
+    DTYPES,
+    FLOAT_DTYPES,
+    INDEX_FILE,
+    Checkpoint,
+    CheckpointError,
+    TensorInfo,
+)
 from weight_edit.edit_math import EditMode, edited_pieces, norm_adjusted_basis, norm_scale
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.hashing import file_sha256, tensor_sha256
 from weight_edit.model_card import CARD_FILE, write_card
 from weight_edit.output_folder import check_output_location, new_staging, output_lock, replace_atomically
+from weight_edit.quantized import QuantizedTensor, dequantization_unit, float_dtype, output_config
 
 PROVENANCE_FILE = "weight_edit_provenance.json"
 # The provenance file's own sha256, in `sha256sum` format: any later edit of the provenance is detected.
@@ -60,13 +70,19 @@ def _serialise_header(entries: dict[str, dict[str, Any]], metadata: dict[str, st
     return struct.pack("<Q", len(header)) + header
 
 
-def _plan_shard(infos: list[TensorInfo], extra_after: dict[str, tuple[str, TensorInfo]]) -> dict[str, dict[str, Any]]:
-    """Output header entries: the source order, with extra tensors (lm_head) placed after their twin."""
+def _plan_shard(
+    infos: list[TensorInfo], extra_after: dict[str, tuple[str, TensorInfo]], edit: _ShardEdit
+) -> dict[str, dict[str, Any]]:
+    """Output header entries: the source order, with extra tensors (lm_head) placed after their twin, a dequantized
+    tensor in its quantized data's place (float name, dtype and shape) and its scales left out."""
     entries: dict[str, dict[str, Any]] = {}
     offset = 0
     for info in infos:
-        for name, item in [(info.name, info), *([extra_after[info.name]] if info.name in extra_after else [])]:
-            entries[name] = {
+        if info.name in edit.dropped:
+            continue
+        items = [edit.output_info(info), *([extra_after[info.name][1]] if info.name in extra_after else [])]
+        for item in items:
+            entries[item.name] = {
                 "dtype": item.dtype,
                 "shape": list(item.shape),
                 "data_offsets": [offset, offset + item.nbytes],
@@ -180,13 +196,26 @@ def _encode(tensor: torch.Tensor) -> memoryview:
 
 @dataclass(frozen=True)
 class _ShardEdit:
-    """What writing any shard needs: the residual writers and their bases, and the tied embedding to untie."""
+    """What writing any shard needs: the residual writers and their bases, the tied embedding to untie, and the
+    quantized tensors written as floats (by their on-disk data tensor; their scales are `dropped`)."""
 
     targets: dict[str, EditTarget]  # by tensor name
     bases: Callable[[EditTarget], tuple[torch.Tensor, float]]  # a writer's rows to remove and its strength
     mode: EditMode
     untie_from: str | None  # the tied token embedding, also written unedited as `untie_to`; None: no untying
     untie_to: str
+    dequantized: dict[str, QuantizedTensor] = field(default_factory=dict)  # by on-disk data tensor
+    dropped: frozenset[str] = frozenset()  # on-disk tensors not written (scales of dequantized tensors)
+    read_float: Callable[[str], torch.Tensor] | None = None  # a tensor by float name, dequantized (Checkpoint.read)
+    float_dtype: torch.dtype = torch.bfloat16  # of the dequantized tensors in the output
+
+    def output_info(self, info: TensorInfo) -> TensorInfo:
+        """The output's entry for an on-disk tensor: itself, or the float tensor its quantized data becomes."""
+        quantized = self.dequantized.get(info.name)
+        if quantized is None:
+            return info
+        nbytes = math.prod(quantized.shape) * self.float_dtype.itemsize
+        return TensorInfo(quantized.name, DTYPE_CODES[self.float_dtype], quantized.shape, 0, nbytes)
 
 
 class _WriterBases:
@@ -230,7 +259,14 @@ def _write_tensor(
     reader: _HashingReader, writer: _HashingWriter, info: TensorInfo, edit: _ShardEdit, untie: bool
 ) -> None:
     """Pass one tensor from the source's stream to the output's: raw bytes unless it is a residual writer (edited
-    piece by piece) or the tied embedding to untie (`untie`: its unedited bytes follow as the unembedding)."""
+    piece by piece), the tied embedding to untie (`untie`: its unedited bytes follow as the unembedding), a
+    quantized tensor written as floats (edited or not) or one of their scales (left out)."""
+    quantized = edit.dequantized.get(info.name)
+    if info.name in edit.dropped or quantized is not None:
+        reader.copy_to(info.nbytes, _discard)  # hashed with the source, not written
+        if quantized is not None:
+            _write_dequantized(writer, quantized, edit)
+        return
     target = edit.targets.get(info.name)
     if target is None and not untie:
         reader.copy_to(info.nbytes, writer.write)
@@ -251,6 +287,25 @@ def _write_tensor(
         writer.write(raw)  # the untouched original becomes the explicit unembedding
 
 
+def _discard(_: bytes | memoryview) -> None:
+    pass
+
+
+def _write_dequantized(writer: _HashingWriter, quantized: QuantizedTensor, edit: _ShardEdit) -> None:
+    """A quantized tensor as floats: dequantized in float32 (read by name, wherever its scales lie), edited there
+    when it is a residual writer, and rounded once to the output's float dtype."""
+    assert edit.read_float is not None
+    tensor = edit.read_float(quantized.name)
+    target = edit.targets.get(quantized.name)
+    if target is None:
+        writer.write(_encode(tensor.to(edit.float_dtype)))
+        return
+    rows, strength = edit.bases(target)
+    for piece in edited_pieces(tensor, rows, target.residual_axis, edit.mode, target.is_bias, strength=strength):
+        writer.write(_encode(piece.to(edit.float_dtype)))
+        del piece
+
+
 def _write_shard(
     checkpoint: Checkpoint, shard: str, destination: Path, edit: _ShardEdit, advance: Callable[[int], None]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -261,7 +316,7 @@ def _write_shard(
     if edit.untie_from is not None and edit.untie_from in header.tensors:
         twin = header.tensors[edit.untie_from]
         extra[edit.untie_from] = (edit.untie_to, TensorInfo(edit.untie_to, twin.dtype, twin.shape, 0, twin.nbytes))
-    entries = _plan_shard(infos, extra)
+    entries = _plan_shard(infos, extra, edit)
     metadata = {**header.metadata, "format": "pt"}
 
     reader = _HashingReader(header.path)
@@ -324,7 +379,10 @@ def _untied_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_float_writer(source: Checkpoint, name: str) -> None:
-    """Refuse a residual writer stored in a non-float dtype, before anything is written."""
+    """Refuse a residual writer stored in a non-float dtype, before anything is written (a shipped quantized one
+    is read as floats: see `_dequantized`)."""
+    if name in source.quantized:
+        return
     if (info := source.info(name)).dtype not in FLOAT_DTYPES:
         raise CheckpointError(
             f"{source.folder / source.weight_map[name]}: residual writer '{name}' has non-float dtype {info.dtype}; "
@@ -369,11 +427,22 @@ def _untie_from(source: Checkpoint, arch: Architecture) -> str | None:
 
 
 def _write_index_and_config(
-    source: Checkpoint, staging: Path, output_shards: dict[str, Any], arch: Architecture, untie_from: str | None
+    source: Checkpoint,
+    staging: Path,
+    output_shards: dict[str, Any],
+    arch: Architecture,
+    untie_from: str | None,
+    edit: _ShardEdit,
 ) -> None:
-    """The output's shard index (its own total size; an untied unembedding in its twin's shard) and config."""
+    """The output's shard index (its own total size; an untied unembedding in its twin's shard; dequantized tensors
+    under their float names, their scales gone) and config (untied; `quantization_config` for what stays
+    quantized)."""
     if source.index is not None:
-        weight_map = dict(source.weight_map)
+        weight_map = {name: shard for name, shard in source.weight_map.items() if name not in edit.dropped}
+        for data, quantized in edit.dequantized.items():
+            weight_map[quantized.name] = source.weight_map[data]
+            if data != quantized.name:
+                del weight_map[data]
         if untie_from is not None:
             weight_map[arch.unembedding_tensor(source.tensor_names)] = source.weight_map[untie_from]
         index = {
@@ -385,7 +454,38 @@ def _write_index_and_config(
         }
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     config = _untied_config(source.config) if untie_from is not None else source.config
+    if edit.dequantized:
+        entries = {name: source.info(name) for name in source.weight_map}
+        config = output_config(config, edit.dequantized.values(), source.quantized, entries)
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _dequantized(source: Checkpoint, targets: dict[str, EditTarget]) -> dict[str, QuantizedTensor]:
+    """The quantized tensors the output stores as floats, by on-disk data tensor: every quantized residual writer
+    and the rest of its unit (what must leave quantization together with it; quantized.dequantization_unit)."""
+    written: dict[str, QuantizedTensor] = {}
+    for name in sorted(targets):
+        if name in source.quantized:
+            for quantized in dequantization_unit(name, source.quantized):
+                written[quantized.data] = quantized
+    return written
+
+
+def _dequantized_record(source: Checkpoint, edit: _ShardEdit) -> dict[str, Any] | None:
+    """What changed format, for the provenance and the model card: the tensors now stored as floats and the size."""
+    if not edit.dequantized:
+        return None
+    source_bytes = sum(source.info(name).nbytes for q in edit.dequantized.values() for name in q.dropped)
+    output_bytes = sum(edit.output_info(source.info(data)).nbytes for data in edit.dequantized)
+    methods = sorted({q.method for q in edit.dequantized.values()})
+    return {
+        "method": methods[0] if len(methods) == 1 else methods,
+        "dtype": str(edit.float_dtype).removeprefix("torch."),
+        "tensors": sorted(q.name for q in edit.dequantized.values()),
+        "source_bytes": source_bytes,
+        "output_bytes": output_bytes,
+        "still_quantized": len(source.quantized) - len(edit.dequantized),
+    }
 
 
 # Files of the source folder never copied to the output: written anew (config, index), or apply's and verify's
@@ -474,6 +574,7 @@ def _provenance(
         "strengths": None if plan.strengths.is_full else plan.strengths.as_dict(),
         "edited_tensors": sorted(t for t in edit.targets),
         "untied_embeddings": edit.untie_from is not None,
+        "dequantized": _dequantized_record(source, edit),
         "output": {
             "shards": {k: {"sha256": v["sha256"], "bytes": v["bytes"]} for k, v in output_shards.items()},
             "files": output_file_records(staging, output_shards),
@@ -517,14 +618,25 @@ def apply_direction(
     arch, plan, targets = _checked_plan(source, direction, mode, subspace, layer_directions, strengths)
     untie_from = _untie_from(source, arch)
     unembedding = arch.unembedding_tensor(source.tensor_names)
-    edit = _ShardEdit(targets, _WriterBases(plan, source), mode, untie_from, unembedding)
+    dequantized = _dequantized(source, targets)
+    edit = _ShardEdit(
+        targets,
+        _WriterBases(plan, source),
+        mode,
+        untie_from,
+        unembedding,
+        dequantized=dequantized,
+        dropped=frozenset(n for q in dequantized.values() for n in q.dropped if n != q.data),
+        read_float=source.read,
+        float_dtype=float_dtype(source.config),
+    )
     progress = _ByteProgress(source, on_progress)
     with output_lock(out):
         check_output_location(source.folder, out, force)  # again, now that no other run can fill `out`
         staging = new_staging(out)
         try:
             shards = _write_shards(source, staging, edit, progress.advance, workers)
-            _write_index_and_config(source, staging, shards[1], arch, untie_from)
+            _write_index_and_config(source, staging, shards[1], arch, untie_from, edit)
             source_files = _copy_source_files(source, staging)
             _save_plan_tensors(staging, plan)
             provenance = _provenance(source, arch, plan, edit, shards, source_files, staging)
