@@ -69,6 +69,18 @@ def build_tiny_model(
         bos_token_id=tokenizer.pad_token_id,
     )
     moe = dict(num_experts_per_tok=2, moe_intermediate_size=16)
+    linear = dict(linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2)
+    linear |= dict(linear_num_value_heads=4)
+    moe35 = ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next")
+    mla = dict(num_key_value_heads=4, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8)
+    mla |= dict(v_head_dim=8, head_dim=4, n_group=1, topk_group=1)
+    mla_types = ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1")
+    gemma4 = dict(head_dim=8, global_head_dim=16, vocab_size_per_layer_input=len(tokenizer), sliding_window=16)
+    llama4 = dict(head_dim=8, intermediate_size_mlp=96, num_local_experts=3, num_experts_per_tok=1)
+    llama4 |= dict(interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=16)
+    granite4 = dict(shared_intermediate_size=48, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_d_conv=4)
+    granite4 |= dict(mamba_expand=2, mamba_chunk_size=8, mamba_n_groups=1)
+    granite4 |= dict(layer_types=["mamba", "attention", "mamba", "attention"][:layers] + ["mamba"] * (layers - 4))
     extra = {
         "llama": dict(attention_bias=bias, mlp_bias=bias),
         "qwen2": {},  # q/k/v biases: not residual writers, must stay untouched
@@ -84,16 +96,57 @@ def build_tiny_model(
         "qwen3_moe": dict(num_experts=3, head_dim=8, **moe),
         "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, head_dim=8, sliding_window=16),
         "gemma3": dict(head_dim=8, sliding_window=16),
+        **{t: {} for t in ("ministral3", "granite", "glm", "arcee", "apertus", "ernie4_5")},
+        **{t: {} for t in ("smollm3", "seed_oss", "olmo3", "cohere", "mistral3", "qwen3_vl", "qwen2_5_vl")},
+        "ministral": dict(sliding_window=16, head_dim=8),
+        "hunyuan_v1_dense": dict(head_dim=8),
+        "cohere2": dict(sliding_window=16),
+        "exaone4": dict(sliding_window=16),
+        "glm4": {},
+        "olmoe": dict(num_experts=3, num_experts_per_tok=2),
+        **{t: dict(**linear, head_dim=8) for t in ("qwen3_5", "qwen3_5_text")},
+        **{t: dict(**linear, **moe, head_dim=8, num_experts=3, shared_expert_intermediate_size=16) for t in moe35},
+        "qwen3_next_dense_layer": dict(**linear, **moe, head_dim=8, num_experts=3, shared_expert_intermediate_size=16)
+        | dict(mlp_only_layers=[1]),
+        **{t: dict(**mla, **moe, n_routed_experts=3, n_shared_experts=1, first_k_dense_replace=1) for t in mla_types},
+        **{t: dict(**gemma4, hidden_size_per_layer_input=8) for t in ("gemma4", "gemma4_text")},
+        "gemma4_moe": dict(
+            **gemma4,
+            hidden_size_per_layer_input=0,
+            enable_moe_block=True,
+            num_experts=3,
+            top_k_experts=2,
+            moe_intermediate_size=16,
+        ),
+        **{t: llama4 for t in ("llama4", "llama4_text")},
+        "granitemoehybrid": dict(granite4, num_local_experts=3, num_experts_per_tok=2),
+        "granitemoehybrid_dense": dict(granite4, num_local_experts=0),
     }
     # Multimodal wrappers: the text decoder's settings go to text_config, beside a tiny vision tower.
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+    qwen_vision = dict(hidden_size=16, intermediate_size=32, depth=1, num_heads=2, out_hidden_size=32)
     wrappers = {
-        "gemma3": dict(
-            vision_config=dict(
-                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28
-            ),
-            mm_tokens_per_image=4,
+        "gemma3": dict(vision_config=vision, mm_tokens_per_image=4),
+        "gemma4": dict(vision_config=None, audio_config=None),
+        "mistral3": dict(vision_config=dict(vision, head_dim=8, patch_size=14)),
+        "llama4": dict(
+            vision_config=dict(vision, patch_size=14, vision_output_dim=32, projector_input_dim=32)
+            | dict(projector_output_dim=32)
         ),
+        **{t: dict(vision_config=qwen_vision) for t in ("qwen3_5", "qwen3_5_moe")},
+        "qwen3_vl": dict(vision_config=dict(qwen_vision, deepstack_visual_indexes=[0])),
+        "qwen2_5_vl": dict(vision_config=dict(qwen_vision, fullatt_block_indexes=[0])),
     }
+    # Test variants of a model type (another layer pattern or feature), by name.
+    variants = {
+        "qwen3_next_dense_layer": "qwen3_next",
+        "gemma4_moe": "gemma4_text",
+        "granitemoehybrid_dense": "granitemoehybrid",
+    }
+    settings = extra.get(model_type, {})
+    model_type = variants.get(model_type, model_type)
+    if model_type in ("qwen3_vl", "qwen2_5_vl"):  # multimodal rotary sections sized for head_dim 8
+        settings = dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))
     if model_type == "gpt2":
         config = transformers.GPT2Config(
             n_embd=32,
@@ -108,12 +161,12 @@ def build_tiny_model(
         )
     elif model_type in wrappers:
         tokens = {k: common.pop(k) for k in ("pad_token_id", "eos_token_id", "bos_token_id")}
-        text_config = {**common, **extra[model_type]}
+        text_config = common | settings
         config = transformers.AutoConfig.for_model(
             model_type, text_config=text_config, tie_word_embeddings=tie, **tokens, **wrappers[model_type]
         )
     else:
-        config = transformers.AutoConfig.for_model(model_type, **common, **extra[model_type])
+        config = transformers.AutoConfig.for_model(model_type, **(common | settings))
     model = random_model(config, seed=seed)
     with torch.no_grad():  # larger-than-default weights so the edit changes outputs visibly
         for name, parameter in model.named_parameters():

@@ -31,6 +31,7 @@ class Family:
     count: int  # edited tensors for 2 layers
     norms: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)  # writer suffix → norms after it
     tie: bool = False
+    layers: int = 2
 
 
 def llama_like(prefix: str = "model.") -> dict[str, int]:
@@ -41,6 +42,16 @@ def llama_like(prefix: str = "model.") -> dict[str, int]:
         p + r"layers\.\d+\.mlp\.down_proj\.weight": 0,
     }
 
+
+def in_layers(prefix: str, writers: dict[str, int]) -> dict[str, int]:
+    """Patterns of per-layer writers (given relative to a layer) and the token embedding, under `prefix`."""
+    p = re.escape(prefix)
+    return {p + r"embed_tokens\.weight": 1, **{p + r"layers\.\d+\." + k: axis for k, axis in writers.items()}}
+
+
+# Routed experts as transformers saves them (one linear each) or as releases ship them (one fused tensor).
+EXPERTS = {r"mlp\.experts\.\d+\.down_proj\.weight": 0, r"mlp\.experts\.down_proj": 1}
+HYBRID = {r"linear_attn\.out_proj\.weight": 0, r"self_attn\.o_proj\.weight": 0}
 
 L = r"model\.layers\.\d+\."
 EMBED = r"model\.embed_tokens\.weight"
@@ -59,6 +70,133 @@ FAMILIES = {
     "gemma2": Family(llama_like(), ORTHOGONAL, 5, SANDWICH, tie=True),
     "gemma3_text": Family(llama_like(), ORTHOGONAL, 5, SANDWICH),
     "gemma3": Family(llama_like("language_model.model."), ORTHOGONAL, 5, SANDWICH, tie=True),
+    **{
+        t: Family(llama_like(), PLAIN, 5)
+        for t in ("ministral", "ministral3", "smollm3", "granite", "glm", "seed_oss", "arcee", "apertus")
+        + ("ernie4_5", "hunyuan_v1_dense", "cohere", "cohere2")
+    },
+    "mistral3": Family(llama_like("language_model.model."), PLAIN, 5),
+    "qwen3_vl": Family(llama_like("model.language_model."), PLAIN, 5),
+    "qwen2_5_vl": Family(llama_like("model."), PLAIN, 5),
+    "olmo3": Family(llama_like(), ORTHOGONAL, 5, POST_NORM),
+    "exaone4": Family(llama_like(), ORTHOGONAL, 5, POST_NORM),
+    "glm4": Family(
+        llama_like(),
+        ORTHOGONAL,
+        5,
+        {
+            "self_attn.o_proj.weight": (("post_self_attn_layernorm.weight", 0.0),),
+            "mlp.down_proj.weight": (("post_mlp_layernorm.weight", 0.0),),
+        },
+    ),
+    # 4 layers: three Gated DeltaNet layers, then full attention (the default layer_types); every MLP dense
+    **{
+        t: Family(in_layers(p, {**HYBRID, r"mlp\.down_proj\.weight": 0}), PLAIN, 1 + 3 + 1 + 4, layers=4)
+        for t, p in (("qwen3_5_text", "model."), ("qwen3_5", "model.language_model."))
+    },
+    **{
+        t: Family(
+            in_layers(p, {**HYBRID, **EXPERTS, r"mlp\.shared_expert\.down_proj\.weight": 0}),
+            MOE,
+            1 + 3 + 1 + 4 * (3 + 1),
+            layers=4,
+        )
+        for t, p in (("qwen3_5_moe_text", "model."), ("qwen3_5_moe", "model.language_model."), ("qwen3_next", "model."))
+    },
+    # mlp_only_layers=[1]: layer 1 has a dense MLP, the other three experts and a shared expert
+    "qwen3_next_dense_layer": Family(
+        in_layers("model.", {**HYBRID, **EXPERTS, r"mlp\.(shared_expert\.)?down_proj\.weight": 0}),
+        MOE,
+        1 + 3 + 1 + 1 + 3 * (3 + 1),
+        layers=4,
+    ),
+    # first_k_dense_replace=1: layer 0 dense, layer 1 routed experts and shared experts
+    **{
+        t: Family(
+            in_layers(
+                "model.", {r"self_attn\.o_proj\.weight": 0, **EXPERTS, r"mlp\.(shared_experts\.)?down_proj\.weight": 0}
+            ),
+            MOE,
+            1 + 2 + 1 + 3 + 1,
+        )
+        for t in ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1")
+    },
+    "olmoe": Family(in_layers("model.", {r"self_attn\.o_proj\.weight": 0, **EXPERTS}), MOE, 1 + 2 * (1 + 3)),
+    # per-layer inputs (E2B/E4B): per_layer_projection under post_per_layer_input_norm; norms scale by γ (no +1)
+    **{
+        t: Family(
+            in_layers(
+                p, {r"self_attn\.o_proj\.weight": 0, r"mlp\.down_proj\.weight": 0, r"per_layer_projection\.weight": 0}
+            ),
+            ORTHOGONAL,
+            1 + 2 * 3,
+            {
+                "self_attn.o_proj.weight": (("post_attention_layernorm.weight", 0.0),),
+                "mlp.down_proj.weight": (("post_feedforward_layernorm.weight", 0.0),),
+                "per_layer_projection.weight": (("post_per_layer_input_norm.weight", 0.0),),
+            },
+            tie=True,
+        )
+        for t, p in (("gemma4_text", "model."), ("gemma4", "model.language_model."))
+    },
+    # the MoE block beside the MLP: each branch through its own norm, then the sum through post_feedforward_layernorm
+    "gemma4_moe": Family(
+        in_layers("model.", {r"self_attn\.o_proj\.weight": 0, r"mlp\.down_proj\.weight": 0, r"experts\.down_proj": 1}),
+        ORTHOGONAL,
+        1 + 2 * 3,
+        {
+            "self_attn.o_proj.weight": (("post_attention_layernorm.weight", 0.0),),
+            "mlp.down_proj.weight": (
+                ("post_feedforward_layernorm_1.weight", 0.0),
+                ("post_feedforward_layernorm.weight", 0.0),
+            ),
+            "experts.down_proj": (
+                ("post_feedforward_layernorm_2.weight", 0.0),
+                ("post_feedforward_layernorm.weight", 0.0),
+            ),
+        },
+        tie=True,
+    ),
+    # interleave_moe_layer_step=2: layer 0 dense, layer 1 fused experts [experts, d_ff, d_model] and a shared expert
+    **{
+        t: Family(
+            in_layers(
+                p,
+                {
+                    r"self_attn\.o_proj\.weight": 0,
+                    r"feed_forward\.(shared_expert\.)?down_proj\.weight": 0,
+                    r"feed_forward\.experts\.down_proj": 2,
+                },
+            ),
+            MOE,
+            1 + 2 + 1 + 1 + 1,
+        )
+        for t, p in (("llama4_text", "model."), ("llama4", "language_model.model."))
+    },
+    # layer_types mamba, attention, mamba, attention; a shared MLP in every layer, fused experts when configured
+    "granitemoehybrid": Family(
+        in_layers(
+            "model.",
+            {
+                r"mamba\.out_proj\.weight": 0,
+                r"self_attn\.o_proj\.weight": 0,
+                r"shared_mlp\.output_linear\.weight": 0,
+                r"block_sparse_moe\.output_linear\.weight": 1,
+            },
+        ),
+        MOE,
+        1 + 2 + 2 + 4 + 4,
+        layers=4,
+    ),
+    "granitemoehybrid_dense": Family(
+        in_layers(
+            "model.",
+            {r"mamba\.out_proj\.weight": 0, r"self_attn\.o_proj\.weight": 0, r"shared_mlp\.output_linear\.weight": 0},
+        ),
+        PLAIN,
+        1 + 2 + 2 + 4,
+        layers=4,
+    ),
     "olmo2": Family(llama_like(), ORTHOGONAL, 5, POST_NORM),
     "mixtral": Family(
         {EMBED: 1, O_PROJ: 0, L + r"block_sparse_moe\.experts\.\d+\.w2\.weight": 0}, MOE, 1 + 2 * (1 + 3)
@@ -128,7 +266,7 @@ def written_direction(name: str, r: torch.Tensor, family: Family, source: dict) 
 def test_family(tmp_path, chat_tokenizer, model_type, mode):
     family = FAMILIES[model_type]
     source_dir = build_tiny_model(
-        tmp_path / "src", chat_tokenizer, model_type=model_type, tie=family.tie, random_norms=True
+        tmp_path / "src", chat_tokenizer, model_type=model_type, tie=family.tie, random_norms=True, layers=family.layers
     )
     direction = torch.randn(32, generator=torch.Generator().manual_seed(11))
     r = unit(direction.double())
@@ -163,9 +301,52 @@ def test_outside_the_table_fails_before_writing(tmp_path, chat_tokenizer):
     source_dir = build_tiny_model(tmp_path / "src", chat_tokenizer)
     checkpoint = Checkpoint(source_dir)
     checkpoint.config["model_type"] = "falcon"
-    with pytest.raises(ArchitectureError, match=r"supported families: .*gpt2 \(gpt2\).*llama \(llama, mistral"):
+    with pytest.raises(ArchitectureError, match=r"^model_type 'falcon' is not supported\. Closest supported family: "):
         apply_direction(checkpoint, torch.randn(32), tmp_path / "out")
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_known_uncovered_types_say_why_in_one_line():
+    with pytest.raises(ArchitectureError) as error:
+        architecture_for({"model_type": "gemma3n"})
+    message = str(error.value)
+    assert "\n" not in message and "AltUp" in message and "Closest supported family: gemma4 (gemma4)" in message
+    with pytest.raises(ArchitectureError, match=r"Closest supported family: deepseek_moe \(deepseek_v2, deepseek_v3"):
+        architecture_for({"model_type": "kimi_k2"})
+    with pytest.raises(ArchitectureError, match=r"'qwen4_moe' is not supported\. Closest supported family: qwen"):
+        architecture_for({"model_type": "qwen4_moe"})
+
+
+def test_layer_rules_select_writers_from_the_config():
+    """Hybrid attention by layer_types, dense-then-MoE by first_k_dense_replace, and a checkpoint that holds a
+    writer where its config says there is none is refused (the config and the weights disagree)."""
+    arch = architecture_for({"model_type": "qwen3_5_text"})
+    config = {"num_hidden_layers": 2, "hidden_size": 8, "layer_types": ["linear_attention", "full_attention"]}
+    names = {"model.embed_tokens.weight", "model.layers.0.linear_attn.out_proj.weight"}
+    names |= {"model.layers.1.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight"}
+    names |= {"model.layers.1.mlp.down_proj.weight"}
+    assert {t.tensor for t in arch.targets(config, names)} == names
+    with pytest.raises(ArchitectureError, match=r"holds model\.layers\.1\.linear_attn\.out_proj\.weight, in layers"):
+        arch.targets(config, names | {"model.layers.1.linear_attn.out_proj.weight"})
+    with pytest.raises(ArchitectureError, match=r"'layer_types' .* cannot say whether layer 1"):
+        arch.targets({**config, "layer_types": ["linear_attention"]}, names)
+
+    deepseek = architecture_for({"model_type": "deepseek_v3"})
+    config = {"num_hidden_layers": 2, "hidden_size": 8, "first_k_dense_replace": 1, "n_routed_experts": 2}
+    names = {"model.embed_tokens.weight", *(f"model.layers.{i}.self_attn.o_proj.weight" for i in range(2))}
+    names |= {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.shared_experts.down_proj.weight"}
+    names |= {f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(2)}
+    assert {t.tensor for t in deepseek.targets(config, names)} == names
+    with pytest.raises(ArchitectureError, match=r"missing model\.layers\.1\.mlp\.down_proj\.weight"):
+        deepseek.targets({**config, "first_k_dense_replace": 2}, names)  # config says dense, weights say experts
+
+
+def test_guarantee_follows_the_writers_the_config_has():
+    """A Granite 4 hybrid without experts has no block hook: hook-exact in both modes; with experts it is not."""
+    base = {"model_type": "granitemoehybrid", "num_hidden_layers": 2, "hidden_size": 8}
+    base |= {"layer_types": ["mamba", "attention"]}
+    assert architecture_for({**base, "num_local_experts": 0}).guarantee("norm-preserving") == "hook-exact"
+    assert architecture_for({**base, "num_local_experts": 4}).guarantee("norm-preserving") == "orthogonal-writes"
 
 
 def test_missing_writer_names_the_tensor():
@@ -177,25 +358,55 @@ def test_missing_writer_names_the_tensor():
         )
 
 
-def _rename_tensors(folder, renames: dict[str, str]) -> None:
-    """Rewrite a checkpoint's tensor names by prefix (another on-disk layout of the same model), in two shards."""
+def _rewrite_checkpoint(folder, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace a checkpoint's weights by `tensors` (another on-disk layout of the same model), in two shards."""
     import json
 
     from safetensors.torch import save_file
 
     checkpoint = Checkpoint(folder)
-    tensors = {}
-    for name in sorted(checkpoint.tensor_names):
-        new = next((new + name[len(old) :] for old, new in renames.items() if name.startswith(old)), name)
-        tensors[new] = checkpoint.read(name)
     for shard in checkpoint.shards:
         (folder / shard).unlink()
     names = sorted(tensors)
     halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for shard, keys in halves.items():
-        save_file({k: tensors[k] for k in keys}, str(folder / shard), metadata={"format": "pt"})
+        save_file({k: tensors[k].contiguous() for k in keys}, str(folder / shard), metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: shard for shard, keys in halves.items() for k in keys}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _rename_tensors(folder, renames: dict[str, str]) -> None:
+    checkpoint = Checkpoint(folder)
+    tensors = {}
+    for name in sorted(checkpoint.tensor_names):
+        new = next((new + name[len(old) :] for old, new in renames.items() if name.startswith(old)), name)
+        tensors[new] = checkpoint.read(name)
+    _rewrite_checkpoint(folder, tensors)
+
+
+@pytest.mark.parametrize("mode", ["norm-preserving", "project"])
+def test_fused_experts_as_released(tmp_path, chat_tokenizer, mode):
+    """Qwen3.5 MoE as released stores each layer's experts fused (mlp.experts.down_proj [experts, d_model, d_ff]):
+    the table's fused alternative edits them along axis 1, and the output loads and passes verify."""
+    from transformers import AutoModelForImageTextToText
+
+    source_dir = build_tiny_model(
+        tmp_path / "src", chat_tokenizer, model_type="qwen3_5_moe", layers=4, random_norms=True
+    )
+    model = AutoModelForImageTextToText.from_pretrained(source_dir)
+    _rewrite_checkpoint(source_dir, {k: v.detach() for k, v in model.state_dict().items()})  # in memory = as released
+    source = Checkpoint(source_dir)
+    fused = "model.language_model.layers.1.mlp.experts.down_proj"
+    assert fused in source.tensor_names and source.info(fused).shape == (3, 32, 16)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(4))
+    result = apply_direction(source, direction, tmp_path / "out", mode=mode)
+    experts = sorted(n for n in result.edited_tensors if "experts" in n)
+    assert experts == [f"model.language_model.layers.{i}.mlp.experts.down_proj" for i in range(4)]
+    r = unit(direction.double())
+    expected = reference_edit(source.read(fused), r, 1, mode, False)
+    torch.testing.assert_close(Checkpoint(tmp_path / "out").read(fused).double(), expected, atol=5e-5, rtol=1e-4)
+    report = verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
+    assert report.passed, report.failures
 
 
 @pytest.mark.parametrize("layout", ["language_model.model.", "model.language_model."])

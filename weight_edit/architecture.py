@@ -23,7 +23,7 @@ layer), used where the checkpoint stores the experts that way.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -65,6 +65,7 @@ LAYER_TESTS = {
     "true": "v is true",
     "false": "v is false",
 }
+NOT_COVERED_FILE = "not_covered.json"  # model types known not to be covered: why, and the closest family
 DEFAULT_LAYOUT = {"decoder": "model.", "unembedding": "lm_head.weight"}
 _FAMILY_KEYS = {
     "family": str,
@@ -118,12 +119,12 @@ class LayerRule:
     """Which layers have a writer, decided by one config value (see LAYER_TESTS)."""
 
     test: str
-    key: str
+    key: str | tuple[str, ...]  # a config key, or the names versions of a family gave it (first present wins)
     values: tuple[Any, ...] = ()
     default: Any = None
 
     def holds(self, layer: int, config: dict[str, Any]) -> bool:
-        value = _config_value(config, self.key, self.default)
+        value = _config_value(config, list(self.key) if isinstance(self.key, tuple) else self.key, self.default)
         try:
             if self.test == "in_list":
                 return value[layer] in self.values
@@ -168,7 +169,7 @@ class Architecture:
     @property
     def layer_dependent(self) -> bool:
         """Whether some writers exist only in some layers (hybrid or dense-then-MoE decoders)."""
-        return any("layers" in w for w in self.writers)
+        return any("layers" in w or "unless" in w for w in self.writers)
 
     def twin_is_exact(self, mode: str) -> bool:
         """Can hooks reproduce the weight edit exactly? Block hooks only project (no per-expert rescale)."""
@@ -186,6 +187,16 @@ class Architecture:
             # single-direction ablation does not.
             return "hook-exact-per-layer" if self.twin_is_exact(mode) else "orthogonal-writes-per-layer"
         return "hook-exact" if self.twin_is_exact(mode) and not self.has_output_norms else "orthogonal-writes"
+
+    def for_config(self, config: dict[str, Any]) -> Architecture:
+        """The table reduced to the writers this config's layers have: its guarantee is then the one this model
+        earns (a hybrid configured without experts is hook-exact in both modes). A config that does not say how
+        many layers it has (a lookup by model_type alone) gets the whole table."""
+        if not any(self.num_layers_key in scope for scope in (config, config.get("text_config") or {})):
+            return self
+        layers = range(self.num_layers(config))
+        present = tuple(w for w in self.writers if any(writer_in_layer(w, layer, config) for layer in layers))
+        return self if present == self.writers else replace(self, writers=present)
 
     def num_layers(self, config: dict[str, Any]) -> int:
         return int(_config_value(config, self.num_layers_key))
@@ -211,7 +222,7 @@ class Architecture:
             names = [
                 self.module(writer["module"], layer=layer)
                 for writer in self.writers
-                if all(rule.holds(layer, config) for rule in _layer_rules(writer))
+                if writer_in_layer(writer, layer, config)
             ]
             layers.append((layer, list(dict.fromkeys(names))))
         return layers
@@ -269,7 +280,7 @@ class Architecture:
             )
         for layer in range(self.num_layers(config)):
             for writer in self.writers:
-                if not all(rule.holds(layer, config) for rule in _layer_rules(writer)):
+                if not writer_in_layer(writer, layer, config):
                     unexpected.extend(n for n in _writer_names(writer, layer, config, on_disk) if n in tensor_names)
                     continue
                 targets.extend(self._writer_targets(writer, layer, config, tensor_names, on_disk, require))
@@ -278,6 +289,8 @@ class Architecture:
             raise ArchitectureError(
                 f"checkpoint does not match the '{self.family}' architecture table: missing {shown}"
             )
+        # Two writers may name the same tensor in complementary layers (a norm chain that differs with MoE)
+        unexpected = [name for name in unexpected if name not in {t.tensor for t in targets}]
         if unexpected:
             shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
             raise ArchitectureError(
@@ -314,12 +327,26 @@ class Architecture:
         return targets
 
 
-def _layer_rules(writer: dict[str, Any]) -> list[LayerRule]:
-    rules = writer.get("layers", [])
+def _layer_rules(writer: dict[str, Any], field: str = "layers") -> list[LayerRule]:
+    rules = writer.get(field, [])
     return [
-        LayerRule(r["if"], r["key"], tuple(r.get("values", ())), r.get("default"))
+        LayerRule(
+            r["if"],
+            tuple(r["key"]) if isinstance(r["key"], list) else r["key"],
+            tuple(r.get("values", ())),
+            r.get("default"),
+        )
         for r in (rules if isinstance(rules, list) else [rules])
     ]
+
+
+def writer_in_layer(writer: dict[str, Any], layer: int, config: dict[str, Any]) -> bool:
+    """Whether a writer exists in `layer`: every `layers` rule holds, and not every `unless` rule does (a dense
+    MLP exists exactly where the mixture-of-experts rule fails)."""
+    if not all(rule.holds(layer, config) for rule in _layer_rules(writer)):
+        return False
+    unless = _layer_rules(writer, "unless")
+    return not (unless and all(rule.holds(layer, config) for rule in unless))
 
 
 def _norms(writer: dict[str, Any]) -> list[dict[str, Any]]:
@@ -383,9 +410,12 @@ def _check_layer_writer(source: str, index: int, writer: dict[str, Any]) -> None
             raise ArchitectureError(f"{source}: writer {index}: output_norm needs 'tensor' and 'module'")
         if not isinstance(norm.get("offset", 0.0), int | float):
             raise ArchitectureError(f"{source}: writer {index}: output_norm offset must be a number")
-    rules = writer.get("layers", [])
-    for rule in rules if isinstance(rules, list) else [rules]:
-        if not isinstance(rule, dict) or rule.get("if") not in LAYER_TESTS or not isinstance(rule.get("key"), str):
+    rules = [writer.get(field, []) for field in ("layers", "unless")]
+    for rule in [r for group in rules for r in (group if isinstance(group, list) else [group])]:
+        key = rule.get("key") if isinstance(rule, dict) else None
+        if not (isinstance(key, str) or (isinstance(key, list) and key and all(isinstance(k, str) for k in key))):
+            key = None
+        if not isinstance(rule, dict) or rule.get("if") not in LAYER_TESTS or key is None:
             raise ArchitectureError(
                 f"{source}: writer {index}: each 'layers' rule needs 'if' (one of {', '.join(LAYER_TESTS)}) and 'key'"
             )
@@ -401,7 +431,7 @@ def _check_layer_writer(source: str, index: int, writer: dict[str, Any]) -> None
             raise ArchitectureError(f"{source}: writer {index}: a fused tensor's residual_axis is 1 or 2")
 
 
-def _validate(raw: dict[str, Any], source: str) -> Architecture:
+def _validate(raw: dict[str, Any], source: str) -> list[Architecture]:
     for key, kind in _FAMILY_KEYS.items():
         if not isinstance(raw.get(key), kind):
             raise ArchitectureError(f"{source}: '{key}' must be a {kind.__name__}")
@@ -411,17 +441,9 @@ def _validate(raw: dict[str, Any], source: str) -> Architecture:
         _check_writer(source, index, writer)
     for index, writer in enumerate(raw["writers"]):
         _check_layer_writer(source, index, writer)
-    layouts = raw.get("layouts", [DEFAULT_LAYOUT])
-    if not isinstance(layouts, list) or not layouts:
-        raise ArchitectureError(f"{source}: 'layouts' must be a non-empty list")
-    for layout in layouts:
-        if not (isinstance(layout, dict) and set(layout) == {"decoder", "unembedding"}):
-            raise ArchitectureError(f"{source}: each layout needs exactly 'decoder' and 'unembedding'")
-    if raw.get("loader", "causal-lm") not in LOADERS:
-        raise ArchitectureError(f"{source}: 'loader' must be one of {LOADERS}")
     if not all("${decoder}" in e["tensor"] and "${decoder}" in e["module"] for e in raw["embeddings"]):
         raise ArchitectureError(f"{source}: embedding tensors and modules start with ${{decoder}}")
-    return Architecture(
+    text = Architecture(
         family=raw["family"],
         description=raw.get("description", ""),
         model_types=tuple(raw["model_types"]),
@@ -430,9 +452,51 @@ def _validate(raw: dict[str, Any], source: str) -> Architecture:
         layer_module=raw["layer_module"],
         embeddings=tuple(raw["embeddings"]),
         writers=tuple(raw["writers"]),
-        layouts=tuple(Layout(**layout) for layout in layouts),
-        module_root=raw.get("module_root", "model."),
-        loader=raw.get("loader", "causal-lm"),
+        **_placement(raw, source),
+    )
+    wrappers = raw.get("wrappers", [])
+    if not isinstance(wrappers, list):
+        raise ArchitectureError(f"{source}: 'wrappers' must be a list")
+    return [text] + [_wrapper(text, wrapper, f"{source} wrapper {index}") for index, wrapper in enumerate(wrappers)]
+
+
+def _placement(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Where a family's decoder is: its on-disk layouts, its in-memory root and the class that loads it."""
+    layouts = raw.get("layouts", [DEFAULT_LAYOUT])
+    if not isinstance(layouts, list) or not layouts:
+        raise ArchitectureError(f"{source}: 'layouts' must be a non-empty list")
+    for layout in layouts:
+        if not (isinstance(layout, dict) and set(layout) == {"decoder", "unembedding"}):
+            raise ArchitectureError(f"{source}: each layout needs exactly 'decoder' and 'unembedding'")
+    if raw.get("loader", "causal-lm") not in LOADERS:
+        raise ArchitectureError(f"{source}: 'loader' must be one of {LOADERS}")
+    if not isinstance(raw.get("module_root", "model."), str):
+        raise ArchitectureError(f"{source}: 'module_root' must be a string")
+    return {
+        "layouts": tuple(Layout(**layout) for layout in layouts),
+        "module_root": raw.get("module_root", "model."),
+        "loader": raw.get("loader", "causal-lm"),
+    }
+
+
+_WRAPPER_KEYS = {"family", "description", "model_types", "layouts", "module_root", "loader"}
+
+
+def _wrapper(text: Architecture, raw: Any, source: str) -> Architecture:
+    """A multimodal checkpoint that carries the text family's decoder under another root, beside towers that do not
+    write into the text residual stream: the same writers, its own layouts, module root and loader."""
+    if not isinstance(raw, dict) or not {"family", "model_types", "layouts", "module_root"} <= set(raw):
+        raise ArchitectureError(f"{source}: a wrapper needs 'family', 'model_types', 'layouts' and 'module_root'")
+    if unknown := set(raw) - _WRAPPER_KEYS:
+        raise ArchitectureError(f"{source}: unknown wrapper keys {sorted(unknown)}")
+    if not isinstance(raw["model_types"], list) or not raw["model_types"]:
+        raise ArchitectureError(f"{source}: 'model_types' must be a non-empty list")
+    return replace(
+        text,
+        family=raw["family"],
+        description=raw.get("description", text.description),
+        model_types=tuple(raw["model_types"]),
+        **_placement(raw, source),
     )
 
 
@@ -441,23 +505,39 @@ def load_architectures() -> dict[str, Architecture]:
     """All family tables shipped with the package, keyed by model_type."""
     by_type: dict[str, Architecture] = {}
     for entry in sorted(resources.files("weight_edit.architectures").iterdir(), key=lambda p: p.name):
-        if not entry.name.endswith(".json"):
+        if not entry.name.endswith(".json") or entry.name == NOT_COVERED_FILE:
             continue
-        arch = _validate(json.loads(entry.read_text()), entry.name)
-        for model_type in arch.model_types:
-            if model_type in by_type:
-                raise ArchitectureError(f"model_type '{model_type}' is claimed by two families")
-            by_type[model_type] = arch
+        for arch in _validate(json.loads(entry.read_text()), entry.name):
+            for model_type in arch.model_types:
+                if model_type in by_type:
+                    raise ArchitectureError(f"model_type '{model_type}' is claimed by two families")
+                by_type[model_type] = arch
     return by_type
 
 
 def architecture_for(config: dict[str, Any]) -> Architecture:
-    """Look up the family table for a checkpoint's config.json."""
+    """Look up the family table for a checkpoint's config.json, reduced to the writers its layers have."""
     model_type = config.get("model_type")
     table = load_architectures()
     if model_type not in table:
-        families = ", ".join(
-            f"{a.family} ({', '.join(a.model_types)})" for a in {id(a): a for a in table.values()}.values()
-        )
-        raise ArchitectureError(f"model_type '{model_type}' is not supported; supported families: {families}")
-    return table[model_type]
+        raise ArchitectureError(not_covered_message(model_type, table))
+    return table[model_type].for_config(config)
+
+
+def not_covered_message(model_type: Any, table: dict[str, Architecture]) -> str:
+    """One line: the model type, why it is not covered where that is known, and the closest supported family
+    (the one named in not_covered.json, else the family of the most similar model_type name)."""
+    import difflib
+
+    known = json.loads(resources.files("weight_edit.architectures").joinpath(NOT_COVERED_FILE).read_text())
+    entry = known.get(model_type) if isinstance(model_type, str) else None
+    if entry is not None:
+        closest = next(a for a in table.values() if a.family == entry["closest"])
+        why = f": {entry['why']}"
+    else:
+        match = difflib.get_close_matches(str(model_type), list(table), n=1, cutoff=0.0)
+        closest, why = table[match[0]], ""
+    return (
+        f"model_type '{model_type}' is not supported{why}. Closest supported family: {closest.family} "
+        f"({', '.join(closest.model_types)}); every family is listed in the README's architecture table"
+    )

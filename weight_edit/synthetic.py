@@ -47,11 +47,12 @@ def random_model(config, dtype=None, device: str = "cpu", seed: int = 0):
     benchmark scripts, which reach no hub."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    # A multimodal wrapper without a causal-LM class (Mistral 3, Qwen3-VL) is built as the whole wrapper.
-    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    auto_class = AutoModelForCausalLM if causal else AutoModelForImageTextToText
+    # A multimodal wrapper is built whole, as released (the causal-LM class of some, e.g. Qwen3.5 and Llama 4,
+    # would build the text decoder alone).
+    multimodal = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    auto_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     torch.manual_seed(seed)
     with torch.device(device):
         model = auto_class.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
