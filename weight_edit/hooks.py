@@ -40,7 +40,13 @@ def _per_row_projector(rows: torch.Tensor) -> Transform:
 
     def project(x: torch.Tensor) -> torch.Tensor:
         rr = rows.to(device=x.device, dtype=x.dtype)
-        rr = rr.reshape(rr.shape[0], *([1] * (x.ndim - 2)), rr.shape[-1])
+        batch = rr.shape[0]
+        if x.ndim == 2 and x.shape[0] != batch:
+            # a mixture-of-experts module sees the batch's tokens flattened row by row: [batch * seq, d]
+            flat = x.reshape(batch, -1, x.shape[-1])
+            rr = rr[:, None, :]
+            return (flat - (flat * rr).sum(-1, keepdim=True) * rr).reshape(x.shape)
+        rr = rr.reshape(batch, *([1] * (x.ndim - 2)), rr.shape[-1])
         return x - (x * rr).sum(-1, keepdim=True) * rr
 
     return project
