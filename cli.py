@@ -173,6 +173,14 @@ batch_option = click.option(
     show_default=True,
     help="Prompts per forward pass (0: automatic, 16 on CPU, from free memory on GPU).",
 )
+prompt_format_option = click.option(
+    "--prompt-format",
+    type=click.Choice(["auto", "chat", "plain"]),
+    default="auto",
+    show_default=True,
+    help="How instructions become prompts: chat = the tokenizer's chat template, plain = the instruction as-is "
+    "(after the tokenizer's BOS), for base models; auto = chat when the tokenizer has a template. Recorded.",
+)
 seed_option = click.option(
     "--seed", type=int, default=settings.SEED, show_default=True, help="Seed of the policy-area split."
 )
@@ -217,6 +225,7 @@ def main() -> None:
 @option("--validation-prompts", click.IntRange(1), settings.MAX_VALIDATION_PROMPTS, "Per label, for stage-2 scores.")
 @option("--contrast", click.Choice(CONTRASTS), settings.DEFAULT_CONTRAST, "Unsafe minus harmless or safe prompts.")
 @option("--selection", click.Choice(SELECTIONS), settings.SELECTION_RULE, "Rule that picks the candidate.")
+@prompt_format_option
 def fit(**options) -> None:
     """Fit the refusal direction on the fit areas and select it on their validation prompts.
 
@@ -224,6 +233,7 @@ def fit(**options) -> None:
     harmless (default) uses ordinary instructions, safe the topic-matched safe prompts (with --selection
     paper: the first releases' direction). --selection refusal-then-kl (default) takes the lowest KL among
     candidates leaving ≤ 5 % of unsafe validation prompts refused; paper, the lowest bypass score.
+    --prompt-format plain (a base model without a chat template) reads the instruction's last token only.
     """
     from weight_edit.workflow.fit import FitRequest, run_fit
 
@@ -311,8 +321,10 @@ def apply(**options) -> None:
 @option("--new-tokens", click.IntRange(1), settings.VERIFY_NEW_TOKENS)
 @device_option
 @max_memory_option
-def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> None:
+@prompt_format_option
+def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory, prompt_format) -> None:
     """Check an edited checkpoint against hook-based ablation on the source model; exit 1 on failure."""
+    from weight_edit.chat import using_prompt_format
     from weight_edit.dataset import load_split
     from weight_edit.model_card import write_card
     from weight_edit.records import write_json
@@ -321,13 +333,15 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> N
 
     _, split = load_split(dataset, seed)
     chosen = [p for label in ("safe", "unsafe") for p in split.prompts("validation", label, num_prompts // 2)]
-    checks.prompt_lengths(Path(read_provenance(Path(out))["source"]["path"]), [(dataset, chosen)])
+    source = Path(read_provenance(Path(out))["source"]["path"])
+    prompt_format = checks.prompt_lengths(source, [(dataset, chosen)], prompt_format)
     prompts = [p.text for p in chosen]
-    with console.status("running the hooked source and the edited checkpoint"):
+    with console.status("running the hooked source and the edited checkpoint"), using_prompt_format(prompt_format):
         report = verify_checkpoint(out, prompts, settings.VERIFY_TOLERANCES, new_tokens, device, max_memory=max_memory)
-    write_json(Path(out) / "weight_edit_verify.json", report.as_dict())
-    write_card(Path(out), read_provenance(Path(out)), report.as_dict())
-    table = Table(title=f"verify {out} ({report.mode}, stored {report.stored_dtype})")
+    recorded = {**report.as_dict(), "prompt_format": prompt_format}
+    write_json(Path(out) / "weight_edit_verify.json", recorded)
+    write_card(Path(out), read_provenance(Path(out)), recorded)
+    table = Table(title=f"verify {out} ({report.mode}, stored {report.stored_dtype}, {prompt_format} prompts)")
     table.add_column("metric")
     table.add_column("value")
     table.add_column("tolerance")
@@ -364,6 +378,7 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory) -> N
 )
 @benchmark_option
 @click.option("--prompt-column", help="Prompt column of --benchmark files (default: found by name).")
+@prompt_format_option
 def evaluate(**options) -> None:
     """Compare source and edited models on the held-out policy areas and public benchmark files (aggregates only).
 

@@ -476,3 +476,53 @@ def test_messages_name_the_model_type_and_every_file_and_no_bar_before_checks(tm
     args = ["apply", "--direction", str(fit_dir / "direction.safetensors"), "--out", str(tmp_path / "e"), "--rank", "2"]
     result = runner.invoke(cli.main, [*args, "--subspace", str(tmp_path / "missing.safetensors")])
     assert result.exit_code == 2 and "needs" in result.output and "editing" not in result.output
+
+
+def test_base_model_without_chat_template_fits_and_verifies_with_plain_prompts(tmp_path, base_tokenizer, runner):
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "base", base_tokenizer)
+    fit_dir, out = fit_and_apply(runner, model, tmp_path)  # --prompt-format auto: plain, as there is no template
+    sidecar = json.loads((fit_dir / "direction.json").read_text())
+    assert sidecar["prompt_format"] == "plain" and sidecar["post_instruction_tokens"] == []
+    assert sidecar["position"] == -1 and (fit_dir / "candidates.csv").read_text().count("\n") == 1 + 2
+    result = runner.invoke(cli.main, ["verify", str(out), "--device", "cpu"])
+    assert result.exit_code == 0 and "verify passed" in result.output, result.output
+    assert "plain prompts" in result.output
+    assert json.loads((out / "weight_edit_verify.json").read_text())["prompt_format"] == "plain"
+
+    for command in (["verify", str(out)], ["fit", "--model", str(model), "--out-dir", str(tmp_path / "f2")]):
+        result = runner.invoke(cli.main, [*command, "--prompt-format", "chat", "--device", "cpu"])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and "--prompt-format chat: the tokenizer has no chat template" in lines[0], lines
+    assert not (tmp_path / "f2").exists()
+
+    # tune formats prompts as the fit did; diagnose (positions among the template's suffix) refuses a plain fit
+    args = ["tune", "--fit-dir", str(fit_dir), "--trials", "2", "--validation-prompts", "2", "--device", "cpu"]
+    result = runner.invoke(cli.main, [*args, "--dtype", "float32", "--batch-size", "64"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((fit_dir / "direction.json").read_text())["search"]["n_trials"] == 2
+    result = runner.invoke(
+        cli.main, ["diagnose", "--direction", str(fit_dir / "direction.safetensors"), "--device", "cpu"]
+    )
+    assert result.exit_code == 2 and "diagnose needs a direction fit on chat-formatted prompts" in result.output
+
+
+def test_chat_model_verifies_and_evaluates_with_plain_prompts_when_asked(tmp_path, tiny_model, runner):
+    _, out = fit_and_apply(runner, tiny_model, tmp_path)
+    result = runner.invoke(cli.main, ["verify", str(out), "--device", "cpu", "--prompt-format", "plain"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "weight_edit_verify.json").read_text())["prompt_format"] == "plain"
+    options = ["--limit", "2", "--max-new-tokens", "2", "--device", "cpu", "--dtype", "float32"]
+    summaries = {}
+    for prompt_format in ("chat", "plain"):
+        eval_dir = tmp_path / f"eval-{prompt_format}"
+        result = runner.invoke(
+            cli.main,
+            ["evaluate", str(out), "--out-dir", str(eval_dir), "--prompt-format", prompt_format, *options],
+        )
+        assert result.exit_code == 0, result.output
+        summaries[prompt_format] = json.loads((eval_dir / "evaluation_summary.json").read_text())
+    assert summaries["plain"]["prompt_format"] == "plain" and summaries["chat"]["prompt_format"] == "chat"
+    assert summaries["plain"]["source_scores_reused"] is None  # other prompts: the chat run's cache is not theirs

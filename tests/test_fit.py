@@ -5,7 +5,16 @@ import torch
 
 from weight_edit.activations import mean_residuals, tokenized_batches
 from weight_edit.architecture import architecture_for
-from weight_edit.chat import post_instruction_ids, refusal_log_odds, refusal_token_ids
+from weight_edit.chat import (
+    TemplateError,
+    format_instruction,
+    post_instruction_ids,
+    refusal_log_odds,
+    refusal_token_ids,
+    resolve_prompt_format,
+    tokenize_instructions,
+    using_prompt_format,
+)
 from weight_edit.checkpoint import Checkpoint, fingerprint
 from weight_edit.direction_file import DirectionError, check_compatible, load_direction, save_direction
 from weight_edit.fit import FitSettings, fit_direction
@@ -32,6 +41,32 @@ SAFE = [
 def test_post_instruction_tokens_come_from_the_template(chat_tokenizer):
     suffix = post_instruction_ids(chat_tokenizer)
     assert chat_tokenizer.decode(suffix) == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_prompt_formats_for_tokenizers_with_and_without_a_template(chat_tokenizer, base_tokenizer):
+    assert resolve_prompt_format(chat_tokenizer) == "chat" and resolve_prompt_format(base_tokenizer) == "plain"
+    assert resolve_prompt_format(chat_tokenizer, "plain") == "plain"
+    with pytest.raises(TemplateError, match="--prompt-format chat: the tokenizer has no chat template"):
+        resolve_prompt_format(base_tokenizer, "chat")
+    with pytest.raises(ValueError, match="not one of auto, chat, plain"):
+        resolve_prompt_format(chat_tokenizer, "raw")
+    # plain: the instruction as-is, after the BOS token the tokenizer adds to text; no post-instruction tokens
+    text = "How do banks detect fraud"
+    assert format_instruction(base_tokenizer, text) == "<|im_start|>" + text
+    assert post_instruction_ids(base_tokenizer) == [] and post_instruction_ids(chat_tokenizer, "plain") == []
+    assert format_instruction(chat_tokenizer, text, "plain") == text  # this tokenizer adds no BOS
+    ids, mask = tokenize_instructions(base_tokenizer, [text, "Hi"])
+    assert ids[0].tolist() == base_tokenizer(text)["input_ids"]  # what the tokenizer itself makes of plain text
+    assert mask.sum(1).tolist() == [len(ids[0]), len(base_tokenizer("Hi")["input_ids"])]
+    # The format set around a call reaches callers that pass none (verify, activations); the default is auto.
+    with using_prompt_format("plain"):
+        assert format_instruction(chat_tokenizer, text) == text
+        with pytest.raises(TemplateError):
+            post_instruction_ids(base_tokenizer, "chat")
+    assert format_instruction(chat_tokenizer, text).startswith("<|im_start|>user")
+    with pytest.raises(ValueError):
+        with using_prompt_format("raw"):
+            pass
 
 
 def test_refusal_tokens_and_log_odds(chat_tokenizer):
@@ -96,6 +131,25 @@ def test_fit_scores_candidates_and_picks_one(fitted):
     assert chosen.bypass == min(s.bypass for s in result.scores if s.bypass is not None and s.passes_filters)
     assert result.direction.shape == (32,)
     assert -n_pos <= result.position <= -1
+
+
+def test_plain_prompts_fit_at_the_instructions_last_token(tmp_path, base_tokenizer):
+    """A base model's tokenizer: one candidate per layer, at the last token of the plain instruction."""
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "base", base_tokenizer)
+    model, tokenizer = load_model(folder, dtype="float32")
+    settings = FitSettings(
+        batch_size=3, screen_prompts=2, screen_keep=2, max_layer_fraction=1.0, max_kl=10.0, min_induce=-100
+    )
+    arch = architecture_for(Checkpoint(folder).config)
+    result = fit_direction(model, tokenizer, arch, 2, UNSAFE, SAFE, UNSAFE[:4], SAFE[:4], settings)
+    assert [(s.layer, s.position) for s in result.scores] == [(0, -1), (1, -1)]
+    assert result.suffix_tokens == [] and result.position == -1
+    prepared = tokenized_batches(tokenizer, UNSAFE, 4, "cpu", [])
+    means = mean_residuals(model, prepared, 2, 1)
+    contrast = mean_residuals(model, tokenized_batches(tokenizer, SAFE, 4, "cpu", []), 2, 1)
+    torch.testing.assert_close(result.direction, (means - contrast)[result.layer, 0].float())
 
 
 def test_pruned_search_agrees_with_full_search_here(fitted):

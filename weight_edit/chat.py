@@ -1,12 +1,21 @@
-"""Chat-template handling: formatting instructions, post-instruction tokens, refusal tokens.
+"""Prompt formatting: chat template or plain text, post-instruction tokens, refusal tokens.
 
 Post-instruction tokens are whatever the template puts after the user's instruction; they are found
 by formatting a probe instruction and locating where it ends, never from per-family strings.
+
+Prompt formats (`PROMPT_FORMATS`): `chat` wraps the instruction in the tokenizer's chat template; `plain`
+is the instruction as-is, after the tokenizer's BOS token when it adds one (for base models, which have
+no template: there are no post-instruction tokens, and the instruction's last token is the one read);
+`auto` is `chat` when the tokenizer has a template and `plain` otherwise. Functions take the format as an
+argument; left out (None), they use the format set by `using_prompt_format` around the call, `auto` by
+default, so that callers which do not pass it (verify, activations) follow the command's option.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +23,8 @@ import torch
 from weight_edit.errors import WeightEditError
 
 _PROBE = "Probe instruction for locating the template suffix"
+PROMPT_FORMATS = ("auto", "chat", "plain")  # first: the default
+_CURRENT_FORMAT: ContextVar[str] = ContextVar("prompt_format", default="auto")
 
 
 class TemplateError(WeightEditError):
@@ -34,30 +45,82 @@ def prompt_token_limit(config: dict, budget: int) -> tuple[int, str]:
     return budget, f"weight-edit's per-prompt budget is {budget} tokens (settings.MAX_PROMPT_TOKENS, for memory)"
 
 
-def check_prompt_lengths(tokenizer, rows: Sequence[tuple[int, str]], origin: str, limit: int, why: str) -> None:
-    """Refuse the first (row, prompt) whose chat-formatted length exceeds `limit`, before any model runs."""
+def check_prompt_lengths(
+    tokenizer, rows: Sequence[tuple[int, str]], origin: str, limit: int, why: str, prompt_format: str | None = None
+) -> None:
+    """Refuse the first (row, prompt) whose formatted length exceeds `limit`, before any model runs."""
     if not rows:
         return
-    overhead = len(tokenizer(format_instruction(tokenizer, ""), add_special_tokens=False)["input_ids"])
+    resolved = resolve_prompt_format(tokenizer, prompt_format)
+    overhead = len(tokenizer(format_instruction(tokenizer, "", resolved), add_special_tokens=False)["input_ids"])
     lengths = tokenizer([text for _, text in rows], add_special_tokens=False)["input_ids"]
+    where = "in the chat template" if resolved == "chat" else "as plain text"
     for (row, _), ids in zip(rows, lengths, strict=True):
         if len(ids) + overhead > limit:
-            raise PromptLengthError(
-                f"{origin}: row {row}: the prompt is {len(ids) + overhead} tokens in the chat template; {why}"
-            )
+            raise PromptLengthError(f"{origin}: row {row}: the prompt is {len(ids) + overhead} tokens {where}; {why}")
 
 
-def format_instruction(tokenizer, instruction: str) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise TemplateError("the tokenizer has no chat template; weight-edit needs a chat model")
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+@contextmanager
+def using_prompt_format(prompt_format: str) -> Iterator[None]:
+    """Within the block, functions called without a prompt format use `prompt_format` (see the module note)."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format {prompt_format!r} is not one of {', '.join(PROMPT_FORMATS)}")
+    token = _CURRENT_FORMAT.set(prompt_format)
+    try:
+        yield
+    finally:
+        _CURRENT_FORMAT.reset(token)
+
+
+def resolve_prompt_format(tokenizer, prompt_format: str | None = None) -> str:
+    """`chat` or `plain` for this tokenizer: `auto` (and None, outside `using_prompt_format`) picks `chat` when
+    the tokenizer has a chat template; `chat` without one is refused."""
+    requested = prompt_format or _CURRENT_FORMAT.get()
+    if requested not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format {requested!r} is not one of {', '.join(PROMPT_FORMATS)}")
+    if requested == "auto":
+        return "chat" if has_chat_template(tokenizer) else "plain"
+    if requested == "chat" and not has_chat_template(tokenizer):
+        raise TemplateError(
+            "--prompt-format chat: the tokenizer has no chat template (a base model?); "
+            "use --prompt-format plain (or auto) for the instruction as plain text"
+        )
+    return requested
+
+
+def _bos_text(tokenizer) -> str:
+    """The BOS token's text when the tokenizer puts it before plain text, else ''."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return ""
+    ids = tokenizer("a")["input_ids"]
+    return (
+        bos
+        if ids and ids[0] == bos_id and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos_id]
+        else ""
+    )
+
+
+def format_instruction(tokenizer, instruction: str, prompt_format: str | None = None) -> str:
+    """The prompt's text, tokenized with add_special_tokens=False: the chat template with the generation
+    prompt, or the instruction after the tokenizer's BOS text (plain)."""
+    if resolve_prompt_format(tokenizer, prompt_format) == "plain":
+        return _bos_text(tokenizer) + instruction
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
     )
 
 
-def post_instruction_ids(tokenizer) -> list[int]:
-    """Token ids the template places after every instruction (e.g. end-of-turn, assistant header)."""
-    text = format_instruction(tokenizer, _PROBE)
+def post_instruction_ids(tokenizer, prompt_format: str | None = None) -> list[int]:
+    """Token ids the template places after every instruction (e.g. end-of-turn, assistant header); none in
+    the plain format, where the instruction's last token is the only position read (see `read_positions`)."""
+    if resolve_prompt_format(tokenizer, prompt_format) == "plain":
+        return []
+    text = format_instruction(tokenizer, _PROBE, "chat")
     end = text.rfind(_PROBE)
     if end < 0:
         raise TemplateError("the chat template does not contain the instruction verbatim")
@@ -81,11 +144,20 @@ class Batch:
     indices: list[int]  # positions of these prompts in the caller's list
 
 
-def tokenize_instructions(tokenizer, instructions: Sequence[str], suffix_ids: Sequence[int] | None = None):
-    """Format and tokenize, left-padded, checking every prompt ends with the same suffix."""
-    texts = [format_instruction(tokenizer, s) for s in instructions]
+def read_positions(suffix_ids: Sequence[int]) -> int:
+    """How many last positions of a prompt carry candidates: the template's suffix, or the instruction's last
+    token when there is none (plain format)."""
+    return max(len(suffix_ids), 1)
+
+
+def tokenize_instructions(
+    tokenizer, instructions: Sequence[str], suffix_ids: Sequence[int] | None = None, prompt_format: str | None = None
+):
+    """Format and tokenize, left-padded, checking every prompt ends with the same suffix (when there is one)."""
+    resolved = resolve_prompt_format(tokenizer, prompt_format)
+    texts = [format_instruction(tokenizer, s, resolved) for s in instructions]
     encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    if suffix_ids is not None:
+    if suffix_ids:
         n = len(suffix_ids)
         expected = torch.tensor(list(suffix_ids))
         mismatched = [i for i in range(len(texts)) if not torch.equal(encoded["input_ids"][i, -n:], expected)]
@@ -98,11 +170,17 @@ def tokenize_instructions(tokenizer, instructions: Sequence[str], suffix_ids: Se
 
 
 def batches(
-    tokenizer, instructions: Sequence[str], batch_size: int, device: str | torch.device, suffix_ids=None
+    tokenizer,
+    instructions: Sequence[str],
+    batch_size: int,
+    device: str | torch.device,
+    suffix_ids=None,
+    prompt_format: str | None = None,
 ) -> Iterator[Batch]:
+    resolved = resolve_prompt_format(tokenizer, prompt_format)
     for start in range(0, len(instructions), batch_size):
         chunk = list(instructions[start : start + batch_size])
-        ids, mask = tokenize_instructions(tokenizer, chunk, suffix_ids)
+        ids, mask = tokenize_instructions(tokenizer, chunk, suffix_ids, resolved)
         yield Batch(ids.to(device), mask.to(device), list(range(start, start + len(chunk))))
 
 

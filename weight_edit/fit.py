@@ -30,7 +30,13 @@ import torch
 
 from weight_edit.activations import forward, kl_divergence, last_logits, mean_residuals, tokenized_batches
 from weight_edit.architecture import Architecture
-from weight_edit.chat import post_instruction_ids, refusal_log_odds, refusal_token_ids, tokenize_instructions
+from weight_edit.chat import (
+    post_instruction_ids,
+    read_positions,
+    refusal_log_odds,
+    refusal_token_ids,
+    tokenize_instructions,
+)
 from weight_edit.hooks import activation_addition, residual_ablation
 from weight_edit.models import input_device
 
@@ -201,8 +207,8 @@ def fit_direction(
 ) -> FitResult:
     """Candidates mean(unsafe) − mean(contrast) at every layer × post-instruction position, and the choice."""
     device = input_device(model)
-    suffix = post_instruction_ids(tokenizer)
-    n_pos = len(suffix)
+    suffix = post_instruction_ids(tokenizer)  # none in the plain prompt format: the instruction's last token
+    n_pos = read_positions(suffix)
     refusal_ids = refusal_token_ids(tokenizer, settings.refusal_prefixes)
 
     def prepare(texts: list[str]):

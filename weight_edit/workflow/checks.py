@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import settings
-from weight_edit.chat import check_prompt_lengths, prompt_token_limit
+from weight_edit.chat import check_prompt_lengths, prompt_token_limit, resolve_prompt_format
 from weight_edit.dataset import HARMLESS_LABEL, Dataset, DatasetError, Prompt, Split
 from weight_edit.output_folder import check_writable_dir
 
@@ -17,18 +17,24 @@ def writable(folder: Path, what: str) -> None:
     check_writable_dir(folder, what)
 
 
-def prompt_lengths(folder: Path, groups: Iterable[tuple[Path | str, Sequence[Prompt]]]) -> None:
+def prompt_lengths(
+    folder: Path, groups: Iterable[tuple[Path | str, Sequence[Prompt]]], prompt_format: str = "auto"
+) -> str:
     """Every prompt within the model's context and the token budget, checked with the tokenizer alone
-    before the model loads. `groups`: (file, its prompts with their row numbers)."""
+    before the model loads. `groups`: (file, its prompts with their row numbers). Returns the prompt format
+    `prompt_format` resolves to for this tokenizer (`chat` or `plain`; see chat.resolve_prompt_format), which
+    refuses `chat` for a tokenizer without a chat template now, in one line."""
     from transformers import AutoTokenizer
 
     if not (folder / "config.json").is_file():
-        return  # not a checkpoint folder: the command's own checks say so
+        return prompt_format  # not a checkpoint folder: the command's own checks say so
     config = json.loads((folder / "config.json").read_text())
     limit, why = prompt_token_limit(config, settings.MAX_PROMPT_TOKENS)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    resolved = resolve_prompt_format(tokenizer, prompt_format)
     for origin, prompts in groups:
-        check_prompt_lengths(tokenizer, [(p.row, p.text) for p in prompts], str(origin), limit, why)
+        check_prompt_lengths(tokenizer, [(p.row, p.text) for p in prompts], str(origin), limit, why, resolved)
+    return resolved
 
 
 def require_harmless(split: Split, dataset: Path, what: str) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import settings
+from weight_edit.chat import using_prompt_format
 from weight_edit.direction_file import DirectionError
 from weight_edit.fit import ProgressFactory, no_progress
 from weight_edit.workflow import checks
@@ -46,14 +47,20 @@ def run_diagnose(
     folder = resolve_model(request.model_spec or sidecar.get("model", {}).get("folder"), model_progress)
     check_compatible(sidecar, vector, fingerprint(Checkpoint(folder)), path)
     data, split = load_split(request.dataset, request.seed)
-    checks.prompt_lengths(folder, [(request.dataset, data.prompts)])
+    if sidecar.get("prompt_format", "chat") != "chat":
+        raise DirectionError(
+            f"{path.with_suffix('.json')}: diagnose needs a direction fit on chat-formatted prompts "
+            f"(this one was fit with --prompt-format {sidecar['prompt_format']})"
+        )
+    checks.prompt_lengths(folder, [(request.dataset, data.prompts)], "chat")
     checks.same_split(sidecar, data, split, path.with_suffix(".json"))
     started = time.time()
     dtype = resolve_dtype(request.dtype, request.device)
     model, tokenizer = load_model(folder, dtype=dtype, device=request.device)
     batch_size = request.batch_size or auto_batch_size(model)
-    result = run_diagnostics(
-        model, tokenizer, split, sidecar["layer"], sidecar["position"], vector, batch_size, request.seed, progress
-    )
+    with using_prompt_format("chat"):
+        result = run_diagnostics(
+            model, tokenizer, split, sidecar["layer"], sidecar["position"], vector, batch_size, request.seed, progress
+        )
     save_diagnostics(result, request.out_dir)
     return result, round(time.time() - started, 1)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import settings
+from weight_edit.chat import using_prompt_format
 from weight_edit.dataset import HARMLESS_LABEL, Prompt, Split
 from weight_edit.evaluate import PromptScore
 from weight_edit.fit import ProgressFactory, no_progress
@@ -39,6 +40,7 @@ class EvaluateRequest:
     reuse_source: bool = True
     benchmarks: Sequence = ()  # prompt_files.BenchmarkSpec
     prompt_column: str | None = None
+    prompt_format: str = "auto"  # chat.PROMPT_FORMATS; recorded as the format actually used
 
 
 @dataclass
@@ -78,17 +80,22 @@ def run_evaluation(
     data, split = load_split(request.dataset, request.seed)
     policy = policy_prompts(split, request.limit)
     by_file = [(spec.path, load_prompt_file(spec, request.prompt_column)) for spec in request.benchmarks]
-    checks.prompt_lengths(source, [(request.dataset, data.prompts), *by_file])
+    prompt_format = checks.prompt_lengths(source, [(request.dataset, data.prompts), *by_file], request.prompt_format)
     benchmark = [p for _, prompts in by_file for p in prompts]
     started = time.time()
     dtype = resolve_dtype(request.dtype, request.device)  # recorded as the dtype actually used
-    scored, reused, generation = _score_both(request, source, provenance, [*policy, *benchmark], dtype, progress)
+    with using_prompt_format(prompt_format):  # both models' prompts, in score_model
+        scored, reused, generation = _score_both(
+            request, source, provenance, [*policy, *benchmark], dtype, prompt_format, progress
+        )
     if reused:
         say(f"source scores reused from an identical earlier evaluation ({reused})")
-    return _write(request, split, len(policy), scored, reused, generation, dtype, started)
+    return _write(request, split, len(policy), scored, reused, generation, dtype, started, prompt_format)
 
 
-def _score_both(request: EvaluateRequest, source: Path, provenance: dict, prompts: list[Prompt], dtype: str, progress):
+def _score_both(
+    request: EvaluateRequest, source: Path, provenance: dict, prompts: list[Prompt], dtype: str, prompt_format, progress
+):
     """Scores of the source (cached when allowed) and of the edited checkpoint on the same prompts."""
     from weight_edit.evaluate import (
         generation_settings,
@@ -103,7 +110,7 @@ def _score_both(request: EvaluateRequest, source: Path, provenance: dict, prompt
     judge = None
     if request.judge_path:
         judge = load_judge(request.judge_path, "cuda" if request.device == "cuda" else "cpu")
-    key = _source_cache_key(request, source, provenance, prompts, dtype)
+    key = _source_cache_key(request, source, provenance, prompts, dtype, prompt_format)
     cache_folder = cache_dir() / "evaluations" / key if key else None
     cached = load_cached_scores(cache_folder) if cache_folder else None
     results = {"source": cached} if cached else {}
@@ -135,7 +142,9 @@ def _score_both(request: EvaluateRequest, source: Path, provenance: dict, prompt
     return results, (cache_folder if cached else None), generation
 
 
-def _source_cache_key(request: EvaluateRequest, source: Path, provenance: dict, prompts, dtype: str) -> str | None:
+def _source_cache_key(
+    request: EvaluateRequest, source: Path, provenance: dict, prompts, dtype: str, prompt_format: str
+) -> str | None:
     """Everything that changes the source's scores (never reused with an explicit --model or a judge)."""
     import torch
     import transformers
@@ -150,6 +159,7 @@ def _source_cache_key(request: EvaluateRequest, source: Path, provenance: dict, 
         source,
         {
             "prompts": [(p.text, p.label, p.category) for p in prompts],
+            **({"prompt_format": prompt_format} if prompt_format != "chat" else {}),  # chat: keys of earlier caches
             "dtype": dtype,
             "device": "cuda" if cuda else "cpu",
             "max_memory": request.max_memory,
@@ -165,7 +175,7 @@ def _source_cache_key(request: EvaluateRequest, source: Path, provenance: dict, 
     )
 
 
-def _write(request, split, n_policy, results, reused, generation, dtype, started) -> Evaluation:
+def _write(request, split, n_policy, results, reused, generation, dtype, started, prompt_format) -> Evaluation:
     """Summaries per area and per benchmark file, and the files `evaluate` leaves in --out-dir."""
     from weight_edit.evaluate import summarise
     from weight_edit.hashing import file_sha256
@@ -190,6 +200,7 @@ def _write(request, split, n_policy, results, reused, generation, dtype, started
         ],
         "benchmark_overall": {r["label"]: r for r in benchmark_rows if r["benchmark"] == "ALL"},
         "max_new_tokens": request.max_new_tokens,
+        "prompt_format": prompt_format,
         "generation": generation,
         "dtype": dtype,
         "refusal_substrings": list(settings.REFUSAL_SUBSTRINGS),

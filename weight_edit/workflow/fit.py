@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import settings
+from weight_edit.chat import using_prompt_format
 from weight_edit.dataset import HARMLESS_LABEL
 from weight_edit.fit import FitResult, FitSettings, ProgressFactory, fit_direction, no_progress
 from weight_edit.records import write_csv
@@ -33,6 +34,7 @@ class FitRequest:
     validation_prompts: int = settings.MAX_VALIDATION_PROMPTS
     contrast: str = settings.DEFAULT_CONTRAST
     selection: str = settings.SELECTION_RULE
+    prompt_format: str = "auto"  # chat.PROMPT_FORMATS; recorded as the format actually used
 
 
 @dataclass
@@ -61,14 +63,14 @@ def run_fit(
     if request.contrast == HARMLESS_LABEL:
         checks.require_harmless(split, request.dataset, "--contrast harmless")
     folder = resolve_model(request.model_spec, model_progress)
-    checks.prompt_lengths(folder, [(request.dataset, data.prompts)])
+    prompt_format = checks.prompt_lengths(folder, [(request.dataset, data.prompts)], request.prompt_format)
     checkpoint = Checkpoint(folder)
     arch = architecture_for(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
     say(
         f"model {folder} ({checkpoint.config.get('model_type')}, edited as the {arch.family} family; "
-        f"{num_layers} layers); contrast: {request.contrast}; fit areas: {', '.join(split.fit_areas)}; "
-        f"held out: {', '.join(split.held_out_areas)}"
+        f"{num_layers} layers); prompts: {prompt_format}; contrast: {request.contrast}; "
+        f"fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}"
     )
     started = time.time()
     dtype = resolve_dtype(request.dtype, request.device)  # recorded as the dtype actually used
@@ -81,19 +83,20 @@ def run_fit(
         selection=request.selection,
     )
     contrast = request.contrast
-    result = fit_direction(
-        model,
-        tokenizer,
-        arch,
-        num_layers,
-        split.texts("train", "unsafe"),
-        split.texts("train", contrast),
-        split.texts("validation", "unsafe"),
-        split.texts("validation", contrast),
-        fit_settings,
-        progress,
-        contrast_name=contrast,
-    )
+    with using_prompt_format(prompt_format):  # every prompt fit_direction tokenizes
+        result = fit_direction(
+            model,
+            tokenizer,
+            arch,
+            num_layers,
+            split.texts("train", "unsafe"),
+            split.texts("train", contrast),
+            split.texts("validation", "unsafe"),
+            split.texts("validation", contrast),
+            fit_settings,
+            progress,
+            contrast_name=contrast,
+        )
     chosen = result.chosen()
     sidecar = {
         "tool": "weight-edit",
@@ -115,6 +118,7 @@ def run_fit(
         },
         "baseline": result.baseline,
         "selection": result.selection_note,
+        "prompt_format": prompt_format,
         "post_instruction_tokens": result.suffix_tokens,
         "refusal_tokens": result.refusal_tokens,
         "dataset": {"path": str(request.dataset), "sha256": data.sha256},

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import settings
+from weight_edit.chat import using_prompt_format
 from weight_edit.dataset import HARMLESS_LABEL
 from weight_edit.direction_file import DirectionError
 from weight_edit.fit import ProgressFactory, no_progress
@@ -69,7 +70,10 @@ def run_tune(
     fitted_split = sidecar.get("split") or {}
     seed = fitted_split.get("seed", settings.SEED) if request.seed is None else request.seed
     data, split = load_split(request.dataset, seed)
-    checks.prompt_lengths(folder, [(request.dataset, data.prompts)])
+    # The prompts as `fit` formatted them (fits before --prompt-format used the chat template).
+    prompt_format = checks.prompt_lengths(
+        folder, [(request.dataset, data.prompts)], sidecar.get("prompt_format", "chat")
+    )
     checks.same_split(sidecar, data, split, sidecar_path)
     arch = architecture_for(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
@@ -87,29 +91,30 @@ def run_tune(
     started = time.time()
     dtype = resolve_dtype(request.dtype, request.device)  # recorded as the dtype actually used
     model, tokenizer = load_model(folder, dtype=dtype, device=request.device)
-    result = search_strengths(
-        model,
-        tokenizer,
-        arch,
-        arch.targets(checkpoint.config, checkpoint.tensor_names),
-        num_layers,
-        vector,
-        unsafe,
-        safe,
-        mode=request.mode,
-        n_trials=request.trials,
-        seed=seed,
-        batch_size=request.batch_size or auto_batch_size(model),
-        progress=progress,
-        max_refusal=request.max_refusal,
-        max_strength=request.max_strength,
-        centre_layer=sidecar.get("layer"),
-        max_new_tokens=settings.TUNE_NEW_TOKENS,
-        refusal_prefixes=settings.REFUSAL_PREFIXES,
-        markers=settings.BROAD_REFUSAL_MARKERS,
-        read_tensor=checkpoint.read,
-        val_kl=kl_prompts,
-    )
+    with using_prompt_format(prompt_format):
+        result = search_strengths(
+            model,
+            tokenizer,
+            arch,
+            arch.targets(checkpoint.config, checkpoint.tensor_names),
+            num_layers,
+            vector,
+            unsafe,
+            safe,
+            mode=request.mode,
+            n_trials=request.trials,
+            seed=seed,
+            batch_size=request.batch_size or auto_batch_size(model),
+            progress=progress,
+            max_refusal=request.max_refusal,
+            max_strength=request.max_strength,
+            centre_layer=sidecar.get("layer"),
+            max_new_tokens=settings.TUNE_NEW_TOKENS,
+            refusal_prefixes=settings.REFUSAL_PREFIXES,
+            markers=settings.BROAD_REFUSAL_MARKERS,
+            read_tensor=checkpoint.read,
+            val_kl=kl_prompts,
+        )
     search = {**result.as_dict(), "dtype": dtype, "dataset_sha256": data.sha256, "kl_prompts": contrast}
     save_direction(direction_path, vector, {**sidecar, "search": search})  # re-hashes the sidecar
     trials_path = write_csv(request.fit_dir / TRIALS_FILE, result.table())
