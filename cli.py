@@ -324,7 +324,6 @@ def apply(**options) -> None:
 @prompt_format_option
 def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory, prompt_format) -> None:
     """Check an edited checkpoint against hook-based ablation on the source model; exit 1 on failure."""
-    from weight_edit.chat import using_prompt_format
     from weight_edit.dataset import load_split
     from weight_edit.model_card import write_card
     from weight_edit.records import write_json
@@ -336,9 +335,17 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory, prom
     source = Path(read_provenance(Path(out))["source"]["path"])
     prompt_format = checks.prompt_lengths(source, [(dataset, chosen)], prompt_format)
     prompts = [p.text for p in chosen]
-    with console.status("running the hooked source and the edited checkpoint"), using_prompt_format(prompt_format):
-        report = verify_checkpoint(out, prompts, settings.VERIFY_TOLERANCES, new_tokens, device, max_memory=max_memory)
-    recorded = {**report.as_dict(), "prompt_format": prompt_format}
+    with console.status("running the hooked source and the edited checkpoint"):
+        report = verify_checkpoint(
+            out,
+            prompts,
+            settings.VERIFY_TOLERANCES,
+            new_tokens,
+            device,
+            max_memory=max_memory,
+            prompt_format=prompt_format,
+        )
+    recorded = report.as_dict()
     write_json(Path(out) / "weight_edit_verify.json", recorded)
     write_card(Path(out), read_provenance(Path(out)), recorded)
     table = Table(title=f"verify {out} ({report.mode}, stored {report.stored_dtype}, {prompt_format} prompts)")

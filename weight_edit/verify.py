@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from weight_edit.architecture import GUARANTEES, Architecture, architecture_for
-from weight_edit.chat import tokenize_instructions
+from weight_edit.chat import resolve_prompt_format, tokenize_instructions
 from weight_edit.checkpoint import Checkpoint
 from weight_edit.direction_file import load_direction
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
@@ -52,6 +52,7 @@ class VerifyReport:
     tolerances: dict[str, float]
     failures: list[str] = field(default_factory=list)
     checks: dict[str, Any] = field(default_factory=dict)
+    prompt_format: str = "chat"  # how the prompts were given: chat template, or plain text (a base model)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -250,6 +251,7 @@ class _Runs:
     edited: dict[str, torch.Tensor]  # the edited checkpoint, plain
     paper: dict[str, torch.Tensor] | None  # the source under the paper's residual ablation, where it must agree
     valid: torch.Tensor  # [prompts, positions]: True where a token is not padding
+    prompt_format: str  # chat or plain, as resolved for the source's tokenizer
 
 
 def _run_models(
@@ -261,12 +263,14 @@ def _run_models(
     prompts: list[str],
     new_tokens: int,
     placement: dict[str, Any],
+    prompt_format: str | None,
 ) -> tuple[EditPlan, _Runs]:
     """The edit's plan, rebuilt from the files beside the checkpoint, and both models' runs: the source first
     (hooked, and for a single direction in project mode also under the paper's ablation, which the edit then
     equals), then the edited checkpoint, so that memory holds one model at a time."""
     model, tokenizer = load_model(source.folder, dtype="float32", **placement)
-    ids, mask = tokenize_instructions(tokenizer, prompts)
+    prompt_format = resolve_prompt_format(tokenizer, prompt_format)
+    ids, mask = tokenize_instructions(tokenizer, prompts, prompt_format=prompt_format)
     ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
     targets = arch.targets(source.config, source.tensor_names)
     plan = plan_from_provenance(out, provenance, direction, arch.num_layers(source.config))
@@ -284,7 +288,7 @@ def _run_models(
     edited = _run(model, ids, mask, new_tokens)
     del model
     release_memory()
-    return plan, _Runs(hooked, edited, paper, mask.bool().cpu())
+    return plan, _Runs(hooked, edited, paper, mask.bool().cpu(), prompt_format)
 
 
 def _metrics(runs: _Runs, plan: EditPlan, num_layers: int, top1_margin: float) -> dict[str, float]:
@@ -373,6 +377,7 @@ def verify_checkpoint(
     max_memory: dict | None = None,
     device_map: dict[str, Any] | None = None,
     check_source: bool = True,
+    prompt_format: str | None = None,
 ) -> VerifyReport:
     """The edited checkpoint in `out` against its source running the same edit as hooks, on `prompts`.
 
@@ -391,7 +396,7 @@ def verify_checkpoint(
     stored_dtype = edited.main_dtype()
     tolerances = {"top1_margin": DEFAULT_TOP1_MARGIN.get(stored_dtype, 0.0), **tolerances_by_dtype[stored_dtype]}
     placement = {"device": device, "max_memory": max_memory, "device_map": device_map}
-    plan, runs = _run_models(out, provenance, direction, source, arch, prompts, new_tokens, placement)
+    plan, runs = _run_models(out, provenance, direction, source, arch, prompts, new_tokens, placement, prompt_format)
     metrics = _metrics(runs, plan, num_layers, tolerances["top1_margin"])
     twin_exact = arch.twin_is_exact(mode)
     checks: dict[str, Any] = {
@@ -420,4 +425,5 @@ def verify_checkpoint(
         tolerances=tolerances,
         failures=failures,
         checks=checks,
+        prompt_format=runs.prompt_format,
     )
