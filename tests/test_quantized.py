@@ -25,7 +25,6 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from weight_edit.checkpoint import Checkpoint
 from weight_edit.quantized import (
-    E2M1_VALUES,
     QuantizationError,
     QuantizedTensor,
     dequantization_unit,
@@ -39,7 +38,7 @@ from weight_edit.quantized import (
     quantized_tensors,
     read_dequantized,
 )
-from weight_edit.synthetic import random_model
+from weight_edit.synthetic import quantize_fp8, quantize_mxfp4, random_model
 
 HIDDEN = 32
 VOCAB = 400  # the test chat tokenizer's, so that apply and verify can run on these checkpoints
@@ -96,30 +95,7 @@ def fp8_reference(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, i
     return reference
 
 
-# ---- quantizers that build the tiny checkpoints ----------------------------------------------------------------
-
-
-def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float parameter [experts, in, out] to on-disk blocks [experts, out, in / 32, 16] and scales: the
-    smallest power of two that brings each block's largest value within e2m1's 6, then the nearest code."""
-    table = torch.tensor(E2M1_VALUES)
-    grouped = weight.transpose(1, 2).float().unflatten(-1, (-1, 32))
-    exponent = torch.ceil(torch.log2(grouped.abs().amax(-1).clamp(min=2.0**-100) / 6)).clamp(-127, 127)
-    codes = ((grouped / torch.exp2(exponent)[..., None])[..., None] - table).abs().argmin(-1).to(torch.uint8)
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), (exponent + 127).to(torch.uint8)
-
-
-def quantize_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-style: each block's largest magnitude maps to e4m3fn's 448; the scale stored is its inverse."""
-    rows, cols = weight.shape
-    scale = torch.empty(math.ceil(rows / block[0]), math.ceil(cols / block[1]))
-    quantized = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            part = (slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1]))
-            scale[i, j] = weight[part].abs().max().clamp(min=1e-12) / 448
-            quantized[part] = (weight[part] / scale[i, j]).to(torch.float8_e4m3fn)
-    return quantized, scale
+# ---- random FP8 codes -------------------------------------------------------------------------------------
 
 
 def random_fp8(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -607,5 +583,28 @@ def test_apply_and_verify_fp8_llama(llama_fp8, tmp_path, chat_tokenizer):
     skipped = out.config["quantization_config"]["modules_to_not_convert"]
     assert "model.layers.1.self_attn.o_proj" in skipped and "model.layers.1.mlp.down_proj" in skipped
     assert "model.layers.1.self_attn.q_proj" not in skipped
+    report = verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
+    assert report.passed, report.failures
+
+
+def test_apply_and_verify_fp8_deepseek(deepseek_fp8, tmp_path, chat_tokenizer):
+    """DeepSeek-V3 as released, block FP8 with its routed experts one linear each: every expert's down_proj is
+    edited, and with it every projection of that layer's experts module leaves FP8 (transformers merges them into
+    one module); attention's MLA projections and the router stay as they were; the output passes verify."""
+    from test_verify import PROMPTS
+
+    import settings
+    from weight_edit.verify import verify_checkpoint
+    from weight_edit.writer import apply_direction
+
+    source = Checkpoint(_with_tokenizer(deepseek_fp8, tmp_path / "src", chat_tokenizer))
+    result = apply_direction(source, torch.randn(HIDDEN), tmp_path / "out")
+    out = Checkpoint(tmp_path / "out")
+    experts = [f"model.layers.1.mlp.experts.{e}.{p}.weight" for e in range(4) for p in ("gate_proj", "up_proj")]
+    assert all(f"model.layers.1.mlp.experts.{e}.down_proj.weight" in result.edited_tensors for e in range(4))
+    assert all(out.info(name).dtype == "BF16" and name + "_scale_inv" not in out.weight_map for name in experts)
+    assert torch.equal(out.read(experts[0]), source.read(experts[0]).to(torch.bfloat16))
+    kv = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+    assert out.info(kv).dtype == "F8_E4M3" and torch.equal(out.read_stored(kv), source.read_stored(kv))
     report = verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
     assert report.passed, report.failures
