@@ -24,6 +24,7 @@ from transformers.integrations.finegrained_fp8 import Fp8Dequantize, FP8Linear
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from weight_edit.checkpoint import Checkpoint
+from weight_edit.models import load_model
 from weight_edit.quantized import (
     QuantizationError,
     QuantizedTensor,
@@ -587,6 +588,26 @@ def test_apply_and_verify_fp8_llama(llama_fp8, tmp_path, chat_tokenizer):
     assert report.passed, report.failures
 
 
+def test_verify_refuses_fp8_blocks_transformers_loads_wrongly(tmp_path, chat_tokenizer):
+    """A 48-wide FP8 weight in 32 x 32 blocks has a ragged edge that transformers 5.25's dequantizing load gets
+    wrong: apply writes exact values, and verify refuses in one line instead of comparing against wrong weights."""
+    from test_verify import PROMPTS
+
+    import settings
+    from weight_edit.verify import VerifyError, verify_checkpoint
+    from weight_edit.writer import apply_direction
+
+    folder = tmp_path / "ragged" / "llama"
+    settings_ = dict(hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
+    _fp8_checkpoint(folder, "llama", [32, 32], num_key_value_heads=2, tie_word_embeddings=False, **settings_)
+    source = Checkpoint(_with_tokenizer(folder, tmp_path / "src", chat_tokenizer))
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert not source.quantized[down].transformers_exact
+    apply_direction(source, torch.randn(HIDDEN), tmp_path / "out")
+    with pytest.raises(VerifyError, match=r"dequantizes model\.layers\.0\.mlp\.down_proj\.weight \(dequantized and"):
+        verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
+
+
 def test_apply_and_verify_fp8_deepseek(deepseek_fp8, tmp_path, chat_tokenizer):
     """DeepSeek-V3 as released, block FP8 with its routed experts one linear each: every expert's down_proj is
     edited, and with it every projection of that layer's experts module leaves FP8 (transformers merges them into
@@ -606,5 +627,10 @@ def test_apply_and_verify_fp8_deepseek(deepseek_fp8, tmp_path, chat_tokenizer):
     assert torch.equal(out.read(experts[0]), source.read(experts[0]).to(torch.bfloat16))
     kv = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
     assert out.info(kv).dtype == "F8_E4M3" and torch.equal(out.read_stored(kv), source.read_stored(kv))
+    # transformers dequantizes the FP8 modules left to bfloat16 whatever dtype is asked: verify's run must still
+    # be float32 throughout
+    model, _ = load_model(tmp_path / "out", dtype="float32")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    del model
     report = verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
     assert report.passed, report.failures

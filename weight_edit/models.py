@@ -261,12 +261,23 @@ def load_model(
     else:
         model = auto_class.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False, **quantized)
         model.to(device)
+    if quantized and isinstance(torch_dtype, torch.dtype):
+        _cast_floats(model, torch_dtype)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _cast_floats(model, dtype) -> None:
+    """transformers 5.25 dequantizes FP8 modules to bfloat16 whatever dtype was asked for: a partly quantized
+    checkpoint then computes in mixed precision (verify's float32 run would not be float32). Cast every floating
+    parameter and buffer that is not on the meta device (offloaded) to `dtype`, in place; exact for bfloat16."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != dtype and not tensor.is_meta:
+            tensor.data = tensor.data.to(dtype)
 
 
 def model_class(folder: Path):

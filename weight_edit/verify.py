@@ -222,18 +222,20 @@ def _check_files(out: Path, check_files: bool, check_source: bool) -> tuple[dict
 
 
 def _check_dequantized_source(source: Checkpoint, provenance: dict[str, Any]) -> None:
-    """The hooked source is transformers' dequantizing load of a quantized checkpoint; where that load is known to
-    give other values than the format's (FP8 blocks on a ragged edge, quantized.fp8_transformers_exact) for a tensor
-    apply dequantized, the comparison would blame the edit for transformers' rounding: refuse it in one line."""
-    written = set((provenance.get("dequantized") or {}).get("tensors", []))
-    wrong = sorted(
-        name for name in written if name in source.quantized and not source.quantized[name].transformers_exact
-    )
+    """The hooked source is transformers' dequantizing load of a quantized checkpoint. transformers 5.25 takes an
+    FP8 block to be `rows // scale_rows` rows (quantized.fp8_transformers_exact): on a ragged block edge it either
+    refuses to load (DeepSeek-V3's kv_a_proj_with_mqa, 576 rows in 128-row blocks) or scales the wrong rows, so
+    neither model it loads would be the one apply read. Refuse in one line, naming the tensor; apply's output is
+    not affected (weight-edit's own reader is exact)."""
+    wrong = sorted(name for name, q in source.quantized.items() if not q.transformers_exact)
     if wrong:
+        written = set((provenance.get("dequantized") or {}).get("tensors", []))
+        edited = " (dequantized and edited by apply)" if wrong[0] in written else ""
         raise VerifyError(
-            f"cannot verify: transformers {_transformers_version()} dequantizes {wrong[0]}"
-            f"{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''} with the wrong block scales (a ragged FP8 "
-            "block edge), so the hooked source would not be the model apply edited"
+            f"cannot verify: transformers {_transformers_version()} dequantizes {wrong[0]}{edited}"
+            f"{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''} with the wrong FP8 block scales (a ragged "
+            "block edge), so the models it loads would not be the one apply read; the edited checkpoint itself "
+            "is written from exact values"
         )
 
 
