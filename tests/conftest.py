@@ -91,7 +91,9 @@ def build_tiny_model(
         "gemma2": dict(head_dim=8),
         "gemma3_text": dict(head_dim=8, sliding_window=16),
         "olmo2": {},
-        "mixtral": dict(num_local_experts=3, num_experts_per_tok=2),
+        **{t: dict(num_local_experts=3, num_experts_per_tok=2) for t in ("mixtral", "phimoe")},
+        "phimoe_bias": dict(num_local_experts=3, num_experts_per_tok=2, attention_bias=True),  # as Phi-3.5-MoE ships
+        "minimax_m2": dict(num_local_experts=3, num_experts_per_tok=2, head_dim=8),
         "qwen2_moe": dict(num_experts=3, shared_expert_intermediate_size=16, **moe),
         "qwen3_moe": dict(num_experts=3, head_dim=8, **moe),
         "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, head_dim=8, sliding_window=16),
@@ -142,6 +144,7 @@ def build_tiny_model(
         "qwen3_next_dense_layer": "qwen3_next",
         "gemma4_moe": "gemma4_text",
         "granitemoehybrid_dense": "granitemoehybrid",
+        "phimoe_bias": "phimoe",
     }
     settings = extra.get(model_type, {})
     model_type = variants.get(model_type, model_type)

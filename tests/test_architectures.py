@@ -198,8 +198,15 @@ FAMILIES = {
         layers=4,
     ),
     "olmo2": Family(llama_like(), ORTHOGONAL, 5, POST_NORM),
-    "mixtral": Family(
-        {EMBED: 1, O_PROJ: 0, L + r"block_sparse_moe\.experts\.\d+\.w2\.weight": 0}, MOE, 1 + 2 * (1 + 3)
+    # Mixtral's layout (PhiMoE, MiniMax-M2 too): per-expert w2 on disk, every layer MoE, no shared expert
+    **{
+        t: Family({EMBED: 1, O_PROJ: 0, L + r"block_sparse_moe\.experts\.\d+\.w2\.weight": 0}, MOE, 1 + 2 * (1 + 3))
+        for t in ("mixtral", "phimoe", "minimax_m2")
+    },
+    "phimoe_bias": Family(
+        {EMBED: 1, L + r"self_attn\.o_proj\.(weight|bias)": 0, L + r"block_sparse_moe\.experts\.\d+\.w2\.weight": 0},
+        MOE,
+        1 + 2 * (2 + 3),
     ),
     "qwen2_moe": Family(
         {
