@@ -94,6 +94,9 @@ def build_tiny_model(
         **{t: dict(num_local_experts=3, num_experts_per_tok=2) for t in ("mixtral", "phimoe")},
         "phimoe_bias": dict(num_local_experts=3, num_experts_per_tok=2, attention_bias=True),  # as Phi-3.5-MoE ships
         "minimax_m2": dict(num_local_experts=3, num_experts_per_tok=2, head_dim=8),
+        "granitemoe": dict(
+            num_local_experts=3, num_experts_per_tok=2, residual_multiplier=0.5, embedding_multiplier=2.0
+        ),
         "qwen2_moe": dict(num_experts=3, shared_expert_intermediate_size=16, **moe),
         "qwen3_moe": dict(num_experts=3, head_dim=8, **moe),
         "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, head_dim=8, sliding_window=16),

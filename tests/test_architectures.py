@@ -208,6 +208,8 @@ FAMILIES = {
         MOE,
         1 + 2 * (2 + 3),
     ),
+    # fused experts in every layer (output_linear [experts, d_model, d_ff]), no shared MLP; scalar multipliers
+    "granitemoe": Family({EMBED: 1, O_PROJ: 0, L + r"block_sparse_moe\.output_linear\.weight": 1}, MOE, 1 + 2 * 2),
     "qwen2_moe": Family(
         {
             EMBED: 1,
