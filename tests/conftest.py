@@ -97,6 +97,10 @@ def build_tiny_model(
         "granitemoe": dict(
             num_local_experts=3, num_experts_per_tok=2, residual_multiplier=0.5, embedding_multiplier=2.0
         ),
+        "stablelm": dict(use_parallel_residual=False),
+        "stablelm_parallel": dict(use_parallel_residual=True),
+        "starcoder2": {},  # use_bias: o_proj and c_proj biases (residual writers), q/k/v and c_fc biases (not)
+        "phi": {},
         "qwen2_moe": dict(num_experts=3, shared_expert_intermediate_size=16, **moe),
         "qwen3_moe": dict(num_experts=3, head_dim=8, **moe),
         "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, head_dim=8, sliding_window=16),
@@ -148,6 +152,7 @@ def build_tiny_model(
         "gemma4_moe": "gemma4_text",
         "granitemoehybrid_dense": "granitemoehybrid",
         "phimoe_bias": "phimoe",
+        "stablelm_parallel": "stablelm",
     }
     settings = extra.get(model_type, {})
     model_type = variants.get(model_type, model_type)

@@ -75,6 +75,19 @@ FAMILIES = {
         for t in ("ministral", "ministral3", "smollm3", "granite", "glm", "seed_oss", "arcee", "apertus")
         + ("ernie4_5", "hunyuan_v1_dense", "cohere", "cohere2")
     },
+    # StableLM with sequential and with parallel attention and MLP (one input LayerNorm): llama's names either way
+    **{t: Family(llama_like(), PLAIN, 5) for t in ("stablelm", "stablelm_parallel")},
+    # biases on both writers; q/k/v and c_fc biases are not residual writers
+    "starcoder2": Family(
+        in_layers("model.", {r"self_attn\.o_proj\.(weight|bias)": 0, r"mlp\.c_proj\.(weight|bias)": 0}),
+        PLAIN,
+        1 + 2 * 4,
+        tie=True,
+    ),
+    # parallel block: attention through self_attn.dense, MLP through mlp.fc2, with biases; lm_head.bias untouched
+    "phi": Family(
+        in_layers("model.", {r"self_attn\.dense\.(weight|bias)": 0, r"mlp\.fc2\.(weight|bias)": 0}), PLAIN, 1 + 2 * 4
+    ),
     "mistral3": Family(llama_like("language_model.model."), PLAIN, 5),
     "qwen3_vl": Family(llama_like("model.language_model."), PLAIN, 5),
     "qwen2_5_vl": Family(llama_like("model."), PLAIN, 5),
