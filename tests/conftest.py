@@ -101,6 +101,7 @@ def build_tiny_model(
         "stablelm_parallel": dict(use_parallel_residual=True),
         "starcoder2": {},  # use_bias: o_proj and c_proj biases (residual writers), q/k/v and c_fc biases (not)
         "phi": {},
+        "hunyuan_v1_moe": dict(num_experts=3, moe_topk=2, head_dim=8),
         "qwen2_moe": dict(num_experts=3, shared_expert_intermediate_size=16, **moe),
         "qwen3_moe": dict(num_experts=3, head_dim=8, **moe),
         "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, head_dim=8, sliding_window=16),

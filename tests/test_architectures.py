@@ -223,6 +223,17 @@ FAMILIES = {
     ),
     # fused experts in every layer (output_linear [experts, d_model, d_ff]), no shared MLP; scalar multipliers
     "granitemoe": Family({EMBED: 1, O_PROJ: 0, L + r"block_sparse_moe\.output_linear\.weight": 1}, MOE, 1 + 2 * 2),
+    # every layer MoE: routed experts (intermediate_size) and the ungated shared MLP
+    "hunyuan_v1_moe": Family(
+        {
+            EMBED: 1,
+            O_PROJ: 0,
+            L + r"mlp\.experts\.\d+\.down_proj\.weight": 0,
+            L + r"mlp\.shared_mlp\.down_proj\.weight": 0,
+        },
+        MOE,
+        1 + 2 * (1 + 3 + 1),
+    ),
     "qwen2_moe": Family(
         {
             EMBED: 1,
