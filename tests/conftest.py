@@ -102,6 +102,9 @@ def build_tiny_model(
         "starcoder2": {},  # use_bias: o_proj and c_proj biases (residual writers), q/k/v and c_fc biases (not)
         "phi": {},
         "hunyuan_v1_moe": dict(num_experts=3, moe_topk=2, head_dim=8),
+        "ernie4_5_moe": dict(moe, moe_num_experts=3, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1)
+        | dict(moe_layer_end_index=2, moe_layer_interval=1),
+        "glm4_moe_lite": dict(**mla, **moe, n_routed_experts=3, n_shared_experts=1),
         "qwen2_moe": dict(num_experts=3, shared_expert_intermediate_size=16, **moe),
         "qwen3_moe": dict(num_experts=3, head_dim=8, **moe),
         "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, head_dim=8, sliding_window=16),

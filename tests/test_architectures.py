@@ -5,8 +5,10 @@ reference computed here, nothing else changes, every write is orthogonal to r̂ 
 norm where there is one), and `verify` passes with the guarantee the family can honestly claim.
 """
 
+import json
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from test_edit_math import reference_norm_preserving, reference_project
 from test_verify import PROMPTS
 
 import settings
-from weight_edit.architecture import ArchitectureError, architecture_for
+from weight_edit.architecture import ArchitectureError, LayerRule, _validate, architecture_for
 from weight_edit.checkpoint import Checkpoint
 from weight_edit.edit_math import unit
 from weight_edit.verify import verify_checkpoint
@@ -134,6 +136,24 @@ FAMILIES = {
         )
         for t in ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1")
     },
+    # MoE in layers 1 and 2 (moe_layer_start_index 1, moe_layer_end_index 2, interval 1), dense MLP in 0 and 3
+    "ernie4_5_moe": Family(
+        in_layers(
+            "model.", {r"self_attn\.o_proj\.weight": 0, **EXPERTS, r"mlp\.(shared_experts\.)?down_proj\.weight": 0}
+        ),
+        MOE,
+        1 + 4 + 2 + 2 * (3 + 1),
+        tie=True,
+        layers=4,
+    ),
+    # mlp_layer_types dense, sparse (transformers' default): layer 0 dense, layer 1 routed and shared experts
+    "glm4_moe_lite": Family(
+        in_layers(
+            "model.", {r"self_attn\.o_proj\.weight": 0, **EXPERTS, r"mlp\.(shared_experts\.)?down_proj\.weight": 0}
+        ),
+        MOE,
+        1 + 2 + 1 + 3 + 1,
+    ),
     "olmoe": Family(in_layers("model.", {r"self_attn\.o_proj\.weight": 0, **EXPERTS}), MOE, 1 + 2 * (1 + 3)),
     # per-layer inputs (E2B/E4B): per_layer_projection under post_per_layer_input_norm; norms scale by γ (no +1)
     **{
@@ -372,6 +392,37 @@ def test_layer_rules_select_writers_from_the_config():
     assert {t.tensor for t in deepseek.targets(config, names)} == names
     with pytest.raises(ArchitectureError, match=r"missing model\.layers\.1\.mlp\.down_proj\.weight"):
         deepseek.targets({**config, "first_k_dense_replace": 2}, names)  # config says dense, weights say experts
+
+
+def test_layer_rules_with_defaults_and_open_ends():
+    """GLM-4.7-Flash's mlp_layer_types, when config.json lacks it, defaults to a first dense layer and sparse ones
+    after it (a default list's last entry repeats); ERNIE 4.5's moe_layer_end_index -1 sets no upper bound."""
+    glm = architecture_for({"model_type": "glm4_moe_lite"})
+    config = {"num_hidden_layers": 3, "hidden_size": 8, "n_routed_experts": 1}
+    sparse = [f"model.layers.{i}.mlp.{m}.down_proj.weight" for i in (1, 2) for m in ("experts.0", "shared_experts")]
+    names = {"model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight", *sparse}
+    names |= {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(3)}
+    assert {t.tensor for t in glm.targets(config, names)} == names
+    with pytest.raises(ArchitectureError, match=r"missing model\.layers\.0\.mlp\.experts\.0\.down_proj\.weight"):
+        glm.targets({**config, "mlp_layer_types": ["sparse", "sparse", "sparse"]}, names)
+    with pytest.raises(ArchitectureError, match=r"'mlp_layer_types' .* cannot say whether layer 2"):
+        glm.targets({**config, "mlp_layer_types": ["dense", "sparse"]}, names)  # a given list does not repeat
+
+    ernie = architecture_for({"model_type": "ernie4_5_moe"})
+    config = {"num_hidden_layers": 3, "hidden_size": 8, "moe_num_experts": 1, "moe_layer_start_index": 1}
+    modules = {end: [m for _, m in ernie.writer_modules({**config, "moe_layer_end_index": end}, 3)] for end in (-1, 1)}
+    dense, moe = ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"], "model.layers.2.mlp"
+    assert modules[-1][0] == dense and moe in modules[-1][2] and "model.layers.2.mlp.down_proj" not in modules[-1][2]
+    assert modules[1][2] == ["model.layers.2.self_attn.o_proj", "model.layers.2.mlp.down_proj"]
+    rule = LayerRule("at_most", "end")
+    assert [rule.holds(layer, {"end": -2}) for layer in range(2)] == [False, False]  # only -1 is open-ended
+
+
+def test_in_list_defaults_must_be_lists():
+    family = json.loads(resources.files("weight_edit.architectures").joinpath("glm4_moe_lite.json").read_text())
+    family["writers"][1]["layers"]["default"] = "dense"
+    with pytest.raises(ArchitectureError, match=r"'in_list' rule's 'default' must be a non-empty list"):
+        _validate(family, "glm4_moe_lite.json")
 
 
 def test_guarantee_follows_the_writers_the_config_has():

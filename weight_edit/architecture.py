@@ -56,11 +56,12 @@ WRITER_KINDS = (
 LOADERS = ("causal-lm", "image-text-to-text")
 # How a writer's `layers` rule selects layer l from the config value v of its key.
 LAYER_TESTS = {
-    "in_list": "v[l] is one of values",
+    "in_list": "v[l] is one of values (without v, a default list whose last entry repeats to the last layer)",
     "listed": "l is in the list v",
     "not_listed": "l is not in the list v",
     "at_least": "l >= v",
     "below": "l < v",
+    "at_most": "l <= v, where v = -1 sets no upper bound",
     "every": "(l + 1) is a multiple of v",
     "true": "v is true",
     "false": "v is false",
@@ -127,6 +128,9 @@ class LayerRule:
         value = _config_value(config, list(self.key) if isinstance(self.key, tuple) else self.key, self.default)
         try:
             if self.test == "in_list":
+                if self.default is not None and not _has_key(config, self.key):
+                    # A default list stands for any number of layers: its last entry repeats to the end
+                    return self.default[min(layer, len(self.default) - 1)] in self.values
                 return value[layer] in self.values
             if self.test in ("listed", "not_listed"):
                 return (layer in value) == (self.test == "listed")
@@ -134,6 +138,8 @@ class LayerRule:
                 return layer >= int(value)
             if self.test == "below":
                 return layer < int(value)
+            if self.test == "at_most":
+                return int(value) == -1 or layer <= int(value)
             if self.test == "every":
                 return int(value) > 0 and (layer + 1) % int(value) == 0
             return bool(value) == (self.test == "true")
@@ -373,6 +379,11 @@ def fill(template: str, **values: int | str) -> str:
 _MISSING = object()
 
 
+def _has_key(config: dict[str, Any], key: str | tuple[str, ...]) -> bool:
+    names = [key] if isinstance(key, str) else list(key)
+    return any(name in scope for name in names for scope in (config, config.get("text_config") or {}))
+
+
 def _config_value(config: dict[str, Any], key: str | list[str], default: Any = _MISSING) -> Any:
     """A config value by name, or by the first of several names that versions of a family used."""
     for name in [key] if isinstance(key, str) else key:
@@ -421,6 +432,11 @@ def _check_layer_writer(source: str, index: int, writer: dict[str, Any]) -> None
             )
         if rule["if"] == "in_list" and not isinstance(rule.get("values"), list):
             raise ArchitectureError(f"{source}: writer {index}: an 'in_list' rule needs 'values' (a list)")
+        default = rule.get("default", [None])
+        if rule["if"] == "in_list" and not (isinstance(default, list) and default):
+            raise ArchitectureError(
+                f"{source}: writer {index}: an 'in_list' rule's 'default' must be a non-empty list (its last entry repeats)"
+            )
     fused = writer.get("fused")
     if fused is not None:
         if "experts_key" not in writer:
