@@ -105,6 +105,8 @@ def build_tiny_model(
         "ernie4_5_moe": dict(moe, moe_num_experts=3, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1)
         | dict(moe_layer_end_index=2, moe_layer_interval=1),
         "glm4_moe_lite": dict(**mla, **moe, n_routed_experts=3, n_shared_experts=1),
+        "lfm2": dict(full_attn_idxs=[1, 3], block_auto_adjust_ff_dim=False, conv_bias=True),
+        "lfm2_moe": dict(moe, num_experts=3, num_dense_layers=1, layer_types=["conv", "full_attention"] * 2),
         "qwen2_moe": dict(num_experts=3, shared_expert_intermediate_size=16, **moe),
         "qwen3_moe": dict(num_experts=3, head_dim=8, **moe),
         "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, head_dim=8, sliding_window=16),

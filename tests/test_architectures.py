@@ -154,6 +154,33 @@ FAMILIES = {
         MOE,
         1 + 2 + 1 + 3 + 1,
     ),
+    # 4 layers: convolution in 0 and 2 (with conv_bias), attention in 1 and 3; every layer a dense w2
+    "lfm2": Family(
+        in_layers(
+            "model.",
+            {r"conv\.out_proj\.(weight|bias)": 0, r"self_attn\.out_proj\.weight": 0, r"feed_forward\.w2\.weight": 0},
+        ),
+        PLAIN,
+        1 + 2 * 2 + 2 + 4,
+        tie=True,
+        layers=4,
+    ),
+    # conv, attention, conv, attention; num_dense_layers 1: layer 0 dense w2, layers 1-3 three experts each
+    "lfm2_moe": Family(
+        in_layers(
+            "model.",
+            {
+                r"conv\.out_proj\.weight": 0,
+                r"self_attn\.out_proj\.weight": 0,
+                r"feed_forward\.w2\.weight": 0,
+                r"feed_forward\.experts\.\d+\.w2\.weight": 0,
+            },
+        ),
+        MOE,
+        1 + 4 + 1 + 3 * 3,
+        tie=True,
+        layers=4,
+    ),
     "olmoe": Family(in_layers("model.", {r"self_attn\.o_proj\.weight": 0, **EXPERTS}), MOE, 1 + 2 * (1 + 3)),
     # per-layer inputs (E2B/E4B): per_layer_projection under post_per_layer_input_norm; norms scale by γ (no +1)
     **{
@@ -416,6 +443,20 @@ def test_layer_rules_with_defaults_and_open_ends():
     assert modules[1][2] == ["model.layers.2.self_attn.o_proj", "model.layers.2.mlp.down_proj"]
     rule = LayerRule("at_most", "end")
     assert [rule.holds(layer, {"end": -2}) for layer in range(2)] == [False, False]  # only -1 is open-ended
+
+
+def test_lfm2_mixers_from_layer_types_or_full_attn_idxs():
+    """LFM2's first releases list attention layers in full_attn_idxs instead of layer_types (which wins when both are
+    given); with neither, every layer is attention, as transformers reads them."""
+    lfm2 = architecture_for({"model_type": "lfm2"})
+
+    def mixers(**keys):
+        config = {"num_hidden_layers": 3, "hidden_size": 8, **keys}
+        return [m[0].rsplit(".", 2)[1] for _, m in lfm2.writer_modules(config, 3)]
+
+    assert mixers(full_attn_idxs=[1]) == ["conv", "self_attn", "conv"]
+    assert mixers(layer_types=["full_attention", "conv", "conv"], full_attn_idxs=[1]) == ["self_attn", "conv", "conv"]
+    assert mixers() == ["self_attn"] * 3
 
 
 def test_in_list_defaults_must_be_lists():
