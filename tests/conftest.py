@@ -107,6 +107,8 @@ def build_tiny_model(
         "glm4_moe_lite": dict(**mla, **moe, n_routed_experts=3, n_shared_experts=1),
         "lfm2": dict(full_attn_idxs=[1, 3], block_auto_adjust_ff_dim=False, conv_bias=True),
         "lfm2_moe": dict(moe, num_experts=3, num_dense_layers=1, layer_types=["conv", "full_attention"] * 2),
+        "falcon_h1": dict(head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_d_conv=4)
+        | dict(mamba_expand=1, mamba_chunk_size=8, embedding_multiplier=2.0, ssm_out_multiplier=0.5),
         "qwen2_moe": dict(num_experts=3, shared_expert_intermediate_size=16, **moe),
         "qwen3_moe": dict(num_experts=3, head_dim=8, **moe),
         "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, head_dim=8, sliding_window=16),

@@ -181,6 +181,15 @@ FAMILIES = {
         tie=True,
         layers=4,
     ),
+    # parallel Mamba-2 and attention in every layer, then the MLP; scalar multipliers
+    "falcon_h1": Family(
+        in_layers(
+            "model.",
+            {r"mamba\.out_proj\.weight": 0, r"self_attn\.o_proj\.weight": 0, r"feed_forward\.down_proj\.weight": 0},
+        ),
+        PLAIN,
+        1 + 2 * 3,
+    ),
     "olmoe": Family(in_layers("model.", {r"self_attn\.o_proj\.weight": 0, **EXPERTS}), MOE, 1 + 2 * (1 + 3)),
     # per-layer inputs (E2B/E4B): per_layer_projection under post_per_layer_input_norm; norms scale by γ (no +1)
     **{
