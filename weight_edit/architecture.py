@@ -125,7 +125,7 @@ class LayerRule:
     default: Any = None
 
     def holds(self, layer: int, config: dict[str, Any]) -> bool:
-        value = _config_value(config, list(self.key) if isinstance(self.key, tuple) else self.key, self.default)
+        value = _config_value(config, self.key, self.default)
         try:
             if self.test == "in_list":
                 if self.default is not None and not _has_key(config, self.key):
@@ -171,11 +171,6 @@ class Architecture:
     @property
     def has_output_norms(self) -> bool:
         return any("output_norm" in w for w in self.writers)
-
-    @property
-    def layer_dependent(self) -> bool:
-        """Whether some writers exist only in some layers (hybrid or dense-then-MoE decoders)."""
-        return any("layers" in w or "unless" in w for w in self.writers)
 
     def twin_is_exact(self, mode: str) -> bool:
         """Can hooks reproduce the weight edit exactly? Block hooks only project (no per-expert rescale)."""
@@ -287,21 +282,20 @@ class Architecture:
         for layer in range(self.num_layers(config)):
             for writer in self.writers:
                 if not writer_in_layer(writer, layer, config):
-                    unexpected.extend(n for n in _writer_names(writer, layer, config, on_disk) if n in tensor_names)
+                    unexpected.extend(n for n in _writer_names(writer, layer, on_disk) if n in tensor_names)
                     continue
                 targets.extend(self._writer_targets(writer, layer, config, tensor_names, on_disk, require))
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ArchitectureError(
-                f"checkpoint does not match the '{self.family}' architecture table: missing {shown}"
+                f"checkpoint does not match the '{self.family}' architecture table: missing {_first_few(missing)}"
             )
         # Two writers may name the same tensor in complementary layers (a norm chain that differs with MoE)
-        unexpected = [name for name in unexpected if name not in {t.tensor for t in targets}]
+        edited = {t.tensor for t in targets}
+        unexpected = [name for name in unexpected if name not in edited]
         if unexpected:
-            shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
             raise ArchitectureError(
                 f"checkpoint does not match its config under the '{self.family}' architecture table: it holds "
-                f"{shown}, in layers where config.json says that writer does not exist"
+                f"{_first_few(unexpected)}, in layers where config.json says that writer does not exist"
             )
         return targets
 
@@ -312,8 +306,12 @@ class Architecture:
             layer=layer,
             hook=writer.get("hook", "module"),
             output_norms=tuple(
-                OutputNorm(require(norm["tensor"], layer=layer), self.module(norm["module"], layer=layer), norm_offset)
-                for norm, norm_offset in ((n, float(n.get("offset", 0.0))) for n in _norms(writer))
+                OutputNorm(
+                    require(norm["tensor"], layer=layer),
+                    self.module(norm["module"], layer=layer),
+                    float(norm.get("offset", 0.0)),
+                )
+                for norm in _norms(writer)
             ),
             module=self.module(writer["module"], layer=layer),
         )
@@ -360,7 +358,7 @@ def _norms(writer: dict[str, Any]) -> list[dict[str, Any]]:
     return [] if norm is None else norm if isinstance(norm, list) else [norm]
 
 
-def _writer_names(writer: dict[str, Any], layer: int, config: dict[str, Any], on_disk) -> list[str]:
+def _writer_names(writer: dict[str, Any], layer: int, on_disk) -> list[str]:
     """Every on-disk name a writer could have in `layer` (its weight, first expert, fused form, biases)."""
     names = []
     for spec in [writer, *([writer["fused"]] if "fused" in writer else [])]:
@@ -370,28 +368,36 @@ def _writer_names(writer: dict[str, Any], layer: int, config: dict[str, Any], on
     return names
 
 
+def _first_few(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def fill(template: str, **values: int | str) -> str:
     for key, value in values.items():
         template = template.replace("${" + key + "}", str(value))
     return template
 
 
-_MISSING = object()
+def _lookup(config: dict[str, Any], key: str | list[str] | tuple[str, ...]) -> tuple[bool, Any]:
+    """(found, value) of a config key, or of the first of several names that versions of a family used;
+    multimodal configs nest the language model's settings under text_config."""
+    for name in [key] if isinstance(key, str) else key:
+        for scope in (config, config.get("text_config") or {}):
+            if name in scope:
+                return True, scope[name]
+    return False, None
 
 
 def _has_key(config: dict[str, Any], key: str | tuple[str, ...]) -> bool:
-    names = [key] if isinstance(key, str) else list(key)
-    return any(name in scope for name in names for scope in (config, config.get("text_config") or {}))
+    return _lookup(config, key)[0]
 
 
-def _config_value(config: dict[str, Any], key: str | list[str], default: Any = _MISSING) -> Any:
-    """A config value by name, or by the first of several names that versions of a family used."""
-    for name in [key] if isinstance(key, str) else key:
-        # Multimodal configs nest the language model's settings under text_config.
-        for scope in (config, config.get("text_config") or {}):
-            if name in scope:
-                return scope[name]
-    if default is not None and default is not _MISSING:
+def _config_value(config: dict[str, Any], key: str | list[str] | tuple[str, ...], default: Any = None) -> Any:
+    """A config value by name (see `_lookup`); `default` when it is absent, an error when there is none."""
+    found, value = _lookup(config, key)
+    if found:
+        return value
+    if default is not None:
         return default
     raise ArchitectureError(f"config.json has no '{key if isinstance(key, str) else ' or '.join(key)}'")
 
