@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from weight_edit.chat import Batch, batches
+from weight_edit.models import text_config
 
 Advance = Callable[[int], None]
 HookContext = Callable[[], AbstractContextManager]
@@ -98,7 +99,7 @@ def forward(
     instead: the prefix pass has `prefix_rows` rows, each repeated for consecutive batch rows.
     """
     # Sliding-window attention counts the pads between prefix and rest as distance: keep such prompts whole.
-    window = getattr(_text_config(model), "sliding_window", None)
+    window = getattr(text_config(model), "sliding_window", None)
     shared_prefix = shared_prefix and not (window and input_ids.shape[1] > window) and model not in _NOT_PLAIN_KV
     split = split_shared_prefix(input_ids, attention_mask, keep_last) if shared_prefix else None
     cache = None
@@ -138,11 +139,6 @@ def plain_kv_cache(cache) -> bool:
 
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
-
-
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _cache_argument(model) -> str:

@@ -31,7 +31,7 @@ import torch
 
 from weight_edit.errors import WeightEditError
 from weight_edit.fit import ProgressFactory, no_progress
-from weight_edit.models import input_device
+from weight_edit.models import input_device, text_config
 from weight_edit.stats import paired_summary
 
 LETTERS = "ABCDEFGHIJ"
@@ -283,7 +283,7 @@ def letter_tokens(tokenizer, count: int) -> LetterTokens:
 
 def context_limit(model) -> int | None:
     """Longest input the model's positions allow (None when the config does not say)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

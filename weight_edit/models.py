@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -236,8 +237,13 @@ def load_model(
     import torch
     from transformers import AutoTokenizer
 
-    auto_class = model_class(folder)
-    quantized = dequantizing_kwargs(folder)
+    from weight_edit.quantized import dequantizing_load_kwargs
+
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    auto_class = model_class(config)
+    # a shipped quantized checkpoint (MXFP4, block FP8) loads dequantized: the hooked source that `verify`
+    # compares against then holds exactly the floats `apply` edited (weight_edit.quantized)
+    quantized = dequantizing_load_kwargs(config)
     dtype = resolve_dtype(dtype, device)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     if device == "auto" and not torch.cuda.is_available() and max_memory is None and device_map is None:
@@ -280,31 +286,24 @@ def _cast_floats(model, dtype) -> None:
             tensor.data = tensor.data.to(dtype)
 
 
-def model_class(folder: Path):
-    """The transformers Auto class that loads a checkpoint whole: the family table's `loader` (a multimodal
-    wrapper such as Mistral 3 has no causal-LM class; its text decoder runs inside the image-text-to-text
-    model), the causal-LM class for model types outside the tables."""
-    import json
-
+def model_class(config: dict[str, Any]):
+    """The transformers Auto class that loads a checkpoint (by its config.json) whole: the family table's `loader`
+    (a multimodal wrapper such as Mistral 3 has no causal-LM class; its text decoder runs inside the
+    image-text-to-text model), the causal-LM class for model types outside the tables."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from weight_edit.architecture import load_architectures
 
-    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     family = load_architectures().get(config.get("model_type"))
     if family is not None and family.loader == "image-text-to-text":
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
 
 
-def dequantizing_kwargs(folder: Path) -> dict[str, Any]:
-    """A shipped quantized checkpoint (MXFP4, block FP8) loads dequantized: the hooked source that `verify`
-    compares against then holds exactly the floats `apply` edited (weight_edit.quantized)."""
-    import json
-
-    from weight_edit.quantized import dequantizing_load_kwargs
-
-    return dequantizing_load_kwargs(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")))
+def text_config(model):
+    """The language model's config: a multimodal wrapper nests it under text_config."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def input_device(model):
@@ -320,7 +319,7 @@ def auto_batch_size(model, prompt_tokens: int = 64, cap: int = 256) -> int:
     if device.type != "cuda":
         return 16
     free, _ = torch.cuda.mem_get_info(device)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     element = next(model.parameters()).element_size()
     # every layer's hidden states are kept (output_hidden_states), plus ~4x that in transient activations
     per_prompt = prompt_tokens * (config.num_hidden_layers + 1) * config.hidden_size * element * 5
