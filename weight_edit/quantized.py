@@ -308,8 +308,11 @@ def output_config(
     that list relied on transformers' defaults (lm_head), which any list replaces, so the list then starts with
     every module whose 2-D weight the source stores as floats. Refuses a partial `dequantization_unit`."""
     written_names = {q.name for q in written}
+    by_module: dict[str, list[QuantizedTensor]] = {}
+    for q in sorted(quantized.values(), key=lambda q: q.name):  # each unit once, not once per written tensor
+        by_module.setdefault(q.module, []).append(q)
     for name in sorted(written_names):
-        missing = [q.name for q in dequantization_unit(name, quantized) if q.name not in written_names]
+        missing = [q.name for q in by_module[quantized[name].module] if q.name not in written_names]
         if missing:
             raise QuantizationError(f"'{name}' is written as floats without {missing}, which must go with it")
     result = copy.deepcopy(dict(config))

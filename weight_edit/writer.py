@@ -41,7 +41,7 @@ from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.hashing import file_sha256, tensor_sha256
 from weight_edit.model_card import CARD_FILE, write_card
 from weight_edit.output_folder import check_output_location, new_staging, output_lock, replace_atomically
-from weight_edit.quantized import QuantizedTensor, dequantization_unit, float_dtype, output_config
+from weight_edit.quantized import QuantizedTensor, float_dtype, output_config
 
 PROVENANCE_FILE = "weight_edit_provenance.json"
 # The provenance file's own sha256, in `sha256sum` format: any later edit of the provenance is detected.
@@ -71,7 +71,7 @@ def _serialise_header(entries: dict[str, dict[str, Any]], metadata: dict[str, st
 
 
 def _plan_shard(
-    infos: list[TensorInfo], extra_after: dict[str, tuple[str, TensorInfo]], edit: _ShardEdit
+    infos: list[TensorInfo], extra_after: dict[str, TensorInfo], edit: _ShardEdit
 ) -> dict[str, dict[str, Any]]:
     """Output header entries: the source order, with extra tensors (lm_head) placed after their twin, a dequantized
     tensor in its quantized data's place (float name, dtype and shape) and its scales left out."""
@@ -80,7 +80,7 @@ def _plan_shard(
     for info in infos:
         if info.name in edit.dropped:
             continue
-        items = [edit.output_info(info), *([extra_after[info.name][1]] if info.name in extra_after else [])]
+        items = [edit.output_info(info), *([extra_after[info.name]] if info.name in extra_after else [])]
         for item in items:
             entries[item.name] = {
                 "dtype": item.dtype,
@@ -312,10 +312,10 @@ def _write_shard(
     """Stream one source shard to `destination`, hashing both sides; returns the source's and the output's records."""
     header = checkpoint.headers[shard]
     infos = sorted(header.tensors.values(), key=lambda info: info.start)
-    extra: dict[str, tuple[str, TensorInfo]] = {}
+    extra: dict[str, TensorInfo] = {}
     if edit.untie_from is not None and edit.untie_from in header.tensors:
         twin = header.tensors[edit.untie_from]
-        extra[edit.untie_from] = (edit.untie_to, TensorInfo(edit.untie_to, twin.dtype, twin.shape, 0, twin.nbytes))
+        extra[edit.untie_from] = TensorInfo(edit.untie_to, twin.dtype, twin.shape, 0, twin.nbytes)
     entries = _plan_shard(infos, extra, edit)
     metadata = {**header.metadata, "format": "pt"}
 
@@ -462,13 +462,11 @@ def _write_index_and_config(
 
 def _dequantized(source: Checkpoint, targets: dict[str, EditTarget]) -> dict[str, QuantizedTensor]:
     """The quantized tensors the output stores as floats, by on-disk data tensor: every quantized residual writer
-    and the rest of its unit (what must leave quantization together with it; quantized.dequantization_unit)."""
-    written: dict[str, QuantizedTensor] = {}
-    for name in sorted(targets):
-        if name in source.quantized:
-            for quantized in dequantization_unit(name, source.quantized):
-                written[quantized.data] = quantized
-    return written
+    and the rest of its unit: every quantized tensor of its module (quantized.dequantization_unit), found in one
+    pass (a DeepSeek layer's experts module holds hundreds)."""
+    modules = {source.quantized[name].module for name in targets if name in source.quantized}
+    units = sorted((q for q in source.quantized.values() if q.module in modules), key=lambda q: q.name)
+    return {quantized.data: quantized for quantized in units}
 
 
 def _dequantized_record(source: Checkpoint, edit: _ShardEdit) -> dict[str, Any] | None:
