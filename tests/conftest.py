@@ -208,3 +208,16 @@ def private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def tiny_model(tmp_path, chat_tokenizer) -> Path:
     return build_tiny_model(tmp_path / "tiny", chat_tokenizer)
+
+
+def load_script(name: str):
+    """A script of scripts/ imported as a module (registered, so its dataclasses can look their module up)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

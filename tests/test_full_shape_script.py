@@ -3,21 +3,14 @@ apply and verify, one JSON of aggregates per model; the layer cuts and the estim
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "full_shape.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("full_shape", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["full_shape"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_tiny_mxfp4_and_fused_experts_through_apply_and_verify(tmp_path):
@@ -53,7 +46,7 @@ def test_tiny_mxfp4_and_fused_experts_through_apply_and_verify(tmp_path):
 
 
 def test_layer_cuts_keep_the_pattern_and_gemma_kv_sharing():
-    script = load_script()
+    script = load_script("full_shape")
     text = json.loads(json.dumps(script.MODELS["gemma-4-e4b-it"].config["text_config"]))
     script._cut_layers(text, 12)
     assert text["num_hidden_layers"] == 12 and text["layer_types"] == text["layer_types"][:6] * 2
@@ -70,7 +63,7 @@ def test_layer_cuts_keep_the_pattern_and_gemma_kv_sharing():
 def test_estimates_at_the_default_cuts_fit_one_gpu_and_the_disk():
     done = subprocess.run([sys.executable, str(SCRIPT), "--estimate"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    models = load_script().MODELS
+    models = load_script("full_shape").MODELS
     rows = {
         line.split()[0]: line.split() for line in done.stdout.splitlines() if line.split()[:1] in ([k] for k in models)
     }

@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 import settings
 from weight_edit.dataset import Prompt
 from weight_edit.models import load_model
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "interop_llamacpp.py"
-
 
 @pytest.fixture(scope="module")
 def interop():
-    spec = importlib.util.spec_from_file_location("interop_llamacpp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["interop_llamacpp"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("interop_llamacpp")
 
 
 def make_llama_cpp_tree(root: Path, converter_body: str = "") -> Path:

