@@ -81,6 +81,9 @@ def build_tiny_model(
     granite4 = dict(shared_intermediate_size=48, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_d_conv=4)
     granite4 |= dict(mamba_expand=2, mamba_chunk_size=8, mamba_n_groups=1)
     granite4 |= dict(layer_types=["mamba", "attention", "mamba", "attention"][:layers] + ["mamba"] * (layers - 4))
+    nemotron = dict(head_dim=8, n_routed_experts=3, moe_shared_expert_intermediate_size=16, mamba_num_heads=4)
+    nemotron |= dict(mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8, num_experts_per_tok=2)
+    nemotron |= dict(moe_intermediate_size=16, layers_block_type=["mamba", "moe", "attention", "mlp"][:layers])
     extra = {
         "llama": dict(attention_bias=bias, mlp_bias=bias),
         "qwen2": {},  # q/k/v biases: not residual writers, must stay untouched
@@ -138,6 +141,8 @@ def build_tiny_model(
         **{t: llama4 for t in ("llama4", "llama4_text")},
         "granitemoehybrid": dict(granite4, num_local_experts=3, num_experts_per_tok=2),
         "granitemoehybrid_dense": dict(granite4, num_local_experts=0),
+        "nemotron_h": nemotron,
+        "nemotron_h_latent": dict(nemotron, moe_latent_size=8),
     }
     # Multimodal wrappers: the text decoder's settings go to text_config, beside a tiny vision tower.
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
@@ -159,6 +164,7 @@ def build_tiny_model(
         "qwen3_next_dense_layer": "qwen3_next",
         "gemma4_moe": "gemma4_text",
         "granitemoehybrid_dense": "granitemoehybrid",
+        "nemotron_h_latent": "nemotron_h",
         "phimoe_bias": "phimoe",
         "stablelm_parallel": "stablelm",
     }

@@ -266,6 +266,34 @@ FAMILIES = {
         1 + 2 + 2 + 4,
         layers=4,
     ),
+    # one mixer per layer by layers_block_type (Mamba-2, MoE, attention, MLP), tensors under backbone. on disk
+    "nemotron_h": Family(
+        {
+            r"backbone\.embeddings\.weight": 1,
+            **{
+                r"backbone\.layers\.\d+\.mixer\." + k: 0
+                for k in (r"out_proj\.weight", r"o_proj\.weight", r"down_proj\.weight")
+                + (r"experts\.\d+\.down_proj\.weight", r"shared_experts\.down_proj\.weight")
+            },
+        },
+        MOE,
+        1 + 1 + (3 + 1) + 1 + 1,
+        layers=4,
+    ),
+    # latent MoE (Nemotron 3 Super): experts work in a latent space, fc2_latent_proj writes into the stream
+    "nemotron_h_latent": Family(
+        {
+            r"backbone\.embeddings\.weight": 1,
+            **{
+                r"backbone\.layers\.\d+\.mixer\." + k: 0
+                for k in (r"out_proj\.weight", r"o_proj\.weight", r"down_proj\.weight")
+                + (r"fc2_latent_proj\.weight", r"shared_experts\.down_proj\.weight")
+            },
+        },
+        PLAIN,
+        1 + 1 + (1 + 1) + 1 + 1,
+        layers=4,
+    ),
     "olmo2": Family(llama_like(), ORTHOGONAL, 5, POST_NORM),
     # Mixtral's layout (PhiMoE, MiniMax-M2 too): per-expert w2 on disk, every layer MoE, no shared expert
     **{
@@ -481,6 +509,22 @@ def test_guarantee_follows_the_writers_the_config_has():
     base |= {"layer_types": ["mamba", "attention"]}
     assert architecture_for({**base, "num_local_experts": 0}).guarantee("norm-preserving") == "hook-exact"
     assert architecture_for({**base, "num_local_experts": 4}).guarantee("norm-preserving") == "orthogonal-writes"
+
+
+def test_layer_count_and_types_from_a_pattern_string():
+    """Nemotron-H as released: hybrid_override_pattern (M Mamba, E MoE, * attention, - MLP) sets both the layer
+    count and each layer's mixer; num_hidden_layers, when present, is not consulted first."""
+    config = {"model_type": "nemotron_h", "hidden_size": 8, "hybrid_override_pattern": "ME*-M", "n_routed_experts": 2}
+    arch = architecture_for(config | {"num_hidden_layers": 52})
+    assert arch.num_layers(config) == 5
+    names = {"backbone.embeddings.weight"}
+    names |= {f"backbone.layers.{i}.mixer.out_proj.weight" for i in (0, 4)}
+    names |= {f"backbone.layers.1.mixer.{k}.down_proj.weight" for k in ("experts.0", "experts.1", "shared_experts")}
+    names |= {"backbone.layers.2.mixer.o_proj.weight", "backbone.layers.3.mixer.down_proj.weight"}
+    assert {t.tensor for t in arch.targets(config, names)} == names
+    latent = config | {"moe_latent_size": 4}
+    with pytest.raises(ArchitectureError, match=r"backbone\.layers\.1\.mixer\.fc2_latent_proj\.weight"):
+        architecture_for(latent).targets(latent, names)
 
 
 def test_missing_writer_names_the_tensor():

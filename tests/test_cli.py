@@ -530,11 +530,12 @@ def test_chat_model_verifies_and_evaluates_with_plain_prompts_when_asked(tmp_pat
 
 @pytest.mark.parametrize(
     "model_type,layers",
-    [("qwen3_5_moe", 4), ("gemma4", 2), ("llama4", 2), ("granitemoehybrid", 4), ("deepseek_v3", 2)],
+    [("qwen3_5_moe", 4), ("gemma4", 2), ("llama4", 2), ("granitemoehybrid", 4), ("deepseek_v3", 2), ("nemotron_h", 4)],
 )
 def test_todays_families_through_every_command(tmp_path, chat_tokenizer, runner, model_type, layers):
     """fit, apply, verify, evaluate and tune on today's decoders: a hybrid MoE wrapper (recurrent cache: whole
-    prompts), Gemma 4 with per-layer inputs, Llama 4's wrapper with fused experts, a Mamba hybrid, DeepSeek-V3."""
+    prompts), Gemma 4 with per-layer inputs, Llama 4's wrapper with fused experts, Mamba hybrids (Granite 4, Nemotron-H
+    under backbone.), DeepSeek-V3."""
     from conftest import build_tiny_model
 
     model = build_tiny_model(tmp_path / "src", chat_tokenizer, model_type=model_type, layers=layers)

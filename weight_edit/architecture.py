@@ -71,7 +71,7 @@ DEFAULT_LAYOUT = {"decoder": "model.", "unembedding": "lm_head.weight"}
 _FAMILY_KEYS = {
     "family": str,
     "model_types": list,
-    "num_layers_key": str,
+    "num_layers_key": (str, list),
     "hidden_size_key": str,
     "layer_module": str,
     "embeddings": list,
@@ -155,7 +155,7 @@ class Architecture:
     family: str
     description: str
     model_types: tuple[str, ...]
-    num_layers_key: str
+    num_layers_key: str | tuple[str, ...]  # a count, or a per-layer list or pattern (its length); first present wins
     hidden_size_key: str
     layer_module: str
     embeddings: tuple[dict[str, Any], ...]
@@ -193,14 +193,17 @@ class Architecture:
         """The table reduced to the writers this config's layers have: its guarantee is then the one this model
         earns (a hybrid configured without experts is hook-exact in both modes). A config that does not say how
         many layers it has (a lookup by model_type alone) gets the whole table."""
-        if not any(self.num_layers_key in scope for scope in (config, config.get("text_config") or {})):
+        if not _has_key(config, self.num_layers_key):
             return self
         layers = range(self.num_layers(config))
         present = tuple(w for w in self.writers if any(writer_in_layer(w, layer, config) for layer in layers))
         return self if present == self.writers else replace(self, writers=present)
 
     def num_layers(self, config: dict[str, Any]) -> int:
-        return int(_config_value(config, self.num_layers_key))
+        """A layer count, or the length of a per-layer list or pattern string (a hybrid's layer types, which
+        its transformers class reads in place of a count)."""
+        value = _config_value(config, self.num_layers_key)
+        return len(value) if isinstance(value, list | str) else int(value)
 
     def hidden_size(self, config: dict[str, Any]) -> int:
         return int(_config_value(config, self.hidden_size_key))
@@ -331,12 +334,17 @@ class Architecture:
         return targets
 
 
+def _key_names(key: str | list[str]) -> str | tuple[str, ...]:
+    """A config key as a table gives it: one name, or the names versions of a family used (a tuple)."""
+    return tuple(key) if isinstance(key, list) else key
+
+
 def _layer_rules(writer: dict[str, Any], field: str = "layers") -> list[LayerRule]:
     rules = writer.get(field, [])
     return [
         LayerRule(
             r["if"],
-            tuple(r["key"]) if isinstance(r["key"], list) else r["key"],
+            _key_names(r["key"]),
             tuple(r.get("values", ())),
             r.get("default"),
         )
@@ -456,7 +464,8 @@ def _check_layer_writer(source: str, index: int, writer: dict[str, Any]) -> None
 def _validate(raw: dict[str, Any], source: str) -> list[Architecture]:
     for key, kind in _FAMILY_KEYS.items():
         if not isinstance(raw.get(key), kind):
-            raise ArchitectureError(f"{source}: '{key}' must be a {kind.__name__}")
+            names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+            raise ArchitectureError(f"{source}: '{key}' must be a {names}")
     if not raw["embeddings"] or not raw["writers"]:
         raise ArchitectureError(f"{source}: needs at least one embedding and one writer")
     for index, writer in enumerate([*raw["embeddings"], *raw["writers"]]):
@@ -469,7 +478,7 @@ def _validate(raw: dict[str, Any], source: str) -> list[Architecture]:
         family=raw["family"],
         description=raw.get("description", ""),
         model_types=tuple(raw["model_types"]),
-        num_layers_key=raw["num_layers_key"],
+        num_layers_key=_key_names(raw["num_layers_key"]),
         hidden_size_key=raw["hidden_size_key"],
         layer_module=raw["layer_module"],
         embeddings=tuple(raw["embeddings"]),
