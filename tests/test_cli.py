@@ -377,6 +377,26 @@ def test_benchmark_with_text_only_writes_its_summary(tmp_path, chat_tokenizer, r
     assert not (out / "capability_by_subject.csv").exists()
 
 
+def test_benchmark_with_a_missing_edited_folder_fails_before_loading_anything(tmp_path, runner, monkeypatch):
+    """The default `edited` folder absent: verify's one-line error, before the source is resolved or scored
+    (a name that is not a folder here is never sent to the hub)."""
+    import weight_edit.models
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was resolved before the edited folders were checked")
+
+    monkeypatch.setattr(weight_edit.models, "resolve_model", must_not_load)
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "wiki.raw"
+    text.write_text("The river runs past the old mill. " * 20)
+    result = runner.invoke(cli.main, ["benchmark", "--model", "some-org/some-model", "--text", str(text)])
+    assert result.exit_code != 0
+    assert (
+        result.output.strip().splitlines()[-1]
+        == "error: edited does not exist: pass the folder `weight-edit apply --out` wrote"
+    )
+
+
 def test_biproject_refuses_activation_means_of_another_fit(tmp_path, tiny_model, runner):
     import shutil
 

@@ -58,12 +58,18 @@ class VerifyReport:
         return asdict(self)
 
 
-def read_provenance(out: Path) -> dict[str, Any]:
-    path = out / PROVENANCE_FILE
+def require_output_folder(out: Path) -> None:
+    """An edited folder named on the command line must exist here: never a hub id, never found after the
+    source has been scored."""
     if not out.exists():
         raise VerifyError(f"{out} does not exist: pass the folder `weight-edit apply --out` wrote")
     if not out.is_dir():
         raise VerifyError(f"{out} is a file: pass the folder `weight-edit apply --out` wrote")
+
+
+def read_provenance(out: Path) -> dict[str, Any]:
+    path = out / PROVENANCE_FILE
+    require_output_folder(out)
     if not path.is_file():
         raise VerifyError(f"{out} has no {PROVENANCE_FILE}: it was not written by `weight-edit apply`")
     try:

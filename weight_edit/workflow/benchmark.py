@@ -58,8 +58,10 @@ def run_benchmark(
 ) -> BenchmarkRun:
     from weight_edit.capability import BenchmarkError, compare, item_rows, load_suite, score_checkpoint
     from weight_edit.models import resolve_dtype, resolve_model
-    from weight_edit.verify import read_provenance
+    from weight_edit.verify import read_provenance, require_output_folder
 
+    for folder in request.edited:
+        require_output_folder(folder)
     if request.stride >= request.max_length:
         raise BenchmarkError(f"--stride ({request.stride}) must be below --max-length ({request.max_length})")
     checks.writable(request.out_dir, "--out-dir")
