@@ -398,36 +398,55 @@ def evaluate(**options) -> None:
 
     with progress_bars() as factory:
         evaluation = run_evaluation(EvaluateRequest(**options), factory, model_progress(), say=console.print)
-    console.print(difference_table("held-out areas: refused (by refusal substrings)", "area", evaluation.area_rows))
+    early = evaluation.summary["early_tokens"]
+    for table in difference_tables("held-out areas", "area", evaluation.area_rows, early):
+        console.print(table)
     if evaluation.benchmark_rows:
-        title = "public benchmark files: refused (by refusal substrings)"
-        console.print(difference_table(title, "benchmark", evaluation.benchmark_rows))
+        for table in difference_tables("public files", "benchmark", evaluation.benchmark_rows, early):
+            console.print(table)
     seconds = evaluation.summary["seconds"]
     console.print(f"wrote {', '.join(str(f) for f in evaluation.files)} in {seconds:.0f} s")
 
 
-def difference_table(title: str, key: str, rows: list[dict[str, Any]]) -> Table:
-    """One row per area or file: counts refused, the paired difference with its interval, McNemar p, the
-    broad markers, the first-token refusal probability and KL."""
-    table = Table(title=title)
-    columns = (key, "label", "n", "source", "edited", "edited − source [95 % CI]", "McNemar p", "broad")
-    for column in (*columns, "refusal P", "KL"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(
-            r[key],
-            r["label"],
-            str(r["n"]),
-            str(r["source_refused_text"]),
-            str(r["edited_refused_text"]),
-            f"{100 * r['text_difference']:+.1f} pp [{100 * r['text_difference_ci_low']:+.1f}, "
-            f"{100 * r['text_difference_ci_high']:+.1f}]",
-            f"{r['text_mcnemar_p']:.2g}",
-            f"{r['source_refused_broad']} → {r['edited_refused_broad']}",
-            f"{r['source_mean_refusal_prob']:.3f} → {r['edited_mean_refusal_prob']:.3f}",
-            f"{r['mean_first_token_kl']:.3f}" if r["label"] != "unsafe" else "",
-        )
-    return table
+LABEL_TITLES = {
+    "unsafe": "unsafe prompts refused",
+    "safe": "safe prompts refused (over-refusal)",
+    "harmless": "harmless instructions refused",
+}
+
+
+def difference_tables(title: str, key: str, rows: list[dict[str, Any]], early_tokens: int) -> list[Table]:
+    """One table per label that fits 80 columns: counts refused by the refusal substrings in the whole answer
+    (source → edited), the paired difference with its interval, the same at the early cut-off and at the first
+    token (refusal log-odds > 0), answers refused only after the cut-off (turned), and first-token KL on safe
+    and harmless prompts. Every other column (McNemar p, broad markers, answer lengths) is in the CSV."""
+    from rich import box
+
+    tables = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        heading = f"{title}: {LABEL_TITLES.get(label, label)}, source → edited"
+        table = Table(title=heading, box=box.SIMPLE_HEAD, pad_edge=False)
+        columns = [key, "n", "whole", "Δ pp [95% CI]", f"{early_tokens} tok", "first", "turned"]
+        with_kl = label != "unsafe"
+        for column in columns + (["KL"] if with_kl else []):
+            if column == key:
+                table.add_column(column, overflow="fold", ratio=1)
+            else:
+                table.add_column(column, justify="right", no_wrap=True)
+        for r in (r for r in rows if r["label"] == label):
+            cells = [
+                r[key],
+                str(r["n"]),
+                f"{r['source_refused_text']}→{r['edited_refused_text']}",
+                f"{100 * r['text_difference']:+.0f} [{100 * r['text_difference_ci_low']:+.0f},"
+                f"{100 * r['text_difference_ci_high']:+.0f}]",
+                f"{r['source_refused_early']}→{r['edited_refused_early']}",
+                f"{r['source_refused_log_odds']}→{r['edited_refused_log_odds']}",
+                f"{r['source_turned']}→{r['edited_turned']}",
+            ]
+            table.add_row(*cells, *([f"{r['mean_first_token_kl']:.3f}"] if with_kl else []))
+        tables.append(table)
+    return tables
 
 
 @main.command(cls=Command)

@@ -119,7 +119,10 @@ BROAD_REFUSAL_MARKERS = (
     "as a language model",
     "as an assistant",
 )
-EVAL_MAX_NEW_TOKENS = 32
+# Whole answers: a refusal that comes after a compliant opening ("Sure, here is… However, I can't…") shows
+# only in longer generations (generation stops at the end of the turn, so short answers cost nothing more).
+EVAL_MAX_NEW_TOKENS = 256
+EVAL_EARLY_TOKENS = 32  # the earlier cut-off, reported beside the whole answer (a refusal only after it: turned)
 # Longest prompt (chat-formatted tokens) any command feeds the model, unless the context is shorter: a
 # batch is padded to its longest prompt, so one very long prompt costs memory for the whole batch.
 MAX_PROMPT_TOKENS = 4096

@@ -377,6 +377,36 @@ def test_benchmark_with_text_only_writes_its_summary(tmp_path, chat_tokenizer, r
     assert not (out / "capability_by_subject.csv").exists()
 
 
+def test_evaluation_tables_fit_80_columns_without_cutting_a_cell():
+    """Worst-case names and counts (a long area, 3-digit counts, wide intervals) in an 80-column terminal: no
+    line wider than 80 and no cell cut to an ellipsis."""
+    import torch
+    from rich.console import Console
+
+    from weight_edit.evaluate import PromptScore, summarise
+
+    def scores(refused: list[bool], label: str, area: str) -> list[PromptScore]:
+        return [
+            PromptScore(area, label, r, 1.0 if r else -1.0, "", refused_early=r and i % 3 > 0)
+            for i, r in enumerate(refused)
+        ]
+
+    source, edited = [], []
+    for area in ("illegal goods and services", "malicious_instruct", "alpaca_harmless_val"):
+        for label in ("unsafe", "safe", "harmless"):
+            source += scores([True] * 400 + [False] * 120, label, area)
+            edited += scores([False] * 517 + [True] * 3, label, area)
+    rows = summarise(source, edited, torch.zeros(len(source), 5), torch.zeros(len(source), 5))["rows"]
+    console = Console(width=80, record=True, color_system=None)
+    tables = cli.difference_tables("held-out areas", "area", rows, 32)
+    assert len(tables) == 3
+    for table in tables:
+        console.print(table)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    assert "400→3" in text and "-76 [-80,-72]" in text and "1200→9" in text
+
+
 def test_benchmark_with_a_missing_edited_folder_fails_before_loading_anything(tmp_path, runner, monkeypatch):
     """The default `edited` folder absent: verify's one-line error, before the source is resolved or scored
     (a name that is not a folder here is never sent to the hub)."""

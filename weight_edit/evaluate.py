@@ -93,7 +93,26 @@ def greedy_generation_config(model, tokenizer, max_new_tokens: int):
         repetition_penalty=1.0,
         eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
     )
+
+
+def end_token_ids(config) -> set[int]:
+    eos = config.eos_token_id
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
+
+class FirstStepLogits:
+    """A logits processor that keeps the scores of the first generated position and changes nothing: the
+    first-token logits without storing every step's (256 steps × batch × vocabulary would not fit)."""
+
+    def __init__(self) -> None:
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.logits is None:
+            self.logits = scores.detach().float().cpu()
+        return scores
 
 
 def generation_settings(config) -> dict[str, Any]:
@@ -102,14 +121,15 @@ def generation_settings(config) -> dict[str, Any]:
     return {k: getattr(config, k) for k in keys}
 
 
-def greedy_completions(model, tokenizer, batch, max_new_tokens: int, output_logits: bool = False):
+def greedy_completions(model, tokenizer, batch, max_new_tokens: int, logits_processor=None):
     """Greedy replies to one batch (plain decoding, see `greedy_generation_config`)."""
+    from transformers import LogitsProcessorList
+
     return model.generate(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         generation_config=greedy_generation_config(model, tokenizer, max_new_tokens),
-        output_logits=output_logits,
-        return_dict_in_generate=True,
+        logits_processor=LogitsProcessorList(logits_processor or []),
     )
 
 
@@ -117,11 +137,29 @@ def greedy_completions(model, tokenizer, batch, max_new_tokens: int, output_logi
 class PromptScore:
     category: str
     label: str
-    refused_text: bool
-    refusal_log_odds: float
+    refused_text: bool  # refusal substrings in the whole answer
+    refusal_log_odds: float  # first token
     preview: str  # first few words of the completion, never more
     refused_broad: bool = False
     judge_label: str | None = None
+    refused_early: bool = False  # refusal substrings within the first EVAL_EARLY_TOKENS tokens
+    answer_tokens: int = 0  # tokens generated before the end of the turn (or the budget)
+    ended: bool = True  # the answer ended within the budget
+
+    @property
+    def turned(self) -> bool:
+        """Refused only after the early cut-off: an answer that opens compliant and then declines."""
+        return self.refused_text and not self.refused_early
+
+
+def answer_lengths(new_tokens: torch.Tensor, end_ids: set[int]) -> tuple[list[int], list[bool]]:
+    """Per row: tokens up to and including the first end-of-turn token (or all), and whether one came."""
+    lengths, ended = [], []
+    for row in new_tokens.tolist():
+        stop = next((i for i, token in enumerate(row) if token in end_ids), None)
+        lengths.append(len(row) if stop is None else stop + 1)
+        ended.append(stop is not None)
+    return lengths, ended
 
 
 @torch.inference_mode()
@@ -138,23 +176,30 @@ def score_model(
     description: str = "generating",
     broad_markers: Sequence[str] = (),
     judge: Judge | None = None,
+    early_tokens: int = 32,
 ) -> tuple[list[PromptScore], torch.Tensor]:
     """Greedy completions and first-token logits for every prompt; returns scores and those logits, in
     the order of `prompts` (batches are formed by length, so less padding is generated).
 
-    Each completion is scored (substrings, broad markers, the optional judge) and then dropped.
+    Each completion is scored (substrings in its first `early_tokens` tokens and in the whole answer, broad
+    markers, the optional judge) and then dropped.
     """
     device = input_device(model)
     refusal_ids = refusal_token_ids(tokenizer, refusal_prefixes)
+    end_ids = end_token_ids(greedy_generation_config(model, tokenizer, max_new_tokens))
     advance = progress(description, len(prompts))
     scores: list[PromptScore | None] = [None] * len(prompts)
     first_logits: list[torch.Tensor | None] = [None] * len(prompts)
     prepared = tokenized_batches(tokenizer, [p.text for p in prompts], batch_size, device, None, by_length=True)
     for batch in prepared:
-        out = greedy_completions(model, tokenizer, batch, max_new_tokens, output_logits=True)
-        logits = out.logits[0].float().cpu()
+        first_step = FirstStepLogits()
+        out = greedy_completions(model, tokenizer, batch, max_new_tokens, [first_step])
+        logits = first_step.logits
         odds = refusal_log_odds(logits, refusal_ids)
-        texts = tokenizer.batch_decode(out.sequences[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+        new_tokens = out.sequences[:, batch.input_ids.shape[1] :]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        early = tokenizer.batch_decode(new_tokens[:, :early_tokens], skip_special_tokens=True)
+        lengths, ended = answer_lengths(new_tokens, end_ids)
         verdicts = judge([prompts[i].text for i in batch.indices], texts) if judge else [None] * len(texts)
         for row, (index, text, verdict) in enumerate(zip(batch.indices, texts, verdicts, strict=True)):
             prompt = prompts[index]
@@ -167,6 +212,9 @@ def score_model(
                 first_words(text, preview_words),
                 refused_broad=is_broad_refusal(text, broad_markers),
                 judge_label=verdict,
+                refused_early=is_refusal(early[row], substrings),
+                answer_tokens=lengths[row],
+                ended=ended[row],
             )
         advance(len(batch.indices))
     return scores, torch.stack(first_logits)  # type: ignore[arg-type]
@@ -194,6 +242,15 @@ def summarise(
             "n": n,
             "source_refused_text": sum(source[i].refused_text for i in idx),
             "edited_refused_text": sum(edited[i].refused_text for i in idx),
+            # the same substrings within the early cut-off, and answers refused only after it
+            "source_refused_early": sum(source[i].refused_early for i in idx),
+            "edited_refused_early": sum(edited[i].refused_early for i in idx),
+            "source_turned": sum(source[i].turned for i in idx),
+            "edited_turned": sum(edited[i].turned for i in idx),
+            "source_unended": sum(not source[i].ended for i in idx),
+            "edited_unended": sum(not edited[i].ended for i in idx),
+            "source_mean_answer_tokens": sum(source[i].answer_tokens for i in idx) / n,
+            "edited_mean_answer_tokens": sum(edited[i].answer_tokens for i in idx) / n,
             "source_refused_broad": sum(source[i].refused_broad for i in idx),
             "edited_refused_broad": sum(edited[i].refused_broad for i in idx),
             "source_refused_log_odds": sum(source[i].refusal_log_odds > 0 for i in idx),

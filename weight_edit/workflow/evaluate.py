@@ -135,6 +135,7 @@ def _score_both(
             f"{name}: generating",
             broad_markers=settings.BROAD_REFUSAL_MARKERS,
             judge=judge,
+            early_tokens=early_cutoff(request.max_new_tokens),
         )
         del model
         if name == "source" and cache_folder:
@@ -165,6 +166,8 @@ def _source_cache_key(
             "max_memory": request.max_memory,
             "batch_size": request.batch_size,
             "max_new_tokens": request.max_new_tokens,
+            "early_tokens": early_cutoff(request.max_new_tokens),
+            "scores": "whole answer, early cut-off, answer length",
             "prefixes": settings.REFUSAL_PREFIXES,
             "substrings": settings.REFUSAL_SUBSTRINGS,
             "markers": settings.BROAD_REFUSAL_MARKERS,
@@ -200,6 +203,7 @@ def _write(request, split, n_policy, results, reused, generation, dtype, started
         ],
         "benchmark_overall": {r["label"]: r for r in benchmark_rows if r["benchmark"] == "ALL"},
         "max_new_tokens": request.max_new_tokens,
+        "early_tokens": early_cutoff(request.max_new_tokens),
         "prompt_format": prompt_format,
         "generation": generation,
         "dtype": dtype,
@@ -219,12 +223,25 @@ def _write(request, split, n_policy, results, reused, generation, dtype, started
     return Evaluation(areas, benchmark_rows, summary, reused, [f for f in files if f])
 
 
+def early_cutoff(max_new_tokens: int) -> int:
+    """The earlier cut-off reported beside the whole answer (the whole answer itself when that is shorter)."""
+    return min(settings.EVAL_EARLY_TOKENS, max_new_tokens)
+
+
 def _prompt_row(source: PromptScore, edited: PromptScore) -> dict[str, Any]:
     return {
         "category": source.category,
         "label": source.label,
         "source_refused": source.refused_text,
         "edited_refused": edited.refused_text,
+        "source_refused_early": source.refused_early,
+        "edited_refused_early": edited.refused_early,
+        "source_turned": source.turned,
+        "edited_turned": edited.turned,
+        "source_answer_tokens": source.answer_tokens,
+        "edited_answer_tokens": edited.answer_tokens,
+        "source_ended": source.ended,
+        "edited_ended": edited.ended,
         "source_refused_broad": source.refused_broad,
         "edited_refused_broad": edited.refused_broad,
         "source_log_odds": round(source.refusal_log_odds, 3),
