@@ -114,6 +114,11 @@ def build_tiny_model(
         | dict(mamba_expand=1, mamba_chunk_size=8, embedding_multiplier=2.0, ssm_out_multiplier=0.5),
         "qwen2_moe": dict(num_experts=3, shared_expert_intermediate_size=16, **moe),
         "qwen3_moe": dict(num_experts=3, head_dim=8, **moe),
+        # d_ff 24: neither 2 d_ff (gate_up_proj) nor d_ff (down_proj) equals d_model, so each fused layout is
+        # told from its shape (as transformers' Transpose(check_dims) does); the square variant has d_ff == d_model
+        "qwen3_vl_moe": dict(moe, num_experts=3, head_dim=8, moe_intermediate_size=24),
+        "qwen3_vl_moe_dense_layer": dict(moe, num_experts=3, head_dim=8, moe_intermediate_size=24, mlp_only_layers=[1]),
+        "qwen3_vl_moe_square": dict(moe, num_experts=3, head_dim=8, moe_intermediate_size=32),
         "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, head_dim=8, sliding_window=16),
         "gemma3": dict(head_dim=8, sliding_window=16),
         **{t: {} for t in ("ministral3", "granite", "glm", "arcee", "apertus", "ernie4_5")},
@@ -156,7 +161,9 @@ def build_tiny_model(
             | dict(projector_output_dim=32)
         ),
         **{t: dict(vision_config=qwen_vision) for t in ("qwen3_5", "qwen3_5_moe")},
-        "qwen3_vl": dict(vision_config=dict(qwen_vision, deepstack_visual_indexes=[0])),
+        **{
+            t: dict(vision_config=dict(qwen_vision, deepstack_visual_indexes=[0])) for t in ("qwen3_vl", "qwen3_vl_moe")
+        },
         "qwen2_5_vl": dict(vision_config=dict(qwen_vision, fullatt_block_indexes=[0])),
     }
     # Test variants of a model type (another layer pattern or feature), by name.
@@ -167,11 +174,14 @@ def build_tiny_model(
         "nemotron_h_latent": "nemotron_h",
         "phimoe_bias": "phimoe",
         "stablelm_parallel": "stablelm",
+        "qwen3_vl_moe_dense_layer": "qwen3_vl_moe",
+        "qwen3_vl_moe_square": "qwen3_vl_moe",
     }
     settings = extra.get(model_type, {})
     model_type = variants.get(model_type, model_type)
-    if model_type in ("qwen3_vl", "qwen2_5_vl"):  # multimodal rotary sections sized for head_dim 8
-        settings = dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))
+    if model_type in ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl"):  # multimodal rotary sections sized for head_dim 8
+        mrope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])
+        settings = settings | dict(rope_parameters=mrope)
     if model_type == "gpt2":
         config = transformers.GPT2Config(
             n_embd=32,

@@ -53,6 +53,7 @@ def in_layers(prefix: str, writers: dict[str, int]) -> dict[str, int]:
 
 # Routed experts as transformers saves them (one linear each) or as releases ship them (one fused tensor).
 EXPERTS = {r"mlp\.experts\.\d+\.down_proj\.weight": 0, r"mlp\.experts\.down_proj": 1}
+QWEN3_VL_MOE = {r"mlp\.experts\.down_proj": 1}  # as transformers saves them; as released, axis 2
 HYBRID = {r"linear_attn\.out_proj\.weight": 0, r"self_attn\.o_proj\.weight": 0}
 
 L = r"model\.layers\.\d+\."
@@ -329,6 +330,18 @@ FAMILIES = {
         1 + 2 * (1 + 3 + 1),
     ),
     "qwen3_moe": Family({EMBED: 1, O_PROJ: 0, L + r"mlp\.experts\.\d+\.down_proj\.weight": 0}, MOE, 1 + 2 * (1 + 3)),
+    # as transformers saves Qwen3-VL-MoE: fused experts [experts, d_model, d_ff] (residual axis 1, read from the shape);
+    # gate_up_proj reads the stream and stays untouched. The variant's layer 1 is in mlp_only_layers (a dense MLP).
+    "qwen3_vl_moe": Family(
+        in_layers("model.language_model.", {r"self_attn\.o_proj\.weight": 0, **QWEN3_VL_MOE}), MOE, 5
+    ),
+    "qwen3_vl_moe_dense_layer": Family(
+        in_layers(
+            "model.language_model.", {r"self_attn\.o_proj\.weight": 0, r"mlp\.down_proj\.weight": 0, **QWEN3_VL_MOE}
+        ),
+        MOE,
+        1 + 2 + 1 + 1,
+    ),
     "gpt_oss": Family(
         {
             EMBED: 1,
@@ -585,6 +598,126 @@ def test_fused_experts_as_released(tmp_path, chat_tokenizer, mode):
     torch.testing.assert_close(Checkpoint(tmp_path / "out").read(fused).double(), expected, atol=5e-5, rtol=1e-4)
     report = verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
     assert report.passed, report.failures
+
+
+@pytest.mark.parametrize("mode", ["norm-preserving", "project"])
+def test_qwen3_vl_moe_experts_as_released(tmp_path, chat_tokenizer, mode):
+    """Qwen3-VL-MoE as released stores the fused experts transposed from what transformers saves: down_proj
+    [experts, d_ff, d_model] (and gate_up_proj [experts, d_model, 2 d_ff]), under the same names. The residual axis is
+    read from the shape (2 here): the edit matches the float64 reference along it, keeps the layout, leaves
+    gate_up_proj untouched, and the output loads with AutoModelForImageTextToText and passes verify."""
+    from transformers import AutoModelForImageTextToText
+
+    source_dir = build_tiny_model(
+        tmp_path / "src", chat_tokenizer, model_type="qwen3_vl_moe", tie=False, random_norms=True
+    )
+    saved = Checkpoint(source_dir)
+    tensors = {name: saved.read(name) for name in saved.tensor_names}
+    fused = [name for name in tensors if name.endswith(("mlp.experts.down_proj", "mlp.experts.gate_up_proj"))]
+    assert len(fused) == 4 and tensors["model.language_model.layers.0.mlp.experts.down_proj"].shape == (3, 32, 24)
+    _rewrite_checkpoint(source_dir, tensors | {name: tensors[name].transpose(1, 2) for name in fused})
+    source = Checkpoint(source_dir)
+    downs = [f"model.language_model.layers.{i}.mlp.experts.down_proj" for i in range(2)]
+    assert all(source.info(name).shape == (3, 24, 32) for name in downs)
+
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    result = apply_direction(source, direction, tmp_path / "out", mode=mode)
+    out = Checkpoint(tmp_path / "out")
+    attention = [f"model.language_model.layers.{i}.self_attn.o_proj.weight" for i in range(2)]
+    assert sorted(result.edited_tensors) == sorted(["model.language_model.embed_tokens.weight", *attention, *downs])
+    unchanged = source.tensor_names - set(result.edited_tensors)
+    assert any(name.endswith("gate_up_proj") for name in unchanged)
+    assert all(torch.equal(out.read(name), source.read(name)) for name in unchanged)
+    r = unit(direction.double())
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    for layer, name in enumerate(downs):
+        after = out.read(name)
+        assert after.shape == (3, 24, 32)  # the released layout is kept
+        torch.testing.assert_close(
+            after.double(), reference_edit(source.read(name), r, 2, mode, False), atol=5e-5, rtol=1e-4
+        )
+        # transformers loads it transposed to [experts, d_model, d_ff]: the same edited values
+        loaded = model.model.language_model.layers[layer].mlp.experts.down_proj
+        assert torch.equal(loaded.detach(), after.transpose(1, 2))
+        assert (loaded.double().movedim(1, -1) @ r).abs().max() < 1e-5
+    report = verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
+    assert report.passed, report.failures
+    assert report.guarantee == MOE[mode == "project"]
+
+
+def test_residual_axis_read_from_the_shape():
+    """Qwen3-VL-MoE's fused down_proj has one name and two layouts: its residual axis is the candidate of hidden-size
+    length. d_ff == d_model (both candidates), a shape with neither, or no shapes at all are refused in one line."""
+    arch = architecture_for({"model_type": "qwen3_vl_moe"})
+    config = {"model_type": "qwen3_vl_moe", "text_config": {"num_hidden_layers": 1, "hidden_size": 8}}
+    down = "model.language_model.layers.0.mlp.experts.down_proj"
+    names = {"model.language_model.embed_tokens.weight", "model.language_model.layers.0.self_attn.o_proj.weight", down}
+
+    def axis(shape):
+        return next(t.residual_axis for t in arch.targets(config, names, shapes={down: shape}) if t.tensor == down)
+
+    assert axis((4, 16, 8)) == 2 and axis((4, 8, 16)) == 1
+    refusals = {
+        (4, 8, 8): rf"^cannot tell which axis of '{down}' \[4, 8, 8\] holds residual vectors: axes 1 and 2 have the "
+        r"hidden size 8, .*\(d_ff == d_model\)",
+        (4, 16, 16): r"^checkpoint does not match the 'qwen3_vl_moe' architecture table: .* \[4, 16, 16\] has the "
+        r"hidden size 8 on none of its candidate residual axes 1 or 2$",
+        None: rf"^the 'qwen3_vl_moe' table reads the residual axis of '{down}' \(1 or 2\) from its shape",
+    }
+    for shape, message in refusals.items():
+        with pytest.raises(ArchitectureError, match=message) as error:
+            arch.targets(config, names, shapes=None if shape is None else {down: shape})
+        assert "\n" not in str(error.value)
+    # a missing tensor is reported as missing: no shape is needed to say so
+    with pytest.raises(ArchitectureError, match=rf"missing {down}$"):
+        arch.targets(config, names - {down})
+
+
+def test_square_fused_experts_refused_before_writing(tmp_path, chat_tokenizer):
+    """A checkpoint whose fused experts have d_ff == d_model cannot say which layout it is in: apply refuses it in one
+    line, naming the tensor, and writes nothing."""
+    source_dir = build_tiny_model(tmp_path / "src", chat_tokenizer, model_type="qwen3_vl_moe_square", tie=False)
+    with pytest.raises(ArchitectureError) as error:
+        apply_direction(Checkpoint(source_dir), torch.randn(32), tmp_path / "out")
+    message = str(error.value)
+    assert (
+        "\n" not in message
+        and "layers.0.mlp.experts.down_proj' [3, 32, 32]" in message
+        and "d_ff == d_model" in message
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_residual_axis_candidates_are_validated():
+    family = json.loads(resources.files("weight_edit.architectures").joinpath("qwen3_vl_moe.json").read_text())
+    experts = family["writers"][2]
+    assert experts["residual_axis_candidates"] == [1, 2] and "residual_axis" not in experts
+    bad = {
+        "a lone candidate": {"residual_axis_candidates": [2]},
+        "an axis outside 0..2": {"residual_axis_candidates": [1, 3]},
+        "a repeated axis": {"residual_axis_candidates": [1, 1]},
+        "both fields": {"residual_axis_candidates": [1, 2], "residual_axis": 1},
+    }
+    for why, fields in bad.items():
+        broken = json.loads(json.dumps(family))
+        broken["writers"][2] = {k: v for k, v in experts.items() if k != "residual_axis_candidates"} | fields
+        with pytest.raises(ArchitectureError, match=r"'residual_axis_candidates' takes the place of 'residual_axis'"):
+            _validate(broken, f"qwen3_vl_moe.json ({why})")
+    embedding = json.loads(json.dumps(family))
+    embedding["embeddings"][0] = {k: v for k, v in embedding["embeddings"][0].items() if k != "residual_axis"}
+    embedding["embeddings"][0]["residual_axis_candidates"] = [0, 1]
+    with pytest.raises(ArchitectureError, match=r"an embedding's residual axis is fixed"):
+        _validate(embedding, "qwen3_vl_moe.json")
+    fused = json.loads(resources.files("weight_edit.architectures").joinpath("qwen3_moe.json").read_text())
+    fused["writers"][2]["fused"] = {
+        "tensor": fused["writers"][2]["fused"]["tensor"],
+        "residual_axis_candidates": [0, 2],
+    }
+    with pytest.raises(ArchitectureError, match=r"fused: 'residual_axis_candidates' .* each one of 1, 2$"):
+        _validate(fused, "qwen3_moe.json")
+    fused["writers"][2]["fused"]["residual_axis_candidates"] = [1, 2]
+    assert _validate(fused, "qwen3_moe.json")[0].writers[2]["fused"]["residual_axis_candidates"] == [1, 2]
 
 
 @pytest.mark.parametrize("layout", ["language_model.model.", "model.language_model."])

@@ -18,11 +18,18 @@ the residual stream is exactly orthogonal to r̂, but no longer equal to the pap
 ablation. A writer with `layers` exists only in the layers its rule selects from the config (hybrid
 attention, dense-then-MoE); a writer of experts may name a `fused` alternative (one 3-D tensor per
 layer), used where the checkpoint stores the experts that way.
+
+A per-layer writer or a fused alternative whose tensor is stored in two layouts under one name (Qwen3-VL-MoE's
+fused experts: [experts, d_ff, d_model] as released, [experts, d_model, d_ff] as transformers saves them) gives
+`residual_axis_candidates` in place of `residual_axis`: its residual axis is the one candidate whose length is
+the config's hidden size, read from the tensor's shape (`targets` then needs the checkpoint's `shapes`); a
+tensor with that length on several candidates (d_ff == d_model) or on none is refused, never guessed.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
@@ -78,6 +85,7 @@ _FAMILY_KEYS = {
     "writers": list,
 }
 _WRITER_KEYS = {"tensor": str, "module": str, "residual_axis": int}
+AXIS_CANDIDATES = "residual_axis_candidates"  # in place of residual_axis: the one of these axes of hidden-size length
 
 
 class ArchitectureError(WeightEditError):
@@ -252,11 +260,17 @@ class Architecture:
     def token_embedding_tensor(self, tensor_names: set[str]) -> str:
         return fill(self.token_embedding["tensor"], decoder=self.layout(tensor_names).decoder)
 
-    def targets(self, config: dict[str, Any], tensor_names: set[str]) -> list[EditTarget]:
+    def targets(
+        self,
+        config: dict[str, Any],
+        tensor_names: set[str],
+        shapes: Mapping[str, Sequence[int]] | None = None,
+    ) -> list[EditTarget]:
         """Expand the templates for this checkpoint; every weight must exist, biases are optional.
 
         A writer whose `layers` rule leaves a layer out must have no tensor there: a checkpoint that
-        disagrees with its own config is refused rather than half edited.
+        disagrees with its own config is refused rather than half edited. `shapes` (on-disk name → shape) is
+        read only for a writer with `residual_axis_candidates`, which cannot be expanded without it.
         """
         layout = self.layout(tensor_names)
         missing: list[str] = []
@@ -287,7 +301,7 @@ class Architecture:
                 if not writer_in_layer(writer, layer, config):
                     unexpected.extend(n for n in _writer_names(writer, layer, on_disk) if n in tensor_names)
                     continue
-                targets.extend(self._writer_targets(writer, layer, config, tensor_names, on_disk, require))
+                targets.extend(self._writer_targets(writer, layer, config, tensor_names, shapes, on_disk, require))
         if missing:
             raise ArchitectureError(
                 f"checkpoint does not match the '{self.family}' architecture table: missing {_first_few(missing)}"
@@ -302,7 +316,7 @@ class Architecture:
             )
         return targets
 
-    def _writer_targets(self, writer, layer, config, tensor_names, on_disk, require) -> list[EditTarget]:
+    def _writer_targets(self, writer, layer, config, tensor_names, shapes, on_disk, require) -> list[EditTarget]:
         """One writer's targets in one layer: per expert, or the fused alternative where the checkpoint has it."""
         common = dict(
             kind=writer.get("kind", "mlp"),
@@ -328,10 +342,42 @@ class Architecture:
         targets = []
         for expert in experts:
             values = {"layer": layer} if expert is None else {"layer": layer, "expert": expert}
-            targets.append(EditTarget(require(spec["tensor"], **values), spec["residual_axis"], **common))
+            name = require(spec["tensor"], **values)
+            # A missing tensor has no shape to read an axis from; it is refused with the others in `targets`
+            axis = self._residual_axis(spec, name, config, shapes) if name in tensor_names else None
+            targets.append(EditTarget(name, axis, **common))
             if spec.get("bias") and (bias := on_disk(spec["bias"], **values)) in tensor_names:
                 targets.append(EditTarget(bias, spec.get("bias_residual_axis", 0), is_bias=True, **common))
         return targets
+
+    def _residual_axis(
+        self, spec: dict[str, Any], name: str, config: dict[str, Any], shapes: Mapping[str, Sequence[int]] | None
+    ) -> int:
+        """The table's residual axis, or the one of its candidates that has the hidden size in this tensor's shape
+        (one name, two layouts on disk): several such axes, or none, are refused in one line."""
+        if AXIS_CANDIDATES not in spec:
+            return spec["residual_axis"]
+        candidates = spec[AXIS_CANDIDATES]
+        axes = " or ".join(str(axis) for axis in candidates)
+        if shapes is None or name not in shapes:
+            raise ArchitectureError(
+                f"the '{self.family}' table reads the residual axis of '{name}' ({axes}) from its shape, "
+                "and none was given for it"
+            )
+        shape, hidden = list(shapes[name]), self.hidden_size(config)
+        found = [axis for axis in candidates if axis < len(shape) and shape[axis] == hidden]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ArchitectureError(
+                f"cannot tell which axis of '{name}' {shape} holds residual vectors: axes "
+                f"{' and '.join(map(str, found))} have the hidden size {hidden}, and the '{self.family}' table "
+                "allows either layout (d_ff == d_model); refused rather than guessed"
+            )
+        raise ArchitectureError(
+            f"checkpoint does not match the '{self.family}' architecture table: '{name}' {shape} has the hidden "
+            f"size {hidden} on none of its candidate residual axes {axes}"
+        )
 
 
 def _key_names(key: str | list[str]) -> str | tuple[str, ...]:
@@ -410,13 +456,31 @@ def _config_value(config: dict[str, Any], key: str | list[str] | tuple[str, ...]
     raise ArchitectureError(f"config.json has no '{key if isinstance(key, str) else ' or '.join(key)}'")
 
 
+def _check_candidates(where: str, spec: dict[str, Any], allowed: tuple[int, ...]) -> None:
+    """`residual_axis_candidates`, in place of `residual_axis`: two or more distinct axes, each one of `allowed`."""
+    candidates = spec[AXIS_CANDIDATES]
+    if "residual_axis" in spec or not (
+        isinstance(candidates, list)
+        and len(candidates) >= 2
+        and len(set(candidates)) == len(candidates)
+        and all(isinstance(axis, int) and not isinstance(axis, bool) and axis in allowed for axis in candidates)
+    ):
+        raise ArchitectureError(
+            f"{where}: '{AXIS_CANDIDATES}' takes the place of 'residual_axis': a list of two or more distinct axes, "
+            f"each one of {', '.join(map(str, allowed))}"
+        )
+
+
 def _check_writer(source: str, index: int, writer: Any) -> None:
     if not isinstance(writer, dict):
         raise ArchitectureError(f"{source}: entry {index} must be an object")
+    candidates = AXIS_CANDIDATES in writer
     for key, kind in _WRITER_KEYS.items():
-        if not isinstance(writer.get(key), kind):
+        if not isinstance(writer.get(key), kind) and not (key == "residual_axis" and candidates):
             raise ArchitectureError(f"{source}: entry {index} needs '{key}' ({kind.__name__})")
-    if writer["residual_axis"] not in (0, 1, 2):
+    if candidates:
+        _check_candidates(f"{source}: entry {index}", writer, (0, 1, 2))
+    elif writer["residual_axis"] not in (0, 1, 2):
         raise ArchitectureError(f"{source}: entry {index} has residual_axis outside 0..2")
     if writer.get("kind", "mlp") not in WRITER_KINDS:
         raise ArchitectureError(f"{source}: entry {index} kind must be one of {WRITER_KINDS}")
@@ -457,7 +521,9 @@ def _check_layer_writer(source: str, index: int, writer: dict[str, Any]) -> None
             raise ArchitectureError(f"{source}: writer {index}: only a per-expert writer has a 'fused' alternative")
         if not isinstance(fused, dict) or not isinstance(fused.get("tensor"), str) or "${expert}" in fused["tensor"]:
             raise ArchitectureError(f"{source}: writer {index}: 'fused' needs a 'tensor' without ${{expert}}")
-        if fused.get("residual_axis") not in (1, 2):
+        if AXIS_CANDIDATES in fused:
+            _check_candidates(f"{source}: writer {index}: fused", fused, (1, 2))
+        elif fused.get("residual_axis") not in (1, 2):
             raise ArchitectureError(f"{source}: writer {index}: a fused tensor's residual_axis is 1 or 2")
 
 
@@ -470,6 +536,8 @@ def _validate(raw: dict[str, Any], source: str) -> list[Architecture]:
         raise ArchitectureError(f"{source}: needs at least one embedding and one writer")
     for index, writer in enumerate([*raw["embeddings"], *raw["writers"]]):
         _check_writer(source, index, writer)
+    if any(isinstance(e, dict) and AXIS_CANDIDATES in e for e in raw["embeddings"]):
+        raise ArchitectureError(f"{source}: an embedding's residual axis is fixed ('residual_axis', not candidates)")
     for index, writer in enumerate(raw["writers"]):
         _check_layer_writer(source, index, writer)
     if not all("${decoder}" in e["tensor"] and "${decoder}" in e["module"] for e in raw["embeddings"]):

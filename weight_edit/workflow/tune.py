@@ -96,7 +96,11 @@ def run_tune(
             model,
             tokenizer,
             arch,
-            arch.targets(checkpoint.config, checkpoint.tensor_names),
+            arch.targets(
+                checkpoint.config,
+                checkpoint.tensor_names,
+                shapes={n: checkpoint.info(n).shape for n in checkpoint.weight_map},
+            ),
             num_layers,
             vector,
             unsafe,
