@@ -181,6 +181,15 @@ prompt_format_option = click.option(
     help="How instructions become prompts: chat = the tokenizer's chat template, plain = the instruction as-is "
     "(after the tokenizer's BOS), for base models; auto = chat when the tokenizer has a template. Recorded.",
 )
+reasoning_option = click.option(
+    "--reasoning",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Reasoning mode of the chat template (Qwen3's enable_thinking, gpt-oss's channels, <think> blocks): on/off "
+    "set the template's switch, auto keeps its default; refused where the template cannot. Answers are scored "
+    "after the reasoning. Recorded.",
+)
 seed_option = click.option(
     "--seed", type=int, default=settings.SEED, show_default=True, help="Seed of the policy-area split."
 )
@@ -226,6 +235,7 @@ def main() -> None:
 @option("--contrast", click.Choice(CONTRASTS), settings.DEFAULT_CONTRAST, "Unsafe minus harmless or safe prompts.")
 @option("--selection", click.Choice(SELECTIONS), settings.SELECTION_RULE, "Rule that picks the candidate.")
 @prompt_format_option
+@reasoning_option
 def fit(**options) -> None:
     """Fit the refusal direction on the fit areas and select it on their validation prompts.
 
@@ -386,6 +396,7 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory, prom
 @benchmark_option
 @click.option("--prompt-column", help="Prompt column of --benchmark files (default: found by name).")
 @prompt_format_option
+@reasoning_option
 def evaluate(**options) -> None:
     """Compare source and edited models on the held-out policy areas and public benchmark files (aggregates only).
 
@@ -399,10 +410,13 @@ def evaluate(**options) -> None:
     with progress_bars() as factory:
         evaluation = run_evaluation(EvaluateRequest(**options), factory, model_progress(), say=console.print)
     early = evaluation.summary["early_tokens"]
-    for table in difference_tables("held-out areas", "area", evaluation.area_rows, early):
+    reasoned = evaluation.summary["reasoning"]["reasoning_parsed"]
+    if reasoned:
+        console.print(f"answers scored after the reasoning ({evaluation.summary['reasoning']['style']})")
+    for table in difference_tables("held-out areas", "area", evaluation.area_rows, early, reasoned):
         console.print(table)
     if evaluation.benchmark_rows:
-        for table in difference_tables("public files", "benchmark", evaluation.benchmark_rows, early):
+        for table in difference_tables("public files", "benchmark", evaluation.benchmark_rows, early, reasoned):
             console.print(table)
     seconds = evaluation.summary["seconds"]
     console.print(f"wrote {', '.join(str(f) for f in evaluation.files)} in {seconds:.0f} s")
@@ -415,18 +429,23 @@ LABEL_TITLES = {
 }
 
 
-def difference_tables(title: str, key: str, rows: list[dict[str, Any]], early_tokens: int) -> list[Table]:
+def difference_tables(
+    title: str, key: str, rows: list[dict[str, Any]], early_tokens: int, reasoned: bool = False
+) -> list[Table]:
     """One table per label that fits 80 columns: counts refused by the refusal substrings in the whole answer
     (source → edited), the paired difference with its interval, the same at the early cut-off and at the first
     token (refusal log-odds > 0), answers refused only after the cut-off (turned), and first-token KL on safe
-    and harmless prompts. Every other column (McNemar p, broad markers, answer lengths) is in the CSV."""
+    and harmless prompts. Where answers follow a reasoning (`reasoned`), the first token opens the reasoning,
+    so that column gives the prompts left without an answer instead (a reasoning that never ended). Every
+    other column (McNemar p, broad markers, answer lengths, refusal words in the reasoning) is in the CSV."""
     from rich import box
 
     tables = []
     for label in dict.fromkeys(r["label"] for r in rows):
         heading = f"{title}: {LABEL_TITLES.get(label, label)}, source → edited"
         table = Table(title=heading, box=box.SIMPLE_HEAD, pad_edge=False)
-        columns = [key, "n", "whole", "Δ pp [95% CI]", f"{early_tokens} tok", "first", "turned"]
+        third = "no answer" if reasoned else "first"
+        columns = [key, "n", "whole", "Δ pp [95% CI]", f"{early_tokens} tok", third, "turned"]
         with_kl = label != "unsafe"
         for column in columns + (["KL"] if with_kl else []):
             if column == key:
@@ -441,7 +460,9 @@ def difference_tables(title: str, key: str, rows: list[dict[str, Any]], early_to
                 f"{100 * r['text_difference']:+.0f} [{100 * r['text_difference_ci_low']:+.0f},"
                 f"{100 * r['text_difference_ci_high']:+.0f}]",
                 f"{r['source_refused_early']}→{r['edited_refused_early']}",
-                f"{r['source_refused_log_odds']}→{r['edited_refused_log_odds']}",
+                f"{r['source_no_answer']}→{r['edited_no_answer']}"
+                if reasoned
+                else f"{r['source_refused_log_odds']}→{r['edited_refused_log_odds']}",
                 f"{r['source_turned']}→{r['edited_turned']}",
             ]
             table.add_row(*cells, *([f"{r['mean_first_token_kl']:.3f}"] if with_kl else []))

@@ -25,6 +25,8 @@ from weight_edit.errors import WeightEditError
 _PROBE = "Probe instruction for locating the template suffix"
 PROMPT_FORMATS = ("auto", "chat", "plain")  # first: the default
 _CURRENT_FORMAT: ContextVar[str] = ContextVar("prompt_format", default="auto")
+# Extra chat-template arguments that set the reasoning mode (weight_edit.reasoning), for the same block
+_CURRENT_TEMPLATE_KWARGS: ContextVar[tuple[tuple[str, bool], ...]] = ContextVar("template_kwargs", default=())
 
 
 class TemplateError(WeightEditError):
@@ -65,14 +67,17 @@ def has_chat_template(tokenizer) -> bool:
 
 
 @contextmanager
-def using_prompt_format(prompt_format: str) -> Iterator[None]:
-    """Within the block, functions called without a prompt format use `prompt_format` (see the module note)."""
+def using_prompt_format(prompt_format: str, template_kwargs: tuple[tuple[str, bool], ...] = ()) -> Iterator[None]:
+    """Within the block, functions called without a prompt format use `prompt_format` (see the module note),
+    and the chat template gets `template_kwargs` (the reasoning switch `--reasoning` resolved to)."""
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"prompt format {prompt_format!r} is not one of {', '.join(PROMPT_FORMATS)}")
     token = _CURRENT_FORMAT.set(prompt_format)
+    kwargs_token = _CURRENT_TEMPLATE_KWARGS.set(tuple(template_kwargs))
     try:
         yield
     finally:
+        _CURRENT_TEMPLATE_KWARGS.reset(kwargs_token)
         _CURRENT_FORMAT.reset(token)
 
 
@@ -111,7 +116,10 @@ def format_instruction(tokenizer, instruction: str, prompt_format: str | None = 
     if resolve_prompt_format(tokenizer, prompt_format) == "plain":
         return _bos_text(tokenizer) + instruction
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": instruction}],
+        tokenize=False,
+        add_generation_prompt=True,
+        **dict(_CURRENT_TEMPLATE_KWARGS.get()),
     )
 
 

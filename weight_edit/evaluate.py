@@ -24,6 +24,7 @@ from weight_edit.chat import refusal_log_odds, refusal_token_ids
 from weight_edit.dataset import Prompt
 from weight_edit.fit import ProgressFactory, no_progress
 from weight_edit.models import input_device
+from weight_edit.reasoning import NO_REASONING, Answer, Reasoning, split_answer
 from weight_edit.stats import paired_summary
 
 
@@ -145,6 +146,8 @@ class PromptScore:
     refused_early: bool = False  # refusal substrings within the first EVAL_EARLY_TOKENS tokens
     answer_tokens: int = 0  # tokens generated before the end of the turn (or the budget)
     ended: bool = True  # the answer ended within the budget
+    answered: bool = True  # False: a reasoning that did not end within the budget (no answer: a loop)
+    refused_reasoning: bool = False  # refusal substrings in the reasoning (reported apart, never as refusal)
 
     @property
     def turned(self) -> bool:
@@ -177,12 +180,16 @@ def score_model(
     broad_markers: Sequence[str] = (),
     judge: Judge | None = None,
     early_tokens: int = 32,
+    reasoning: Reasoning = NO_REASONING,
 ) -> tuple[list[PromptScore], torch.Tensor]:
     """Greedy completions and first-token logits for every prompt; returns scores and those logits, in
     the order of `prompts` (batches are formed by length, so less padding is generated).
 
     Each completion is scored (substrings in its first `early_tokens` tokens and in the whole answer, broad
-    markers, the optional judge) and then dropped.
+    markers, the optional judge) and then dropped. Where the template reasons (`reasoning.active`), the
+    answer is what follows the reasoning (weight_edit.reasoning.split_answer): it alone is scored as
+    refused or not, its first `early_tokens` tokens re-tokenized from its text; refusal words inside the
+    reasoning are counted apart, and a reasoning that never ended is an unanswered prompt.
     """
     device = input_device(model)
     refusal_ids = refusal_token_ids(tokenizer, refusal_prefixes)
@@ -197,9 +204,15 @@ def score_model(
         logits = first_step.logits
         odds = refusal_log_odds(logits, refusal_ids)
         new_tokens = out.sequences[:, batch.input_ids.shape[1] :]
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        early = tokenizer.batch_decode(new_tokens[:, :early_tokens], skip_special_tokens=True)
         lengths, ended = answer_lengths(new_tokens, end_ids)
+        if reasoning.active:
+            answers = reasoned_answers(tokenizer, new_tokens, lengths, ended, reasoning)
+            texts = [a.answer for a in answers]
+            early = [_first_tokens(tokenizer, text, early_tokens) for text in texts]
+        else:
+            answers = [Answer(text) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            texts = [a.answer for a in answers]
+            early = tokenizer.batch_decode(new_tokens[:, :early_tokens], skip_special_tokens=True)
         verdicts = judge([prompts[i].text for i in batch.indices], texts) if judge else [None] * len(texts)
         for row, (index, text, verdict) in enumerate(zip(batch.indices, texts, verdicts, strict=True)):
             prompt = prompts[index]
@@ -215,9 +228,26 @@ def score_model(
                 refused_early=is_refusal(early[row], substrings),
                 answer_tokens=lengths[row],
                 ended=ended[row],
+                answered=answers[row].answered,
+                refused_reasoning=is_refusal(answers[row].reasoning, substrings),
             )
         advance(len(batch.indices))
     return scores, torch.stack(first_logits)  # type: ignore[arg-type]
+
+
+def reasoned_answers(tokenizer, new_tokens: torch.Tensor, lengths, ended, reasoning: Reasoning) -> list[Answer]:
+    """Each row's generation (up to its end-of-turn token, which is left out) split into reasoning and answer;
+    decoded with special tokens kept, since reasoning markers (gpt-oss's channels) are special tokens."""
+    specials = tuple(sorted(set(tokenizer.all_special_tokens), key=len, reverse=True))
+    answers = []
+    for row, length, end in zip(new_tokens.tolist(), lengths, ended, strict=True):
+        text = tokenizer.decode(row[: length - 1 if end else length], skip_special_tokens=False)
+        answers.append(split_answer(text, reasoning, specials))
+    return answers
+
+
+def _first_tokens(tokenizer, text: str, count: int) -> str:
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:count])
 
 
 def _sigmoid(x: float) -> float:
@@ -249,6 +279,11 @@ def summarise(
             "edited_turned": sum(edited[i].turned for i in idx),
             "source_unended": sum(not source[i].ended for i in idx),
             "edited_unended": sum(not edited[i].ended for i in idx),
+            # reasoning models: no answer (the reasoning never ended), refusal words inside the reasoning
+            "source_no_answer": sum(not source[i].answered for i in idx),
+            "edited_no_answer": sum(not edited[i].answered for i in idx),
+            "source_refused_reasoning": sum(source[i].refused_reasoning for i in idx),
+            "edited_refused_reasoning": sum(edited[i].refused_reasoning for i in idx),
             "source_mean_answer_tokens": sum(source[i].answer_tokens for i in idx) / n,
             "edited_mean_answer_tokens": sum(edited[i].answer_tokens for i in idx) / n,
             "source_refused_broad": sum(source[i].refused_broad for i in idx),

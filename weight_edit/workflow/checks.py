@@ -37,6 +37,27 @@ def prompt_lengths(
     return resolved
 
 
+def prompt_setup(
+    folder: Path, groups: Iterable[tuple[Path | str, Sequence[Prompt]]], prompt_format: str, reasoning: str
+):
+    """`prompt_lengths` under the reasoning mode `reasoning` (auto, on, off) resolved for this tokenizer's chat
+    template (weight_edit.reasoning): returns (prompt format, Reasoning). What the template cannot do (`on`
+    without any reasoning, `off` where nothing turns it off) is refused now, in one line."""
+    from transformers import AutoTokenizer
+
+    from weight_edit.chat import using_prompt_format
+    from weight_edit.reasoning import REASONING_MODES, Reasoning, ReasoningError, resolve_reasoning
+
+    if reasoning not in REASONING_MODES:
+        raise ReasoningError(f"--reasoning {reasoning!r} is not one of {', '.join(REASONING_MODES)}")
+    if not (folder / "config.json").is_file():
+        return prompt_format, Reasoning("none", reasoning)  # not a checkpoint folder: the command says so
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    resolved = resolve_reasoning(tokenizer, reasoning, resolve_prompt_format(tokenizer, prompt_format))
+    with using_prompt_format(prompt_format, resolved.template_kwargs):
+        return prompt_lengths(folder, groups, prompt_format), resolved
+
+
 def require_harmless(split: Split, dataset: Path, what: str) -> None:
     if not split.select("train", HARMLESS_LABEL):
         raise DatasetError(

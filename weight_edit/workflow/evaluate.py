@@ -41,6 +41,7 @@ class EvaluateRequest:
     benchmarks: Sequence = ()  # prompt_files.BenchmarkSpec
     prompt_column: str | None = None
     prompt_format: str = "auto"  # chat.PROMPT_FORMATS; recorded as the format actually used
+    reasoning: str = "auto"  # reasoning.REASONING_MODES; answers are scored after the reasoning
 
 
 @dataclass
@@ -80,23 +81,25 @@ def run_evaluation(
     data, split = load_split(request.dataset, request.seed)
     policy = policy_prompts(split, request.limit)
     by_file = [(spec.path, load_prompt_file(spec, request.prompt_column)) for spec in request.benchmarks]
-    prompt_format = checks.prompt_lengths(source, [(request.dataset, data.prompts), *by_file], request.prompt_format)
+    groups = [(request.dataset, data.prompts), *by_file]
+    prompt_format, reasoning = checks.prompt_setup(source, groups, request.prompt_format, request.reasoning)
     benchmark = [p for _, prompts in by_file for p in prompts]
     started = time.time()
     dtype = resolve_dtype(request.dtype, request.device)  # recorded as the dtype actually used
-    with using_prompt_format(prompt_format):  # both models' prompts, in score_model
+    with using_prompt_format(prompt_format, reasoning.template_kwargs):  # both models' prompts, in score_model
         scored, reused, generation = _score_both(
-            request, source, provenance, [*policy, *benchmark], dtype, prompt_format, progress
+            request, source, provenance, [*policy, *benchmark], dtype, (prompt_format, reasoning), progress
         )
     if reused:
         say(f"source scores reused from an identical earlier evaluation ({reused})")
-    return _write(request, split, len(policy), scored, reused, generation, dtype, started, prompt_format)
+    return _write(request, split, len(policy), scored, reused, generation, dtype, started, (prompt_format, reasoning))
 
 
 def _score_both(
-    request: EvaluateRequest, source: Path, provenance: dict, prompts: list[Prompt], dtype: str, prompt_format, progress
+    request: EvaluateRequest, source: Path, provenance: dict, prompts: list[Prompt], dtype: str, prompting, progress
 ):
-    """Scores of the source (cached when allowed) and of the edited checkpoint on the same prompts."""
+    """Scores of the source (cached when allowed) and of the edited checkpoint on the same prompts; `prompting`
+    is (prompt format, Reasoning)."""
     from weight_edit.evaluate import (
         generation_settings,
         greedy_generation_config,
@@ -110,7 +113,7 @@ def _score_both(
     judge = None
     if request.judge_path:
         judge = load_judge(request.judge_path, "cuda" if request.device == "cuda" else "cpu")
-    key = _source_cache_key(request, source, provenance, prompts, dtype, prompt_format)
+    key = _source_cache_key(request, source, provenance, prompts, dtype, prompting)
     cache_folder = cache_dir() / "evaluations" / key if key else None
     cached = load_cached_scores(cache_folder) if cache_folder else None
     results = {"source": cached} if cached else {}
@@ -136,6 +139,7 @@ def _score_both(
             broad_markers=settings.BROAD_REFUSAL_MARKERS,
             judge=judge,
             early_tokens=early_cutoff(request.max_new_tokens),
+            reasoning=prompting[1],
         )
         del model
         if name == "source" and cache_folder:
@@ -144,7 +148,7 @@ def _score_both(
 
 
 def _source_cache_key(
-    request: EvaluateRequest, source: Path, provenance: dict, prompts, dtype: str, prompt_format: str
+    request: EvaluateRequest, source: Path, provenance: dict, prompts, dtype: str, prompting
 ) -> str | None:
     """Everything that changes the source's scores (never reused with an explicit --model or a judge)."""
     import torch
@@ -154,6 +158,7 @@ def _source_cache_key(
 
     if not request.reuse_source or request.model_spec or request.judge_path:
         return None
+    prompt_format, reasoning = prompting
     cuda = request.device == "cuda" or (request.device == "auto" and torch.cuda.is_available())
     return source_cache_key(
         provenance["source"].get("shards", {}),
@@ -167,6 +172,7 @@ def _source_cache_key(
             "batch_size": request.batch_size,
             "max_new_tokens": request.max_new_tokens,
             "early_tokens": early_cutoff(request.max_new_tokens),
+            "reasoning": reasoning.as_dict(),
             "scores": "whole answer, early cut-off, answer length",
             "prefixes": settings.REFUSAL_PREFIXES,
             "substrings": settings.REFUSAL_SUBSTRINGS,
@@ -178,8 +184,9 @@ def _source_cache_key(
     )
 
 
-def _write(request, split, n_policy, results, reused, generation, dtype, started, prompt_format) -> Evaluation:
+def _write(request, split, n_policy, results, reused, generation, dtype, started, prompting) -> Evaluation:
     """Summaries per area and per benchmark file, and the files `evaluate` leaves in --out-dir."""
+    prompt_format, reasoning = prompting
     from weight_edit.evaluate import summarise
     from weight_edit.hashing import file_sha256
 
@@ -205,6 +212,7 @@ def _write(request, split, n_policy, results, reused, generation, dtype, started
         "max_new_tokens": request.max_new_tokens,
         "early_tokens": early_cutoff(request.max_new_tokens),
         "prompt_format": prompt_format,
+        "reasoning": reasoning.as_dict(),
         "generation": generation,
         "dtype": dtype,
         "refusal_substrings": list(settings.REFUSAL_SUBSTRINGS),
@@ -242,6 +250,10 @@ def _prompt_row(source: PromptScore, edited: PromptScore) -> dict[str, Any]:
         "edited_answer_tokens": edited.answer_tokens,
         "source_ended": source.ended,
         "edited_ended": edited.ended,
+        "source_answered": source.answered,
+        "edited_answered": edited.answered,
+        "source_refused_reasoning": source.refused_reasoning,
+        "edited_refused_reasoning": edited.refused_reasoning,
         "source_refused_broad": source.refused_broad,
         "edited_refused_broad": edited.refused_broad,
         "source_log_odds": round(source.refusal_log_odds, 3),

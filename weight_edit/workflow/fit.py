@@ -35,6 +35,7 @@ class FitRequest:
     contrast: str = settings.DEFAULT_CONTRAST
     selection: str = settings.SELECTION_RULE
     prompt_format: str = "auto"  # chat.PROMPT_FORMATS; recorded as the format actually used
+    reasoning: str = "auto"  # reasoning.REASONING_MODES; recorded with the template's style
 
 
 @dataclass
@@ -63,13 +64,14 @@ def run_fit(
     if request.contrast == HARMLESS_LABEL:
         checks.require_harmless(split, request.dataset, "--contrast harmless")
     folder = resolve_model(request.model_spec, model_progress)
-    prompt_format = checks.prompt_lengths(folder, [(request.dataset, data.prompts)], request.prompt_format)
+    groups = [(request.dataset, data.prompts)]
+    prompt_format, reasoning = checks.prompt_setup(folder, groups, request.prompt_format, request.reasoning)
     checkpoint = Checkpoint(folder)
     arch = architecture_for(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
     say(
         f"model {folder} ({checkpoint.config.get('model_type')}, edited as the {arch.family} family; "
-        f"{num_layers} layers); prompts: {prompt_format}; contrast: {request.contrast}; "
+        f"{num_layers} layers); prompts: {prompt_format}{_reasoning_note(reasoning)}; contrast: {request.contrast}; "
         f"fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}"
     )
     started = time.time()
@@ -83,7 +85,8 @@ def run_fit(
         selection=request.selection,
     )
     contrast = request.contrast
-    with using_prompt_format(prompt_format):  # every prompt fit_direction tokenizes
+    # every prompt fit_direction tokenizes, with the reasoning switch the model will see in use
+    with using_prompt_format(prompt_format, reasoning.template_kwargs):
         result = fit_direction(
             model,
             tokenizer,
@@ -119,6 +122,7 @@ def run_fit(
         "baseline": result.baseline,
         "selection": result.selection_note,
         "prompt_format": prompt_format,
+        "reasoning": reasoning.as_dict(),
         "post_instruction_tokens": result.suffix_tokens,
         "refusal_tokens": result.refusal_tokens,
         "dataset": {"path": str(request.dataset), "sha256": data.sha256},
@@ -134,3 +138,11 @@ def run_fit(
     files += [write_csv(out / CANDIDATES_FILE, result.table()), write_csv(out / SPLIT_FILE, split.table())]
     files.append(out / sidecar["activation_means"]["file"])
     return FitRun(result, sidecar, [f for f in files if f], round(time.time() - started, 1))
+
+
+def _reasoning_note(reasoning) -> str:
+    """Where the template reasons: which mode (post-instruction positions follow it; the first-token refusal
+    score then sees the reasoning's opening, see docs/method.md)."""
+    if reasoning.style == "none":
+        return ""
+    return f" (reasoning {reasoning.mode}: {reasoning.style})"

@@ -91,7 +91,9 @@ def run_tune(
     started = time.time()
     dtype = resolve_dtype(request.dtype, request.device)  # recorded as the dtype actually used
     model, tokenizer = load_model(folder, dtype=dtype, device=request.device)
-    with using_prompt_format(prompt_format):
+    # the reasoning switch `fit` used (fits before --reasoning used the template's default)
+    template_kwargs = tuple((sidecar.get("reasoning") or {}).get("template_arguments", {}).items())
+    with using_prompt_format(prompt_format, template_kwargs):
         result = search_strengths(
             model,
             tokenizer,
