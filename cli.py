@@ -418,6 +418,11 @@ def evaluate(**options) -> None:
     if evaluation.benchmark_rows:
         for table in difference_tables("public files", "benchmark", evaluation.benchmark_rows, early, reasoned):
             console.print(table)
+    for flag in evaluation.summary["degeneration"]["flagged"]:
+        console.print(
+            f"[bold red]degenerate[/] {flag['where']}, {flag['label']} prompts: {flag['edited']} edited answers "
+            f"loop or repeat against {flag['source']} of the source's (paired interval above zero)"
+        )
     seconds = evaluation.summary["seconds"]
     console.print(f"wrote {', '.join(str(f) for f in evaluation.files)} in {seconds:.0f} s")
 

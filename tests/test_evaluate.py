@@ -187,3 +187,34 @@ def test_first_token_logits_are_the_model_logits_of_the_first_step(tiny_model):
     config.output_logits = True
     reported = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, generation_config=config)
     torch.testing.assert_close(kept[list(batch.indices)], reported.logits[0].float(), rtol=0, atol=0)
+
+
+def test_repetition_measures_on_known_sequences():
+    from weight_edit.evaluate import distinct_n, repeat_share
+
+    loop = [1, 2, 3, 4] * 3  # 9 four-grams, 4 distinct
+    assert repeat_share(loop, 4) == pytest.approx(5 / 9) and distinct_n(loop, 2) == pytest.approx(4 / 11)
+    assert repeat_share(list(range(20)), 4) == 0.0 and distinct_n(list(range(20)), 2) == 1.0
+    assert repeat_share([7, 7, 7], 4) == 0.0 and distinct_n([7], 2) == 1.0  # too short to have n-grams
+
+
+def test_an_edit_whose_harmless_answers_loop_is_flagged(chat_tokenizer):
+    """Source answers plainly, the edit loops: each of its answers is degenerate, the paired difference's
+    interval lies above zero, and the summary flags the harmless prompts (not the unsafe ones)."""
+    from weight_edit.workflow.evaluate import degeneration_flags
+
+    plain = ScriptedModel(chat_tokenizer, "Tides come from the pull of the moon on the oceans, twice a day.")
+    looping = ScriptedModel(chat_tokenizer, "the moon " * 40, end=False)
+    prompts = [Prompt(f"Question {i}", label, "a", i) for i in range(12) for label in ("harmless", "unsafe")]
+    args = (chat_tokenizer, prompts, ("I",), ("I'm sorry",), 64, 4, 4)
+    source, source_logits = score_model(plain, *args)
+    edited, edited_logits = score_model(looping, *args)
+    assert all(s.repeat_share > 0.5 and s.answer_tokens == 64 for s in edited)
+    assert all(s.repeat_share == 0.0 for s in source)
+    rows = summarise(source, edited, source_logits, edited_logits)["rows"]
+    harmless = next(r for r in rows if r["area"] == "ALL" and r["label"] == "harmless")
+    assert (harmless["source_degenerate"], harmless["edited_degenerate"]) == (0, 12)
+    assert harmless["degenerate_difference_ci_low"] > 0
+    flags = degeneration_flags(rows, [])["flagged"]
+    assert flags == [{"where": "held-out areas", "label": "harmless", "source": 0, "edited": 12}]
+    assert degeneration_flags(summarise(source, source, source_logits, source_logits)["rows"], [])["flagged"] == []

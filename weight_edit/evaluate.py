@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+import settings
 from weight_edit.activations import kl_divergence, tokenized_batches
 from weight_edit.chat import refusal_log_odds, refusal_token_ids
 from weight_edit.dataset import Prompt
@@ -148,11 +149,31 @@ class PromptScore:
     ended: bool = True  # the answer ended within the budget
     answered: bool = True  # False: a reasoning that did not end within the budget (no answer: a loop)
     refused_reasoning: bool = False  # refusal substrings in the reasoning (reported apart, never as refusal)
+    repeat_share: float = 0.0  # share of the generation's n-grams that repeat an earlier one (see repeat_share)
+    distinct_2: float = 1.0  # distinct bigrams / bigrams of the generation
 
     @property
     def turned(self) -> bool:
         """Refused only after the early cut-off: an answer that opens compliant and then declines."""
         return self.refused_text and not self.refused_early
+
+
+def repeat_share(tokens: Sequence[int], n: int) -> float:
+    """Share of a token sequence's n-grams that repeat an n-gram seen earlier in it: 0 for text without
+    repeats, near 1 for a loop; 0 when there are no n-grams."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_n(tokens: Sequence[int], n: int) -> float:
+    """Distinct n-grams over n-grams (1 when there are none), the usual diversity measure."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def is_degenerate(score: PromptScore, share: float, min_tokens: int) -> bool:
+    """A generation that loops: long enough to judge and with more than `share` of its n-grams repeated."""
+    return score.answer_tokens >= min_tokens and score.repeat_share > share
 
 
 def answer_lengths(new_tokens: torch.Tensor, end_ids: set[int]) -> tuple[list[int], list[bool]]:
@@ -181,6 +202,7 @@ def score_model(
     judge: Judge | None = None,
     early_tokens: int = 32,
     reasoning: Reasoning = NO_REASONING,
+    ngram: int = 4,
 ) -> tuple[list[PromptScore], torch.Tensor]:
     """Greedy completions and first-token logits for every prompt; returns scores and those logits, in
     the order of `prompts` (batches are formed by length, so less padding is generated).
@@ -205,6 +227,11 @@ def score_model(
         odds = refusal_log_odds(logits, refusal_ids)
         new_tokens = out.sequences[:, batch.input_ids.shape[1] :]
         lengths, ended = answer_lengths(new_tokens, end_ids)
+        # repetition is measured on everything generated (a reasoning loop is a loop), without the end token
+        generated = [
+            row[: length - 1 if end else length]
+            for row, length, end in zip(new_tokens.tolist(), lengths, ended, strict=True)
+        ]
         if reasoning.active:
             answers = reasoned_answers(tokenizer, new_tokens, lengths, ended, reasoning)
             texts = [a.answer for a in answers]
@@ -230,6 +257,8 @@ def score_model(
                 ended=ended[row],
                 answered=answers[row].answered,
                 refused_reasoning=is_refusal(answers[row].reasoning, substrings),
+                repeat_share=repeat_share(generated[row], ngram),
+                distinct_2=distinct_n(generated[row], 2),
             )
         advance(len(batch.indices))
     return scores, torch.stack(first_logits)  # type: ignore[arg-type]
@@ -255,9 +284,17 @@ def _sigmoid(x: float) -> float:
 
 
 def summarise(
-    source: list[PromptScore], edited: list[PromptScore], source_logits: torch.Tensor, edited_logits: torch.Tensor
+    source: list[PromptScore],
+    edited: list[PromptScore],
+    source_logits: torch.Tensor,
+    edited_logits: torch.Tensor,
+    degenerate: Callable[[PromptScore], bool] | None = None,
 ) -> dict:
-    """Per area and overall: refusal rates by text and by log-odds (> 0), and first-token KL on safe prompts."""
+    """Per area and overall: refusal rates by text and by log-odds (> 0), first-token KL on safe prompts, and
+    degeneration (mean repeated n-gram share, distinct bigrams, degenerate answers by `degenerate`, paired)."""
+    degenerate = degenerate or (
+        lambda score: is_degenerate(score, settings.DEGENERATE_REPEAT_SHARE, settings.DEGENERATION_MIN_TOKENS)
+    )
     kl = kl_divergence(source_logits, edited_logits).tolist()
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, s in enumerate(source):
@@ -311,6 +348,18 @@ def summarise(
             "log_odds_mcnemar_p": odds["mcnemar_p"],
             "log_odds_difference_ci_low": odds["difference_ci_low"],
             "log_odds_difference_ci_high": odds["difference_ci_high"],
+        }
+        flags = paired_summary([degenerate(source[i]) for i in idx], [degenerate(edited[i]) for i in idx])
+        row |= {
+            "source_mean_repeat_share": sum(source[i].repeat_share for i in idx) / n,
+            "edited_mean_repeat_share": sum(edited[i].repeat_share for i in idx) / n,
+            "source_mean_distinct_2": sum(source[i].distinct_2 for i in idx) / n,
+            "edited_mean_distinct_2": sum(edited[i].distinct_2 for i in idx) / n,
+            "source_degenerate": flags["both"] + flags["source_only"],
+            "edited_degenerate": flags["both"] + flags["edited_only"],
+            "degenerate_difference_ci_low": flags["difference_ci_low"],
+            "degenerate_difference_ci_high": flags["difference_ci_high"],
+            "degenerate_mcnemar_p": flags["mcnemar_p"],
         }
         if source[idx[0]].judge_label is not None:
             for name, scores in (("source", source), ("edited", edited)):
