@@ -51,6 +51,17 @@ def in_layers(prefix: str, writers: dict[str, int]) -> dict[str, int]:
     return {p + r"embed_tokens\.weight": 1, **{p + r"layers\.\d+\." + k: axis for k, axis in writers.items()}}
 
 
+def nemotron_writers(moe_writer: str) -> dict[str, int]:
+    """Nemotron-H under backbone.: the embedding, each mixer's output (Mamba, attention, MLP), and in MoE layers
+    `moe_writer` beside the shared expert."""
+    mixers = (r"out_proj\.weight", r"o_proj\.weight", r"down_proj\.weight", moe_writer)
+    layer = r"backbone\.layers\.\d+\.mixer\."
+    return {
+        r"backbone\.embeddings\.weight": 1,
+        **{layer + k: 0 for k in (*mixers, r"shared_experts\.down_proj\.weight")},
+    }
+
+
 # Routed experts as transformers saves them (one linear each) or as releases ship them (one fused tensor).
 EXPERTS = {r"mlp\.experts\.\d+\.down_proj\.weight": 0, r"mlp\.experts\.down_proj": 1}
 QWEN3_VL_MOE = {r"mlp\.experts\.down_proj": 1}  # as transformers saves them; as released, axis 2
@@ -268,33 +279,9 @@ FAMILIES = {
         layers=4,
     ),
     # one mixer per layer by layers_block_type (Mamba-2, MoE, attention, MLP), tensors under backbone. on disk
-    "nemotron_h": Family(
-        {
-            r"backbone\.embeddings\.weight": 1,
-            **{
-                r"backbone\.layers\.\d+\.mixer\." + k: 0
-                for k in (r"out_proj\.weight", r"o_proj\.weight", r"down_proj\.weight")
-                + (r"experts\.\d+\.down_proj\.weight", r"shared_experts\.down_proj\.weight")
-            },
-        },
-        MOE,
-        1 + 1 + (3 + 1) + 1 + 1,
-        layers=4,
-    ),
+    "nemotron_h": Family(nemotron_writers(r"experts\.\d+\.down_proj\.weight"), MOE, 1 + 1 + (3 + 1) + 1 + 1, layers=4),
     # latent MoE (Nemotron 3 Super): experts work in a latent space, fc2_latent_proj writes into the stream
-    "nemotron_h_latent": Family(
-        {
-            r"backbone\.embeddings\.weight": 1,
-            **{
-                r"backbone\.layers\.\d+\.mixer\." + k: 0
-                for k in (r"out_proj\.weight", r"o_proj\.weight", r"down_proj\.weight")
-                + (r"fc2_latent_proj\.weight", r"shared_experts\.down_proj\.weight")
-            },
-        },
-        PLAIN,
-        1 + 1 + (1 + 1) + 1 + 1,
-        layers=4,
-    ),
+    "nemotron_h_latent": Family(nemotron_writers(r"fc2_latent_proj\.weight"), PLAIN, 1 + 1 + (1 + 1) + 1 + 1, layers=4),
     "olmo2": Family(llama_like(), ORTHOGONAL, 5, POST_NORM),
     # Mixtral's layout (PhiMoE, MiniMax-M2 too): per-expert w2 on disk, every layer MoE, no shared expert
     **{
