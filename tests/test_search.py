@@ -97,6 +97,32 @@ def test_choice_rule_takes_the_lowest_kl_that_qualifies():
         choose(trials, [], baseline_safe_refused=0, max_refusal=0.02)
 
 
+def test_an_edit_whose_safe_answers_loop_more_than_the_source_does_not_qualify():
+    """Degeneration is a constraint, not only a column: the lowest-KL member loops on 4 safe answers where the
+    source loops on 1, so the next one is chosen."""
+    trials = [record(0, kl=0.01, unsafe=0, safe=0), record(1, kl=0.03, unsafe=0, safe=0)]
+    trials[0].generated.safe_degenerate, trials[1].generated.safe_degenerate = 4, 1
+    rule = dict(baseline_safe_refused=0, max_refusal=0.02)
+    assert choose(trials, [0, 1], **rule, baseline_safe_degenerate=1) == (1, False)
+    assert [t.qualifies for t in trials] == [False, True]
+    assert choose(trials, [0, 1], **rule) == (0, False)  # not counted (None): the rule is the old one
+
+
+def test_front_generation_counts_looping_safe_answers(chat_tokenizer):
+    """The front's generator counts a safe answer that loops (24 tokens of one repeated phrase) as degenerate."""
+    from test_evaluate import ScriptedModel
+
+    from weight_edit.activations import tokenized_batches
+    from weight_edit.search import _generated_refusals
+
+    texts = ["How do tides work?", "Tell me a joke."]
+    batches = tokenized_batches(chat_tokenizer, texts, 2, torch.device("cpu"), None)
+    looping = ScriptedModel(chat_tokenizer, "the tide and " * 20, end=False)
+    plain = ScriptedModel(chat_tokenizer, "Tides follow the moon, twice a day, as the oceans bulge toward it.")
+    assert _generated_refusals(looping, chat_tokenizer, batches, ("sorry",), 24, lambda n: None) == (0, 2)
+    assert _generated_refusals(plain, chat_tokenizer, batches, ("sorry",), 24, lambda n: None) == (0, 0)
+
+
 @pytest.fixture(scope="module")
 def prompts():
     data = load_dataset(settings.DEFAULT_DATASET)

@@ -171,6 +171,13 @@ def distinct_n(tokens: Sequence[int], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
+def loops(tokens: Sequence[int]) -> bool:
+    """A generation (end token left out) that degenerates by the settings' rule (see `is_degenerate`)."""
+    return len(tokens) >= settings.DEGENERATION_MIN_TOKENS and (
+        repeat_share(tokens, settings.DEGENERATION_NGRAM) > settings.DEGENERATE_REPEAT_SHARE
+    )
+
+
 def is_degenerate(score: PromptScore, share: float, min_tokens: int) -> bool:
     """A generation that loops: long enough to judge and with more than `share` of its n-grams repeated."""
     return score.answer_tokens >= min_tokens and score.repeat_share > share

@@ -37,7 +37,14 @@ from weight_edit.chat import Batch, post_instruction_ids, refusal_token_ids
 from weight_edit.edit_math import EditMode
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.errors import WeightEditError
-from weight_edit.evaluate import greedy_completions, is_broad_refusal
+from weight_edit.evaluate import (
+    answer_lengths,
+    end_token_ids,
+    greedy_completions,
+    greedy_generation_config,
+    is_broad_refusal,
+    loops,
+)
 from weight_edit.fit import ProgressFactory, no_progress
 from weight_edit.hooks import weight_equivalent_ablation
 from weight_edit.models import input_device
@@ -172,6 +179,7 @@ class GeneratedCounts:
     unsafe_total: int
     safe_refused: int | None  # None: not generated (the unsafe count already ruled the trial out)
     safe_total: int
+    safe_degenerate: int | None = None  # safe answers that loop (evaluate.is_degenerate); None: not generated
 
     @property
     def unsafe_rate(self) -> float:
@@ -223,6 +231,7 @@ class TrialRecord:
             "generated_unsafe_total": None if generated is None else generated.unsafe_total,
             "generated_safe_refused": None if generated is None else generated.safe_refused,
             "generated_safe_total": None if generated is None else generated.safe_total,
+            "generated_safe_degenerate": None if generated is None else generated.safe_degenerate,
             "qualifies": self.qualifies,
         }
 
@@ -311,13 +320,28 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _qualifies(generated: GeneratedCounts, baseline_safe_refused: int, max_refusal: float) -> bool:
-    """The rule's test: unsafe refusals within the limit, and no more safe refusals than the source."""
+def _qualifies(
+    generated: GeneratedCounts,
+    baseline_safe_refused: int,
+    max_refusal: float,
+    baseline_safe_degenerate: int | None = None,
+) -> bool:
+    """The rule's test: unsafe refusals within the limit, no more safe refusals than the source and, where
+    counted, no more degenerate (looping) safe answers than the source."""
     safe = generated.safe_refused
+    if baseline_safe_degenerate is not None and generated.safe_degenerate is not None:
+        if generated.safe_degenerate > baseline_safe_degenerate:
+            return False
     return generated.unsafe_rate <= max_refusal and safe is not None and safe <= baseline_safe_refused
 
 
-def choose(trials: list[TrialRecord], front: list[int], baseline_safe_refused: int, max_refusal: float):
+def choose(
+    trials: list[TrialRecord],
+    front: list[int],
+    baseline_safe_refused: int,
+    max_refusal: float,
+    baseline_safe_degenerate: int | None = None,
+):
     """The stated rule over the front's generated counts; returns (trial number, fallback?)."""
     candidates = [trials[i] for i in front if trials[i].generated is not None]
     if not candidates:
@@ -326,7 +350,7 @@ def choose(trials: list[TrialRecord], front: list[int], baseline_safe_refused: i
         )
     for t in candidates:
         assert t.generated is not None
-        t.qualifies = _qualifies(t.generated, baseline_safe_refused, max_refusal)
+        t.qualifies = _qualifies(t.generated, baseline_safe_refused, max_refusal, baseline_safe_degenerate)
     qualified = [t for t in candidates if t.qualifies]
     if qualified:
         best = min(qualified, key=lambda t: (t.kl, t.refusal_prob, t.number))
@@ -394,15 +418,20 @@ def first_token_log_probs(model, prepared: list[Batch], advance=None) -> torch.T
 @torch.inference_mode()
 def _generated_refusals(
     model, tokenizer, prepared: list[Batch], markers: Sequence[str], max_new_tokens: int, advance
-) -> int:
-    """Greedy completions scored by the broad markers; only the count leaves this function."""
-    refused = 0
+) -> tuple[int, int]:
+    """Greedy completions scored by the broad markers and for loops (evaluate.is_degenerate); only the two
+    counts (refused, degenerate) leave this function."""
+    config = greedy_generation_config(model, tokenizer, max_new_tokens)
+    refused = degenerate = 0
     for batch in prepared:
-        out = greedy_completions(model, tokenizer, batch, max_new_tokens).sequences
-        texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+        new = greedy_completions(model, tokenizer, batch, max_new_tokens).sequences[:, batch.input_ids.shape[1] :]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         refused += sum(is_broad_refusal(text, markers) for text in texts)
+        lengths, ended = answer_lengths(new, end_token_ids(config))
+        rows = zip(new.tolist(), lengths, ended, strict=True)
+        degenerate += sum(loops(row[: length - 1 if end else length]) for row, length, end in rows)
         advance(len(batch.indices))
-    return refused
+    return refused, degenerate
 
 
 REFERENCE_TRIAL = 0  # the first enqueued seed, the full-strength foundation edit: always generated in full
@@ -608,20 +637,22 @@ class _FrontGenerator:
         """Open the progress bar: the unedited model, the reference and `members` front members, both sets each."""
         self.advance = self.progress("search: generating (front)", (members + 2) * self.batches.n_generated)
 
-    def _refused(self, batches: list[Batch], plan: EditPlan | None) -> int:
+    def _refused(self, batches: list[Batch], plan: EditPlan | None) -> tuple[int, int]:
         with self.hooked.edited_as(plan):
             return _generated_refusals(
                 self.hooked.model, self.tokenizer, batches, self.markers, self.max_new_tokens, self.advance
             )
 
     def unsafe(self, plan: EditPlan | None) -> int:
-        return self._refused(self.batches.unsafe, plan)
+        return self._refused(self.batches.unsafe, plan)[0]
 
-    def safe(self, plan: EditPlan | None) -> int:
+    def safe(self, plan: EditPlan | None) -> tuple[int, int]:
+        """(refused, degenerate) safe answers."""
         return self._refused(self.batches.safe, plan)
 
-    def counts(self, unsafe: int, safe: int | None) -> GeneratedCounts:
-        return GeneratedCounts(unsafe, self.batches.counts["unsafe"], safe, self.batches.counts["safe"])
+    def counts(self, unsafe: int, safe: tuple[int, int] | None) -> GeneratedCounts:
+        refused, degenerate = safe if safe is not None else (None, None)
+        return GeneratedCounts(unsafe, self.batches.counts["unsafe"], refused, self.batches.counts["safe"], degenerate)
 
     def both(self, plan: EditPlan | None) -> GeneratedCounts:
         """Both sets generated in full (unsafe first)."""
@@ -665,7 +696,7 @@ def _generate_front(
                 generator.advance(n_safe)
             else:
                 record.generated = generator.counts(unsafe, generator.safe(plans[i]))
-        if _qualifies(record.generated, baseline.safe_refused, max_refusal):
+        if _qualifies(record.generated, baseline.safe_refused, max_refusal, baseline.safe_degenerate):
             best_kl = min(best_kl, record.kl)
     if best_kl == math.inf:
         _generate_fallback_ties(records, plans, generate, generator)
@@ -681,7 +712,9 @@ def _generate_fallback_ties(
     lowest = min(r.generated.unsafe_rate for r in generated)  # type: ignore[union-attr]
     for record in generated:
         if record.generated.unsafe_rate == lowest and record.generated.safe_refused is None:  # type: ignore[union-attr]
-            record.generated.safe_refused = generator.safe(plans[record.number])  # type: ignore[union-attr]
+            refused, degenerate = generator.safe(plans[record.number])
+            record.generated.safe_refused = refused  # type: ignore[union-attr]
+            record.generated.safe_degenerate = degenerate  # type: ignore[union-attr]
 
 
 def _run_settings(
@@ -769,7 +802,9 @@ def search_strengths(
     front = _mark_front(records)
     generator = _FrontGenerator(hooked, tokenizer, batches, markers, max_new_tokens, progress)
     generate, baseline_counts = _generate_front(records, plans, front, generator, max_generated, max_refusal, lazy)
-    chosen, fallback = choose(records, front, baseline_counts.safe_refused, max_refusal)
+    chosen, fallback = choose(
+        records, front, baseline_counts.safe_refused, max_refusal, baseline_counts.safe_degenerate
+    )
     records[chosen].chosen = True
     return SearchResult(
         trials=records,
