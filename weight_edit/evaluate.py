@@ -151,6 +151,7 @@ class PromptScore:
     refused_reasoning: bool = False  # refusal substrings in the reasoning (reported apart, never as refusal)
     repeat_share: float = 0.0  # share of the generation's n-grams that repeat an earlier one (see repeat_share)
     distinct_2: float = 1.0  # distinct bigrams / bigrams of the generation
+    degenerate: bool = False  # the generation loops (see `loops`)
 
     @property
     def turned(self) -> bool:
@@ -172,25 +173,22 @@ def distinct_n(tokens: Sequence[int], n: int) -> float:
 
 
 def loops(tokens: Sequence[int]) -> bool:
-    """A generation (end token left out) that degenerates by the settings' rule (see `is_degenerate`)."""
+    """A generation (end token left out) that degenerates: at least DEGENERATION_MIN_TOKENS long and more than
+    DEGENERATE_REPEAT_SHARE of its DEGENERATION_NGRAM-grams repeated (settings); the one rule of `evaluate`
+    and `tune`."""
     return len(tokens) >= settings.DEGENERATION_MIN_TOKENS and (
         repeat_share(tokens, settings.DEGENERATION_NGRAM) > settings.DEGENERATE_REPEAT_SHARE
     )
 
 
-def is_degenerate(score: PromptScore, share: float, min_tokens: int) -> bool:
-    """A generation that loops: long enough to judge and with more than `share` of its n-grams repeated."""
-    return score.answer_tokens >= min_tokens and score.repeat_share > share
-
-
-def answer_lengths(new_tokens: torch.Tensor, end_ids: set[int]) -> tuple[list[int], list[bool]]:
-    """Per row: tokens up to and including the first end-of-turn token (or all), and whether one came."""
-    lengths, ended = [], []
+def generations(new_tokens: torch.Tensor, end_ids: set[int]) -> list[tuple[list[int], bool]]:
+    """Per row: the generated tokens before the first end-of-turn token (all of them when none came), and
+    whether one came."""
+    rows = []
     for row in new_tokens.tolist():
         stop = next((i for i, token in enumerate(row) if token in end_ids), None)
-        lengths.append(len(row) if stop is None else stop + 1)
-        ended.append(stop is not None)
-    return lengths, ended
+        rows.append((row, False) if stop is None else (row[:stop], True))
+    return rows
 
 
 @torch.inference_mode()
@@ -209,7 +207,6 @@ def score_model(
     judge: Judge | None = None,
     early_tokens: int = 32,
     reasoning: Reasoning = NO_REASONING,
-    ngram: int = 4,
 ) -> tuple[list[PromptScore], torch.Tensor]:
     """Greedy completions and first-token logits for every prompt; returns scores and those logits, in
     the order of `prompts` (batches are formed by length, so less padding is generated).
@@ -233,14 +230,10 @@ def score_model(
         logits = first_step.logits
         odds = refusal_log_odds(logits, refusal_ids)
         new_tokens = out.sequences[:, batch.input_ids.shape[1] :]
-        lengths, ended = answer_lengths(new_tokens, end_ids)
         # repetition is measured on everything generated (a reasoning loop is a loop), without the end token
-        generated = [
-            row[: length - 1 if end else length]
-            for row, length, end in zip(new_tokens.tolist(), lengths, ended, strict=True)
-        ]
+        generated = generations(new_tokens, end_ids)
         if reasoning.active:
-            answers = reasoned_answers(tokenizer, new_tokens, lengths, ended, reasoning)
+            answers = reasoned_answers(tokenizer, generated, reasoning)
             texts = [a.answer for a in answers]
             early = [_first_tokens(tokenizer, text, early_tokens) for text in texts]
         else:
@@ -250,6 +243,7 @@ def score_model(
         verdicts = judge([prompts[i].text for i in batch.indices], texts) if judge else [None] * len(texts)
         for row, (index, text, verdict) in enumerate(zip(batch.indices, texts, verdicts, strict=True)):
             prompt = prompts[index]
+            tokens, ended = generated[row]
             first_logits[index] = logits[row]
             scores[index] = PromptScore(
                 prompt.category,
@@ -260,26 +254,26 @@ def score_model(
                 refused_broad=is_broad_refusal(text, broad_markers),
                 judge_label=verdict,
                 refused_early=is_refusal(early[row], substrings),
-                answer_tokens=lengths[row],
-                ended=ended[row],
+                answer_tokens=len(tokens) + ended,  # the end-of-turn token counted
+                ended=ended,
                 answered=answers[row].answered,
                 refused_reasoning=is_refusal(answers[row].reasoning, substrings),
-                repeat_share=repeat_share(generated[row], ngram),
-                distinct_2=distinct_n(generated[row], 2),
+                repeat_share=repeat_share(tokens, settings.DEGENERATION_NGRAM),
+                distinct_2=distinct_n(tokens, 2),
+                degenerate=loops(tokens),
             )
         advance(len(batch.indices))
     return scores, torch.stack(first_logits)  # type: ignore[arg-type]
 
 
-def reasoned_answers(tokenizer, new_tokens: torch.Tensor, lengths, ended, reasoning: Reasoning) -> list[Answer]:
-    """Each row's generation (up to its end-of-turn token, which is left out) split into reasoning and answer;
-    decoded with special tokens kept, since reasoning markers (gpt-oss's channels) are special tokens."""
+def reasoned_answers(tokenizer, generated: list[tuple[list[int], bool]], reasoning: Reasoning) -> list[Answer]:
+    """Each row's generation (see `generations`) split into reasoning and answer; decoded with special tokens
+    kept, since reasoning markers (gpt-oss's channels) are special tokens."""
     specials = tuple(sorted(set(tokenizer.all_special_tokens), key=len, reverse=True))
-    answers = []
-    for row, length, end in zip(new_tokens.tolist(), lengths, ended, strict=True):
-        text = tokenizer.decode(row[: length - 1 if end else length], skip_special_tokens=False)
-        answers.append(split_answer(text, reasoning, specials))
-    return answers
+    return [
+        split_answer(tokenizer.decode(tokens, skip_special_tokens=False), reasoning, specials)
+        for tokens, _ in generated
+    ]
 
 
 def _first_tokens(tokenizer, text: str, count: int) -> str:
@@ -291,17 +285,10 @@ def _sigmoid(x: float) -> float:
 
 
 def summarise(
-    source: list[PromptScore],
-    edited: list[PromptScore],
-    source_logits: torch.Tensor,
-    edited_logits: torch.Tensor,
-    degenerate: Callable[[PromptScore], bool] | None = None,
+    source: list[PromptScore], edited: list[PromptScore], source_logits: torch.Tensor, edited_logits: torch.Tensor
 ) -> dict:
     """Per area and overall: refusal rates by text and by log-odds (> 0), first-token KL on safe prompts, and
-    degeneration (mean repeated n-gram share, distinct bigrams, degenerate answers by `degenerate`, paired)."""
-    degenerate = degenerate or (
-        lambda score: is_degenerate(score, settings.DEGENERATE_REPEAT_SHARE, settings.DEGENERATION_MIN_TOKENS)
-    )
+    degeneration (mean repeated n-gram share, distinct bigrams, degenerate answers, paired)."""
     kl = kl_divergence(source_logits, edited_logits).tolist()
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, s in enumerate(source):
@@ -356,7 +343,7 @@ def summarise(
             "log_odds_difference_ci_low": odds["difference_ci_low"],
             "log_odds_difference_ci_high": odds["difference_ci_high"],
         }
-        flags = paired_summary([degenerate(source[i]) for i in idx], [degenerate(edited[i]) for i in idx])
+        flags = paired_summary([source[i].degenerate for i in idx], [edited[i].degenerate for i in idx])
         row |= {
             "source_mean_repeat_share": sum(source[i].repeat_share for i in idx) / n,
             "edited_mean_repeat_share": sum(edited[i].repeat_share for i in idx) / n,

@@ -38,8 +38,8 @@ from weight_edit.edit_math import EditMode
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.errors import WeightEditError
 from weight_edit.evaluate import (
-    answer_lengths,
     end_token_ids,
+    generations,
     greedy_completions,
     greedy_generation_config,
     is_broad_refusal,
@@ -179,7 +179,7 @@ class GeneratedCounts:
     unsafe_total: int
     safe_refused: int | None  # None: not generated (the unsafe count already ruled the trial out)
     safe_total: int
-    safe_degenerate: int | None = None  # safe answers that loop (evaluate.is_degenerate); None: not generated
+    safe_degenerate: int | None = None  # safe answers that loop (evaluate.loops); None: not generated
 
     @property
     def unsafe_rate(self) -> float:
@@ -419,17 +419,15 @@ def first_token_log_probs(model, prepared: list[Batch], advance=None) -> torch.T
 def _generated_refusals(
     model, tokenizer, prepared: list[Batch], markers: Sequence[str], max_new_tokens: int, advance
 ) -> tuple[int, int]:
-    """Greedy completions scored by the broad markers and for loops (evaluate.is_degenerate); only the two
+    """Greedy completions scored by the broad markers and for loops (evaluate.loops); only the two
     counts (refused, degenerate) leave this function."""
-    config = greedy_generation_config(model, tokenizer, max_new_tokens)
+    end_ids = end_token_ids(greedy_generation_config(model, tokenizer, max_new_tokens))
     refused = degenerate = 0
     for batch in prepared:
         new = greedy_completions(model, tokenizer, batch, max_new_tokens).sequences[:, batch.input_ids.shape[1] :]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         refused += sum(is_broad_refusal(text, markers) for text in texts)
-        lengths, ended = answer_lengths(new, end_token_ids(config))
-        rows = zip(new.tolist(), lengths, ended, strict=True)
-        degenerate += sum(loops(row[: length - 1 if end else length]) for row, length, end in rows)
+        degenerate += sum(loops(tokens) for tokens, _ in generations(new, end_ids))
         advance(len(batch.indices))
     return refused, degenerate
 

@@ -140,7 +140,6 @@ def _score_both(
             judge=judge,
             early_tokens=early_cutoff(request.max_new_tokens),
             reasoning=prompting[1],
-            ngram=settings.DEGENERATION_NGRAM,
         )
         del model
         if name == "source" and cache_folder:
@@ -174,7 +173,11 @@ def _source_cache_key(
             "max_new_tokens": request.max_new_tokens,
             "early_tokens": early_cutoff(request.max_new_tokens),
             "reasoning": reasoning.as_dict(),
-            "degeneration_ngram": settings.DEGENERATION_NGRAM,
+            "degeneration": [
+                settings.DEGENERATION_NGRAM,
+                settings.DEGENERATE_REPEAT_SHARE,
+                settings.DEGENERATION_MIN_TOKENS,
+            ],
             "scores": "whole answer, early cut-off, answer length",
             "prefixes": settings.REFUSAL_PREFIXES,
             "substrings": settings.REFUSAL_SUBSTRINGS,
