@@ -83,10 +83,14 @@ def template_style(template: str | None, generation_prompt: str) -> tuple[str, s
     return "none", None
 
 
-def resolve_reasoning(tokenizer, mode: str, prompt_format: str) -> Reasoning:
-    """The tokenizer's reasoning style under `mode`; what the template cannot do is refused in one line."""
+def check_mode(mode: str) -> None:
     if mode not in REASONING_MODES:
         raise ReasoningError(f"--reasoning {mode!r} is not one of {', '.join(REASONING_MODES)}")
+
+
+def resolve_reasoning(tokenizer, mode: str, prompt_format: str) -> Reasoning:
+    """The tokenizer's reasoning style under `mode`; what the template cannot do is refused in one line."""
+    check_mode(mode)
     template = getattr(tokenizer, "chat_template", None) if prompt_format == "chat" else None
     if not isinstance(template, str):
         template = None  # several named templates: the default one is used, without reasoning arguments

@@ -24,38 +24,33 @@ def prompt_lengths(
     before the model loads. `groups`: (file, its prompts with their row numbers). Returns the prompt format
     `prompt_format` resolves to for this tokenizer (`chat` or `plain`; see chat.resolve_prompt_format), which
     refuses `chat` for a tokenizer without a chat template now, in one line."""
+    return prompt_setup(folder, groups, prompt_format)[0]
+
+
+def prompt_setup(
+    folder: Path, groups: Iterable[tuple[Path | str, Sequence[Prompt]]], prompt_format: str, reasoning: str = "auto"
+):
+    """`prompt_lengths` under the reasoning mode `reasoning` (auto, on, off) resolved for this tokenizer's chat
+    template (weight_edit.reasoning): returns (prompt format, Reasoning), the tokenizer read once. What the
+    template cannot do (`on` without any reasoning, `off` where nothing turns it off) is refused now, in one
+    line."""
     from transformers import AutoTokenizer
 
+    from weight_edit.chat import using_prompt_format
+    from weight_edit.reasoning import Reasoning, check_mode, resolve_reasoning
+
+    check_mode(reasoning)
     if not (folder / "config.json").is_file():
-        return prompt_format  # not a checkpoint folder: the command's own checks say so
+        return prompt_format, Reasoning("none", reasoning)  # not a checkpoint folder: the command says so
     config = json.loads((folder / "config.json").read_text())
     limit, why = prompt_token_limit(config, settings.MAX_PROMPT_TOKENS)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     resolved = resolve_prompt_format(tokenizer, prompt_format)
-    for origin, prompts in groups:
-        check_prompt_lengths(tokenizer, [(p.row, p.text) for p in prompts], str(origin), limit, why, resolved)
-    return resolved
-
-
-def prompt_setup(
-    folder: Path, groups: Iterable[tuple[Path | str, Sequence[Prompt]]], prompt_format: str, reasoning: str
-):
-    """`prompt_lengths` under the reasoning mode `reasoning` (auto, on, off) resolved for this tokenizer's chat
-    template (weight_edit.reasoning): returns (prompt format, Reasoning). What the template cannot do (`on`
-    without any reasoning, `off` where nothing turns it off) is refused now, in one line."""
-    from transformers import AutoTokenizer
-
-    from weight_edit.chat import using_prompt_format
-    from weight_edit.reasoning import REASONING_MODES, Reasoning, ReasoningError, resolve_reasoning
-
-    if reasoning not in REASONING_MODES:
-        raise ReasoningError(f"--reasoning {reasoning!r} is not one of {', '.join(REASONING_MODES)}")
-    if not (folder / "config.json").is_file():
-        return prompt_format, Reasoning("none", reasoning)  # not a checkpoint folder: the command says so
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    resolved = resolve_reasoning(tokenizer, reasoning, resolve_prompt_format(tokenizer, prompt_format))
-    with using_prompt_format(prompt_format, resolved.template_kwargs):
-        return prompt_lengths(folder, groups, prompt_format), resolved
+    chosen = resolve_reasoning(tokenizer, reasoning, resolved)
+    with using_prompt_format(prompt_format, chosen.template_kwargs):  # lengths as the model will see them
+        for origin, prompts in groups:
+            check_prompt_lengths(tokenizer, [(p.row, p.text) for p in prompts], str(origin), limit, why, resolved)
+    return resolved, chosen
 
 
 def require_harmless(split: Split, dataset: Path, what: str) -> None:
