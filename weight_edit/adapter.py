@@ -364,9 +364,7 @@ def write_adapter(
     arch = architecture_for(source.config)
     check_adapter_supported(arch, mode)
     basis, layer_bases = _checked_bases(source, arch, direction, layer_directions)
-    targets = arch.targets(
-        source.config, source.tensor_names, shapes={n: source.info(n).shape for n in source.weight_map}
-    )
+    targets = arch.targets(source.config, source.tensor_names, shapes=source.shapes)
     _check_writers(source, targets)
     fan_in_fan_out = _fan_in_fan_out(arch, targets)
     adapter = _lora_adapter(source, targets, basis, layer_bases, strength)

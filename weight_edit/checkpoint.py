@@ -248,6 +248,12 @@ class Checkpoint:
         quantized appears once, under its float name (its quantized parts and scales do not)."""
         return self._tensor_names
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every on-disk tensor's shape, from the headers (what `Architecture.targets` reads a residual axis
+        from where a family's table leaves it to the shape)."""
+        return {name: self.info(name).shape for name in self.weight_map}
+
     def info(self, name: str) -> TensorInfo:
         """An on-disk tensor's header entry (a quantized tensor's float name has none: see `quantized`)."""
         return self.headers[self.weight_map[name]].tensors[name]

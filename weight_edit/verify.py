@@ -280,9 +280,7 @@ def _run_models(
     prompt_format = resolve_prompt_format(tokenizer, prompt_format)
     ids, mask = tokenize_instructions(tokenizer, prompts, prompt_format=prompt_format)
     ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
-    targets = arch.targets(
-        source.config, source.tensor_names, shapes={n: source.info(n).shape for n in source.weight_map}
-    )
+    targets = arch.targets(source.config, source.tensor_names, shapes=source.shapes)
     plan = plan_from_provenance(out, provenance, direction, arch.num_layers(source.config))
     mode = provenance["mode"]
     with weight_equivalent_ablation(model, targets, plan, mode, read_tensor=source.read):

@@ -411,12 +411,7 @@ def _checked_plan(
             f"per-layer strengths below 1 in {mode} mode are not supported for the '{arch.family}' family: "
             "neither hook equality nor orthogonal writes would hold (use --mode project, or full strength)"
         )
-    targets = {
-        t.tensor: t
-        for t in arch.targets(
-            source.config, source.tensor_names, shapes={n: source.info(n).shape for n in source.weight_map}
-        )
-    }
+    targets = {t.tensor: t for t in arch.targets(source.config, source.tensor_names, shapes=source.shapes)}
     for name in sorted(targets):
         check_float_writer(source, name)
     return arch, plan, targets
