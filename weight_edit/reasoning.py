@@ -112,7 +112,7 @@ def resolve_reasoning(tokenizer, mode: str, prompt_format: str) -> Reasoning:
     kwargs: tuple[tuple[str, bool], ...] = (
         ((switch, mode == "on"),) if style == "think-switch" and mode != "auto" else ()
     )
-    prompt = generation_prompt(**dict(kwargs)) if template else ""
+    prompt = generation_prompt(**dict(kwargs)) if kwargs else default_prompt
     # a switch turned off (or off by default) closes an empty block in the prompt: nothing left to parse
     closed = prompt.rstrip().endswith(THINK_CLOSE)
     active = style != "none" and not closed

@@ -70,9 +70,13 @@ def run_tune(
     fitted_split = sidecar.get("split") or {}
     seed = fitted_split.get("seed", settings.SEED) if request.seed is None else request.seed
     data, split = load_split(request.dataset, seed)
-    # The prompts as `fit` formatted them (fits before --prompt-format used the chat template).
-    prompt_format = checks.prompt_lengths(
-        folder, [(request.dataset, data.prompts)], sidecar.get("prompt_format", "chat")
+    # The prompts as `fit` formatted them (fits before --prompt-format used the chat template, fits before
+    # --reasoning the template's default)
+    prompt_format, reasoning = checks.prompt_setup(
+        folder,
+        [(request.dataset, data.prompts)],
+        sidecar.get("prompt_format", "chat"),
+        (sidecar.get("reasoning") or {}).get("mode", "auto"),
     )
     checks.same_split(sidecar, data, split, sidecar_path)
     arch = architecture_for(checkpoint.config)
@@ -91,9 +95,7 @@ def run_tune(
     started = time.time()
     dtype = resolve_dtype(request.dtype, request.device)  # recorded as the dtype actually used
     model, tokenizer = load_model(folder, dtype=dtype, device=request.device)
-    # the reasoning switch `fit` used (fits before --reasoning used the template's default)
-    template_kwargs = tuple((sidecar.get("reasoning") or {}).get("template_arguments", {}).items())
-    with using_prompt_format(prompt_format, template_kwargs):
+    with using_prompt_format(prompt_format, reasoning.template_kwargs):
         result = search_strengths(
             model,
             tokenizer,
@@ -101,7 +103,7 @@ def run_tune(
             arch.targets(
                 checkpoint.config,
                 checkpoint.tensor_names,
-                shapes={n: checkpoint.info(n).shape for n in checkpoint.weight_map},
+                shapes=checkpoint.shapes,
             ),
             num_layers,
             vector,
