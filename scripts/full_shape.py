@@ -817,8 +817,10 @@ class Run:
 # ---- the checkpoint ------------------------------------------------------------------------------------------------
 
 
-def build_checkpoint(spec: FullShapeModel, config, folder: Path, device: str, tokenizer) -> dict[str, Any]:
-    """Random bfloat16 weights built on `device`, saved sharded by save_pretrained. Where the release fuses experts
+def build_checkpoint(
+    spec: FullShapeModel, config, folder: Path, device: str, tokenizer, dtype: str = "bfloat16"
+) -> dict[str, Any]:
+    """Random weights (bfloat16 as released, or --dtype) built on `device`, saved sharded by save_pretrained. Where the release fuses experts
     that transformers would save per expert (Qwen3.5), the in-memory (fused) names and layout are written as they
     are (save_original_format=False): `...mlp.experts.down_proj` [experts, d_model, d_ff]."""
     import torch
@@ -827,7 +829,7 @@ def build_checkpoint(spec: FullShapeModel, config, folder: Path, device: str, to
     from weight_edit.synthetic import random_model
 
     started = time.time()
-    model = random_model(config, torch.bfloat16, device)
+    model = random_model(config, getattr(torch, dtype), device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     init_s = time.time() - started
@@ -966,6 +968,7 @@ def measure(key: str, args: argparse.Namespace, tokenizer) -> dict[str, Any]:
         "config_source": spec.source,
         "notes": list(spec.notes),
         "tiny": args.tiny,
+        "storage_dtype": args.dtype,
         "layers": {"built": layers, "released": released, "cut": cut, "note": note},
         "estimate": sizes,
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
@@ -979,7 +982,7 @@ def measure(key: str, args: argparse.Namespace, tokenizer) -> dict[str, Any]:
     try:
         record["build"] = run.step(
             "build",
-            lambda: build_checkpoint(spec, config, source, args.device, tokenizer),
+            lambda: build_checkpoint(spec, config, source, args.device, tokenizer, args.dtype),
             lambda r: f"init {r['random_init_s']} s, save {r['save_s']} s, {folder_bytes(source)[0] / GB:.1f} GB",
         )
         if spec.quantization:
@@ -1083,6 +1086,13 @@ def main() -> None:
         help="keep FP8 tensors with a ragged block edge (DeepSeek-V3's kv_a_proj_with_mqa, 576 rows) in bfloat16, "
         "unlike the release: transformers 5.25 cannot dequantize them, so verify cannot load the release's layout",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="storage dtype of the random source (float32: the edit is stored without bfloat16 rounding, which "
+        "separates rounding from a structural mismatch in verify; the JSON name gets a -float32 suffix)",
+    )
     parser.add_argument("--estimate", action="store_true", help="print sizes at the chosen cuts; build nothing")
     args = parser.parse_args()
 
@@ -1099,7 +1109,8 @@ def main() -> None:
     failed = []
     for key in keys:
         record = measure(key, args, tokenizer)
-        path = args.out / f"{key}{'-tiny' if args.tiny else ''}.json"
+        suffix = ("-tiny" if args.tiny else "") + ("" if args.dtype == "bfloat16" else f"-{args.dtype}")
+        path = args.out / f"{key}{suffix}.json"
         path.write_text(json.dumps(record, indent=2) + "\n")
         verify = record.get("verify")
         outcome = record.get("error") and f"error in {record['error']['step']}"
