@@ -751,3 +751,29 @@ def test_two_layouts_in_one_checkpoint_are_refused():
     names = {"language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight"}
     with pytest.raises(ArchitectureError, match="several 'gemma3' layouts"):
         arch.layout(names)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family_in_bfloat16(tmp_path, chat_tokenizer, model_type):
+    """Stored in bfloat16, every edited tensor is the float32 edit rounded once, and that float32 edit (run in the
+    loaded model where its tensors are found) is the hook twin at float32 tolerance."""
+    family = FAMILIES[model_type]
+    source_dir = build_tiny_model(
+        tmp_path / "src",
+        chat_tokenizer,
+        model_type=model_type,
+        tie=family.tie,
+        random_norms=True,
+        layers=family.layers,
+        dtype=torch.bfloat16,
+    )
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(12))
+    apply_direction(Checkpoint(source_dir), direction, tmp_path / "out", mode="norm-preserving")
+    report = verify_checkpoint(tmp_path / "out", PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=3)
+    assert report.passed, report.failures
+    assert report.stored_dtype == "bfloat16"
+    assert report.metrics["stored_vs_float32_edit_ulp"] <= 1.0
+    if "exact_max_abs_logit" in report.metrics:
+        assert report.metrics["exact_max_abs_logit"] < settings.VERIFY_TOLERANCES["float32"]["max_abs_logit"]
+    else:
+        assert "the float32 edit was not run" in report.checks["stored_tensors"]

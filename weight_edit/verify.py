@@ -20,6 +20,7 @@ from weight_edit.checkpoint import Checkpoint
 from weight_edit.direction_file import load_direction
 from weight_edit.edit_plan import EditPlan, PlanError, Strengths
 from weight_edit.errors import WeightEditError
+from weight_edit.exact_edit import StoredComparison, compare_stored
 from weight_edit.hashing import file_sha256, tensor_sha256
 from weight_edit.hooks import residual_ablation, weight_equivalent_ablation
 from weight_edit.models import input_device, load_model, release_memory
@@ -34,6 +35,8 @@ from weight_edit.writer import PROVENANCE_FILE, PROVENANCE_SEAL, UNRECORDED_FILE
 # a direction turned by 3 % or one tensor scaled by 5 % passes every other bfloat16 tolerance and is caught by
 # top-1 only up to a margin of 0.02 (tests/test_verify.py). float32: above its arithmetic noise (4e-5).
 DEFAULT_TOP1_MARGIN = {"float32": 1e-4, "float16": 0.005, "bfloat16": 0.02}
+# A stored edited tensor may be this many units in the last place from the float32 edit rounded to its dtype.
+MAX_STORED_ULP = 1.0
 
 
 class VerifyError(WeightEditError):
@@ -260,6 +263,8 @@ class _Runs:
     paper: dict[str, torch.Tensor] | None  # the source under the paper's residual ablation, where it must agree
     valid: torch.Tensor  # [prompts, positions]: True where a token is not padding
     prompt_format: str  # chat or plain, as resolved for the source's tokenizer
+    stored: StoredComparison | None = None  # below float32: the stored tensors against the float32 edit
+    exact: dict[str, torch.Tensor] | None = None  # the float32 edit before rounding, where it could be placed
 
 
 def _run_models(
@@ -272,10 +277,12 @@ def _run_models(
     new_tokens: int,
     placement: dict[str, Any],
     prompt_format: str | None,
+    rounded: bool,
 ) -> tuple[EditPlan, _Runs]:
     """The edit's plan, rebuilt from the files beside the checkpoint, and both models' runs: the source first
     (hooked, and for a single direction in project mode also under the paper's ablation, which the edit then
-    equals), then the edited checkpoint, so that memory holds one model at a time."""
+    equals), then the edited checkpoint, so that memory holds one model at a time. With `rounded` (stored below
+    float32) the stored edited tensors are compared with the float32 edit, which then runs in their place."""
     model, tokenizer = load_model(source.folder, dtype="float32", **placement)
     prompt_format = resolve_prompt_format(tokenizer, prompt_format)
     ids, mask = tokenize_instructions(tokenizer, prompts, prompt_format=prompt_format)
@@ -294,15 +301,25 @@ def _run_models(
     model, _ = load_model(out, dtype="float32", **placement)
     ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
     edited = _run(model, ids, mask, new_tokens)
+    stored = exact = None
+    if rounded:
+        stored = compare_stored(source, Checkpoint(out), plan, targets, mode, model)
+        exact = _run(model, ids, mask, new_tokens) if stored.placed else None
     del model
     release_memory()
-    return plan, _Runs(hooked, edited, paper, mask.bool().cpu(), prompt_format)
+    return plan, _Runs(hooked, edited, paper, mask.bool().cpu(), prompt_format, stored, exact)
 
 
-def _metrics(runs: _Runs, plan: EditPlan, num_layers: int, top1_margin: float) -> dict[str, float]:
-    """The edited checkpoint against the hooked source over the prompts' real tokens: logits, KL, top-1, greedy
+def _metrics(
+    hooked: dict[str, torch.Tensor],
+    result: dict[str, torch.Tensor],
+    valid: torch.Tensor,
+    plan: EditPlan,
+    num_layers: int,
+    top1_margin: float,
+) -> dict[str, float]:
+    """An edited model's run against the hooked source over the prompts' real tokens: logits, KL, top-1, greedy
     continuations, and the largest share of the plan's subspace in any layer's residual input."""
-    valid, hooked, result = runs.valid, runs.hooked, runs.edited
     delta = (result["logits"] - hooked["logits"]).abs().amax(dim=-1)[valid]
     log_p = torch.log_softmax(hooked["logits"].double(), dim=-1)
     log_q = torch.log_softmax(result["logits"].double(), dim=-1)
@@ -322,6 +339,43 @@ def _metrics(runs: _Runs, plan: EditPlan, num_layers: int, top1_margin: float) -
         "continuations_match": float((hooked["continuations"] == result["continuations"]).all(dim=-1).float().mean()),
         "direction_component": component,
     }
+
+
+def _exact_edit_failures(
+    runs: _Runs,
+    plan: EditPlan,
+    num_layers: int,
+    float32_tolerances: dict[str, float],
+    metrics: dict[str, float],
+    tolerances: dict[str, float],
+) -> list[str]:
+    """The float32 edit before rounding against the hook twin, at float32 tolerances (recorded as exact_*)."""
+    assert runs.exact is not None
+    exact_tolerances = {"top1_margin": DEFAULT_TOP1_MARGIN["float32"], **float32_tolerances}
+    exact = _metrics(runs.hooked, runs.exact, runs.valid, plan, num_layers, exact_tolerances["top1_margin"])
+    for key in ("max_abs_logit", "kl", "top1", "continuations_match"):
+        metrics[f"exact_{key}"] = exact[key]
+        if key in exact_tolerances:
+            tolerances[f"exact_{key}"] = exact_tolerances[key]
+    return [f"the float32 edit before rounding: {f}" for f in _twin_failures(exact, exact_tolerances, "float32")]
+
+
+def _stored_rounding_failures(
+    stored: StoredComparison, metrics: dict[str, float], tolerances: dict[str, float], checks: dict, dtype: str
+) -> list[str]:
+    """Every edited tensor on disk must be the float32 edit rounded once to the stored dtype."""
+    metrics["stored_vs_float32_edit_ulp"] = stored.max_ulp
+    tolerances["stored_vs_float32_edit_ulp"] = MAX_STORED_ULP
+    checks["stored_tensors"] = (
+        f"{stored.tensors} edited tensors compared with the float32 edit of the source rounded to {dtype}"
+        + ("" if stored.placed else f"; the float32 edit was not run ({stored.not_placed})")
+    )
+    if stored.max_ulp > MAX_STORED_ULP:
+        return [
+            f"'{stored.worst}' on disk is {stored.max_ulp:.3g} units in the last place from the float32 edit of the "
+            f"source rounded to {dtype} (at most {MAX_STORED_ULP:g}): it is not the edit `apply` computes"
+        ]
+    return []
 
 
 def _twin_failures(metrics: dict[str, float], tolerances: dict[str, float], stored_dtype: str) -> list[str]:
@@ -404,15 +458,35 @@ def verify_checkpoint(
     stored_dtype = edited.main_dtype()
     tolerances = {"top1_margin": DEFAULT_TOP1_MARGIN.get(stored_dtype, 0.0), **tolerances_by_dtype[stored_dtype]}
     placement = {"device": device, "max_memory": max_memory, "device_map": device_map}
-    plan, runs = _run_models(out, provenance, direction, source, arch, prompts, new_tokens, placement, prompt_format)
-    metrics = _metrics(runs, plan, num_layers, tolerances["top1_margin"])
+    plan, runs = _run_models(
+        out,
+        provenance,
+        direction,
+        source,
+        arch,
+        prompts,
+        new_tokens,
+        placement,
+        prompt_format,
+        rounded=stored_dtype != "float32",
+    )
+    metrics = _metrics(runs.hooked, runs.edited, runs.valid, plan, num_layers, tolerances["top1_margin"])
     twin_exact = arch.twin_is_exact(mode)
-    checks: dict[str, Any] = {
-        **_file_checks(provenance, check_files, files_checked, check_source),
-        # Where hooks cannot rescale per expert, the twin comparison is reported but not enforced.
-        "hook_twin_equality": "enforced" if twin_exact else "reported only (block hooks cannot rescale per expert)",
-    }
-    failures = _twin_failures(metrics, tolerances, stored_dtype) if twin_exact else []
+    checks: dict[str, Any] = _file_checks(provenance, check_files, files_checked, check_source)
+    if twin_exact and runs.exact is not None:
+        failures = _exact_edit_failures(runs, plan, num_layers, tolerances_by_dtype["float32"], metrics, tolerances)
+        checks["hook_twin_equality"] = (
+            "enforced on the float32 edit before rounding (exact_* metrics); the stored checkpoint's distance to "
+            f"the twin is the effect of rounding the edited tensors to {stored_dtype} (reported only)"
+        )
+    elif twin_exact:
+        failures = _twin_failures(metrics, tolerances, stored_dtype)
+        checks["hook_twin_equality"] = "enforced"
+    else:  # hooks cannot rescale per expert: the twin comparison is reported but not enforced
+        failures = []
+        checks["hook_twin_equality"] = "reported only (block hooks cannot rescale per expert)"
+    if runs.stored is not None:
+        failures += _stored_rounding_failures(runs.stored, metrics, tolerances, checks, stored_dtype)
     tolerances = _check_direction_component(plan, metrics, tolerances, checks, failures)
     if runs.paper is not None:
         paper_delta = float((runs.edited["logits"] - runs.paper["logits"]).abs().amax(dim=-1)[runs.valid].max())

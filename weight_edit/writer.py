@@ -218,7 +218,7 @@ class _ShardEdit:
         return TensorInfo(quantized.name, DTYPE_CODES[self.float_dtype], quantized.shape, 0, nbytes)
 
 
-class _WriterBases:
+class WriterBases:
     """Each writer's rows to remove and strength, from the plan. A write that passes through a norm before the
     residual add gets the norm-adjusted rows (û), computed once per norm; shards run on parallel threads."""
 
@@ -619,7 +619,7 @@ def apply_direction(
     dequantized = _dequantized(source, targets)
     edit = _ShardEdit(
         targets,
-        _WriterBases(plan, source),
+        WriterBases(plan, source),
         mode,
         untie_from,
         unembedding,

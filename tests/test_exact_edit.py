@@ -1,0 +1,70 @@
+import pytest
+import torch
+from conftest import build_tiny_model
+
+from weight_edit.architecture import architecture_for
+from weight_edit.checkpoint import Checkpoint
+from weight_edit.edit_plan import EditPlan
+from weight_edit.exact_edit import compare_stored, exact_edits, units_in_last_place
+from weight_edit.models import load_model
+from weight_edit.writer import apply_direction
+
+
+def test_units_in_last_place_counts_bfloat16_steps():
+    exact = torch.tensor([1.0, -3.0, 0.75, 1000.0, 1e-30])
+    rounded = exact.to(torch.bfloat16)
+    assert units_in_last_place(rounded, exact) == 0.0
+    one_up = (rounded.float() * (1 + 2.0**-7)).to(torch.bfloat16)  # one bfloat16 unit above 1.0 is 2**-7
+    assert units_in_last_place(one_up[:1], exact[:1]) == pytest.approx(1.0, abs=1e-3)
+    assert units_in_last_place((rounded.float() * 1.05).to(torch.bfloat16), exact) > 5
+
+
+def test_units_in_last_place_allows_float32_arithmetic_order_only():
+    exact = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    reordered = exact + exact.abs().max() * 2.0**-23 * torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    assert units_in_last_place(reordered, exact) == 0.0
+    assert units_in_last_place(exact * (1 + 1e-4), exact) > 1
+
+
+def float64_edit(weight: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
+    """Independent reference for project mode: W - r̂ (r̂ᵀ W) along the residual axis, in float64."""
+    r = (r / r.norm()).double()
+    moved = weight.double().movedim(axis, -1)
+    return (moved - (moved @ r).unsqueeze(-1) * r).movedim(-1, axis)
+
+
+def test_exact_edits_are_the_float64_projection_and_the_stored_ones_their_rounding(tmp_path, chat_tokenizer):
+    source_dir = build_tiny_model(tmp_path / "src", chat_tokenizer, dtype=torch.bfloat16, tie=False)
+    source = Checkpoint(source_dir)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    apply_direction(source, direction, tmp_path / "out", mode="project")
+    arch = architecture_for(source.config)
+    targets = arch.targets(source.config, source.tensor_names, shapes=source.shapes)
+    plan = EditPlan.build(direction, arch.num_layers(source.config))
+    for target, exact in exact_edits(source, plan, targets, "project"):
+        assert exact.dtype == torch.float32
+        reference = float64_edit(source.read(target.tensor), direction, target.residual_axis)
+        torch.testing.assert_close(exact.double(), reference, atol=1e-6, rtol=1e-5)
+    model, _ = load_model(tmp_path / "out", dtype="float32")
+    comparison = compare_stored(source, Checkpoint(tmp_path / "out"), plan, targets, "project", model)
+    assert comparison.placed and comparison.max_ulp == 0.0 and comparison.tensors == len(targets)
+    exact = dict(exact_edits(source, plan, targets, "project"))
+    for target in targets:
+        parameter = model.get_submodule(target.module).weight
+        assert torch.equal(parameter.detach(), exact[target])
+
+
+def test_a_tied_parameter_is_not_overwritten(tmp_path, chat_tokenizer):
+    """With embeddings tied in memory, writing the edited embedding would edit the unembedding too."""
+    source_dir = build_tiny_model(tmp_path / "src", chat_tokenizer, dtype=torch.bfloat16, tie=True)
+    source = Checkpoint(source_dir)
+    direction = torch.randn(32)
+    arch = architecture_for(source.config)
+    targets = arch.targets(source.config, source.tensor_names, shapes=source.shapes)
+    plan = EditPlan.build(direction, arch.num_layers(source.config))
+    apply_direction(source, direction, tmp_path / "out")
+    model, _ = load_model(source_dir, dtype="float32")  # the source: tied in memory
+    before = model.get_output_embeddings().weight.detach().clone()
+    comparison = compare_stored(source, Checkpoint(tmp_path / "out"), plan, targets, "norm-preserving", model)
+    assert not comparison.placed and "tied to the output embedding" in comparison.not_placed
+    assert torch.equal(model.get_output_embeddings().weight, before)
