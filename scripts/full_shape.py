@@ -65,7 +65,11 @@ PROMPTS = [
 ]
 NEW_TOKENS = 8
 TINY_PROMPTS, TINY_NEW_TOKENS = 2, 4  # --tiny: a smoke test on a CPU
-LAYER_LISTS = ("layer_types", "no_rope_layers")  # per-layer config lists, truncated with the layers
+LAYER_LISTS = (
+    "layer_types",
+    "no_rope_layers",
+    "layers_block_type",
+)  # per-layer config lists, truncated with the layers
 FP8_BLOCK = [128, 128]
 
 
@@ -86,6 +90,10 @@ class FullShapeModel:
 GEMMA4_E4B_LAYER_TYPES = (["sliding_attention"] * 5 + ["full_attention"]) * 7
 QWEN3_5_LAYER_TYPES = (["linear_attention"] * 3 + ["full_attention"]) * 10
 GRANITE4_H_LAYER_TYPES = [("attention" if i in (5, 15, 25, 35) else "mamba") for i in range(40)]
+# Nemotron 3 Nano's hybrid_override_pattern as released (M Mamba-2, * attention, E mixture of experts), written as
+# transformers' layers_block_type
+NEMOTRON3_NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+NEMOTRON_BLOCKS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 TINY_QWEN_LINEAR = dict(
     linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4
 )
@@ -626,6 +634,138 @@ MODELS: dict[str, FullShapeModel] = {
         },
         tiny_layers=4,
         notes=("the release's mtp.* tensors are not built",),
+    ),
+    "nemotron-3-nano-30b-a3b": FullShapeModel(
+        name="nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
+        model_type="nemotron_h",
+        config={
+            "hidden_size": 2688,
+            "num_hidden_layers": len(NEMOTRON3_NANO_PATTERN),
+            "layers_block_type": [NEMOTRON_BLOCKS[c] for c in NEMOTRON3_NANO_PATTERN],
+            "num_attention_heads": 32,
+            "num_key_value_heads": 2,
+            "head_dim": 128,
+            "intermediate_size": 1856,
+            "mamba_num_heads": 64,
+            "mamba_head_dim": 64,
+            "n_groups": 8,
+            "ssm_state_size": 128,
+            "conv_kernel": 4,
+            "n_routed_experts": 128,
+            "num_experts_per_tok": 6,
+            "moe_intermediate_size": 1856,
+            "moe_shared_expert_intermediate_size": 3712,
+            "routed_scaling_factor": 2.5,
+            "vocab_size": 131072,
+            "max_position_embeddings": 262144,
+            "tie_word_embeddings": False,
+        },
+        source=(
+            "NVIDIA Megatron-Bridge's Nemotron3NanoProvider (hybrid_layer_pattern, hidden 2688, 64 Mamba heads of "
+            "64, state 128, 8 groups (the Nemotron-H default), 32 attention heads in 2 groups of 128, 128 experts "
+            "of 1856 with a shared expert of 3712, top 6, scaling 2.5); vocabulary 131072 as transformers 5.25's "
+            "NemotronHConfig default (the Nemotron-H tokenizer)"
+        ),
+        default_layers=12,
+        tiny={
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "intermediate_size": 32,
+            "mamba_num_heads": 4,
+            "mamba_head_dim": 16,
+            "n_groups": 1,
+            "ssm_state_size": 8,
+            "chunk_size": 8,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "moe_shared_expert_intermediate_size": 32,
+            "max_position_embeddings": 256,
+        },
+        tiny_layers=6,
+        notes=(
+            "on disk under backbone. as released (transformers renames to model. in memory); Mamba layers write "
+            "through mixer.out_proj, MoE layers through every expert's down_proj and the shared expert's",
+        ),
+    ),
+    "qwen3-vl-30b-a3b": FullShapeModel(
+        name="Qwen/Qwen3-VL-30B-A3B-Instruct",
+        model_type="qwen3_vl_moe",
+        config={
+            "text_config": {
+                "hidden_size": 2048,
+                "num_hidden_layers": 48,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 4,
+                "head_dim": 128,
+                "intermediate_size": 6144,
+                "moe_intermediate_size": 768,
+                "num_experts": 128,
+                "num_experts_per_tok": 8,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "vocab_size": 151936,
+                "max_position_embeddings": 262144,
+                "rms_norm_eps": 1e-6,
+                "tie_word_embeddings": False,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 5000000,
+                    "mrope_section": [24, 20, 20],
+                    "mrope_interleaved": True,
+                },
+            },
+            "vision_config": {
+                "depth": 27,
+                "hidden_size": 1152,
+                "intermediate_size": 4304,
+                "num_heads": 16,
+                "out_hidden_size": 2048,
+                "patch_size": 16,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "deepstack_visual_indexes": [8, 16, 24],
+            },
+            "tie_word_embeddings": False,
+        },
+        source=(
+            "text: NVIDIA Megatron-Bridge's Qwen3-VL-30B-A3B-Instruct arguments (48 layers, hidden 2048, 32 heads "
+            "in 4 groups of 128, 128 experts of 768, top 8, vocabulary 151936, rotary base 5e6, untied); vision "
+            "tower and rope sections: transformers 5.25's Qwen3VLMoe config defaults with out_hidden_size set to "
+            "the text width"
+        ),
+        default_layers=12,
+        tiny={
+            "text_config": {
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 16,
+                "intermediate_size": 128,
+                "moe_intermediate_size": 32,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "max_position_embeddings": 256,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 5000000,
+                    "mrope_section": [4, 2, 2],
+                    "mrope_interleaved": True,
+                },
+            },
+            "vision_config": {
+                "depth": 1,
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_heads": 2,
+                "out_hidden_size": 64,
+                "deepstack_visual_indexes": [0],
+            },
+        },
+        tiny_layers=4,
+        notes=("the fused expert tensors are saved as transformers 5.25 writes them (its layout is recorded)",),
     ),
 }
 

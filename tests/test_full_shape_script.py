@@ -71,3 +71,31 @@ def test_estimates_at_the_default_cuts_fit_one_gpu_and_the_disk():
     assert rows["gemma-4-e4b-it"][1] == "42/42" and rows["deepseek-v3"][1] == "4/61"
     for row in rows.values():
         assert float(row[5]) < 75 and float(row[6]) < 60  # verify's float32 model on 80 GB; source + output on 64 GiB
+
+
+def test_tiny_nemotron_h_and_qwen3_vl_moe_in_their_release_layouts(tmp_path):
+    """Nemotron 3 Nano's pattern (Mamba, experts, attention) under backbone., Qwen3-VL-MoE's fused experts under
+    the multimodal wrapper; `--dtype float32` names its JSON apart and stores no bfloat16."""
+    out = tmp_path / "out"
+    command = [sys.executable, str(SCRIPT), "--model", "nemotron-3-nano-30b-a3b", "qwen3-vl-30b-a3b", "--tiny"]
+    command += ["--device", "cpu", "--work", str(tmp_path / "work"), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    nemotron = json.loads((out / "nemotron-3-nano-30b-a3b-tiny.json").read_text())
+    assert nemotron["verify"]["passed"], nemotron["verify"]["failures"]
+    assert nemotron["source_layout"]["expert_down_proj"]["name"].startswith("backbone.layers.1.mixer.experts.0.")
+    # 6 layers MEMEM*: 3 Mamba out_proj, 2 x (4 experts + shared expert), 1 o_proj, the embedding
+    assert nemotron["apply"]["edited_tensors"] == 3 + 2 * 5 + 1 + 1
+    assert nemotron["verify"]["metrics"]["stored_vs_float32_edit_ulp"] <= 1.0
+    qwen_vl = json.loads((out / "qwen3-vl-30b-a3b-tiny.json").read_text())
+    assert qwen_vl["verify"]["passed"], qwen_vl["verify"]["failures"]
+    assert qwen_vl["source_layout"]["fused_expert_tensors"] > 0
+    assert qwen_vl["source_layout"]["expert_down_proj"]["name"].startswith("model.language_model.layers.0.mlp.experts")
+
+    command = [sys.executable, str(SCRIPT), "--model", "gemma-4-e4b-it", "--tiny", "--dtype", "float32"]
+    command += ["--device", "cpu", "--work", str(tmp_path / "work"), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    gemma = json.loads((out / "gemma-4-e4b-it-tiny-float32.json").read_text())
+    assert gemma["storage_dtype"] == "float32" and gemma["verify"]["stored_dtype"] == "float32"
+    assert gemma["verify"]["passed"] and "stored_vs_float32_edit_ulp" not in gemma["verify"]["metrics"]
