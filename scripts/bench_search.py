@@ -67,15 +67,16 @@ def main() -> None:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         config_dict = config.to_dict()
-        tensor_names = set(model.state_dict())  # in-memory names equal the on-disk ones for the dense families
+        state = model.state_dict()  # in-memory names equal the on-disk ones for the dense families
+        tensor_names, shapes = set(state), {name: tuple(tensor.shape) for name, tensor in state.items()}
     else:
         model, tokenizer = load_model(folder, dtype=args.dtype, device=args.device)
         checkpoint = Checkpoint(folder)
-        config_dict, tensor_names = checkpoint.config, checkpoint.tensor_names
+        config_dict, tensor_names, shapes = checkpoint.config, checkpoint.tensor_names, checkpoint.shapes
     load_s = time.perf_counter() - started
     arch = architecture_for(config_dict)
     num_layers = arch.num_layers(config_dict)
-    targets = arch.targets(config_dict, tensor_names)
+    targets = arch.targets(config_dict, tensor_names, shapes=shapes)
     batch_size = args.batch_size or auto_batch_size(model)
 
     _, split = load_split(settings.DEFAULT_DATASET, args.seed)

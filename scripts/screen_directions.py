@@ -71,7 +71,7 @@ def main() -> None:
     checkpoint = Checkpoint(folder)
     arch = architecture_for(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
-    targets = arch.targets(checkpoint.config, checkpoint.tensor_names)
+    targets = arch.targets(checkpoint.config, checkpoint.tensor_names, shapes=checkpoint.shapes)
     seed = (sidecar.get("split") or {}).get("seed", settings.SEED)
     data, split = load_split(settings.DEFAULT_DATASET, seed)
     checks.same_split(sidecar, data, split, args.fit_dir / settings.DIRECTION_SIDECAR)  # never a held-out prompt
