@@ -68,3 +68,29 @@ def test_a_tied_parameter_is_not_overwritten(tmp_path, chat_tokenizer):
     comparison = compare_stored(source, Checkpoint(tmp_path / "out"), plan, targets, "norm-preserving", model)
     assert not comparison.placed and "tied to the output embedding" in comparison.not_placed
     assert torch.equal(model.get_output_embeddings().weight, before)
+
+
+def test_pieces_and_chunks_give_the_whole_tensor_result(tmp_path, chat_tokenizer, monkeypatch):
+    """Verify edits and compares in blocks of residual vectors and chunks of elements (bounded memory on a large
+    embedding); small blocks must place and compare exactly what the whole-tensor edit gives."""
+    import functools
+
+    import weight_edit.exact_edit as exact_edit
+    from weight_edit.edit_math import edited_pieces
+
+    source_dir = build_tiny_model(tmp_path / "src", chat_tokenizer, dtype=torch.bfloat16, tie=False)
+    source = Checkpoint(source_dir)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(4))
+    apply_direction(source, direction, tmp_path / "out", mode="norm-preserving")
+    arch = architecture_for(source.config)
+    targets = arch.targets(source.config, source.tensor_names, shapes=source.shapes)
+    plan = EditPlan.build(direction, arch.num_layers(source.config))
+    whole = {t.tensor: e for t, e in exact_edits(source, plan, targets, "norm-preserving")}
+    monkeypatch.setattr(exact_edit, "edited_pieces", functools.partial(edited_pieces, max_elements=100))
+    monkeypatch.setattr(exact_edit, "CHUNK", 37)
+    assert sum(1 for _ in exact_edit.exact_pieces(source, plan, targets, "norm-preserving")) > 2 * len(targets)
+    model, _ = load_model(tmp_path / "out", dtype="float32")
+    comparison = compare_stored(source, Checkpoint(tmp_path / "out"), plan, targets, "norm-preserving", model)
+    assert comparison.placed and comparison.max_ulp == 0.0
+    for target in targets:
+        torch.testing.assert_close(model.get_submodule(target.module).weight.detach(), whole[target.tensor])

@@ -185,8 +185,10 @@ def edit_tensor(
     is_bias: bool = False,
     compute_dtype: torch.dtype = torch.float32,
     strength: float = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Edit one stored tensor and return it in its stored dtype.
+    """Edit one stored tensor and return it in its stored dtype (or `out_dtype`: verify keeps the float32 values
+    before rounding).
 
     `direction` is one vector [d] or the rows [k, d] of a subspace (orthonormalised here). Biases
     always get the plain projection: a hook that projects a module's output projects its bias too,
@@ -202,7 +204,7 @@ def edit_tensor(
         edited = project_out(work, basis, residual_axis if work.ndim > 1 else 0, strength)
     else:
         edited = norm_preserving_project_out(work, basis, residual_axis, strength)
-    return edited.to(weight.dtype)
+    return edited.to(out_dtype or weight.dtype)
 
 
 def edited_pieces(
@@ -213,6 +215,7 @@ def edited_pieces(
     is_bias: bool = False,
     max_elements: int = 1 << 24,
     strength: float = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> Iterator[torch.Tensor]:
     """Edit a tensor in blocks of residual vectors and yield the result in storage order.
 
@@ -221,18 +224,19 @@ def edited_pieces(
     are rows of the leading axis (embeddings, Conv1D, fused experts) each block is yielded as soon as
     it is done; when they are columns, the blocks fill one output tensor that is yielded at the end.
     """
+    options = {"strength": strength, "out_dtype": out_dtype}
     if weight.ndim == 1 or weight.numel() <= max_elements:
-        yield edit_tensor(weight, direction, residual_axis, mode, is_bias, strength=strength)
+        yield edit_tensor(weight, direction, residual_axis, mode, is_bias, **options)
         return
     if residual_axis != 0:
         step = max(1, max_elements * weight.shape[0] // weight.numel())
         for start in range(0, weight.shape[0], step):
-            yield edit_tensor(weight[start : start + step], direction, residual_axis, mode, is_bias, strength=strength)
+            yield edit_tensor(weight[start : start + step], direction, residual_axis, mode, is_bias, **options)
         return
-    out = torch.empty_like(weight)
+    out = torch.empty_like(weight, dtype=out_dtype or weight.dtype)
     step = max(1, max_elements * weight.shape[1] // weight.numel())
     for start in range(0, weight.shape[1], step):
         out[:, start : start + step] = edit_tensor(
-            weight[:, start : start + step], direction, 0, mode, is_bias, strength=strength
+            weight[:, start : start + step], direction, 0, mode, is_bias, **options
         )
     yield out

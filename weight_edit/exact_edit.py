@@ -34,33 +34,64 @@ SIGNIFICAND_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 ARITHMETIC_SLACK = 2.0**-20
 
 
-def exact_edits(
+def exact_pieces(
     source: Checkpoint, plan: EditPlan, targets: list[EditTarget], mode: EditMode
-) -> Iterator[tuple[EditTarget, torch.Tensor]]:
-    """Each target's edited tensor in float32, as `apply` computes it before rounding (one at a time)."""
+) -> Iterator[tuple[EditTarget, int, torch.Tensor]]:
+    """Each target's edit in float32, as `apply` computes it before rounding: (target, first row along the leading
+    axis, piece). Pieces are blocks of whole residual vectors (weight_edit.edit_math.edited_pieces), upcast block by
+    block, so no float32 copy of a whole embedding is held."""
     from weight_edit.writer import WriterBases
 
     bases = WriterBases(plan, source)
     for target in targets:
         rows, strength = bases(target)
-        weight = source.read(target.tensor).float()
-        pieces = list(edited_pieces(weight, rows, target.residual_axis, mode, target.is_bias, strength=strength))
+        weight = source.read(target.tensor)
+        start = 0
+        for piece in edited_pieces(
+            weight, rows, target.residual_axis, mode, target.is_bias, strength=strength, out_dtype=torch.float32
+        ):
+            yield target, start, piece
+            start += piece.shape[0] if piece.ndim else 1
+
+
+def exact_edits(
+    source: Checkpoint, plan: EditPlan, targets: list[EditTarget], mode: EditMode
+) -> Iterator[tuple[EditTarget, torch.Tensor]]:
+    """Each target's whole edited tensor in float32 (small checkpoints and tests; verify uses `exact_pieces`)."""
+    whole: dict[str, list[torch.Tensor]] = {}
+    order: list[EditTarget] = []
+    for target, _, piece in exact_pieces(source, plan, targets, mode):
+        if target.tensor not in whole:
+            order.append(target)
+        whole.setdefault(target.tensor, []).append(piece)
+    for target in order:
+        pieces = whole[target.tensor]
         yield target, pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+CHUNK = 1 << 22  # elements compared at a time (each comparison holds a few float32 copies of its chunk)
 
 
 def units_in_last_place(stored: torch.Tensor, exact: torch.Tensor) -> float:
     """How far the stored tensor is from `exact` rounded to the stored dtype, in units in the last place of the
-    stored dtype (0: the correctly rounded value everywhere), net of float32 arithmetic-order slack."""
+    stored dtype (0: the correctly rounded value everywhere), net of float32 arithmetic-order slack; computed in
+    chunks."""
     bits = SIGNIFICAND_BITS.get(stored.dtype)
     if bits is None:
         raise ValueError(f"no rounding rule for stored dtype {stored.dtype}")
-    rounded = exact.to(stored.dtype).float()
-    _, exponent = torch.frexp(rounded)
+    if not exact.numel():
+        return 0.0
     finfo = torch.finfo(stored.dtype)
-    ulp = torch.ldexp(torch.ones_like(rounded), exponent - bits).clamp_min(finfo.smallest_normal * finfo.eps)
-    slack = ARITHMETIC_SLACK * float(exact.abs().max()) if exact.numel() else 0.0
-    excess = ((stored.float() - rounded).abs() - slack).clamp_min(0.0) / ulp
-    return float(excess.max()) if excess.numel() else 0.0
+    slack = ARITHMETIC_SLACK * float(exact.abs().max())
+    stored_flat, exact_flat = stored.reshape(-1), exact.reshape(-1)
+    worst = 0.0
+    for start in range(0, exact_flat.numel(), CHUNK):
+        rounded = exact_flat[start : start + CHUNK].to(stored.dtype).float()
+        _, exponent = torch.frexp(rounded)
+        ulp = torch.ldexp(torch.ones_like(rounded), exponent - bits).clamp_min(finfo.smallest_normal * finfo.eps)
+        excess = ((stored_flat[start : start + CHUNK].float() - rounded).abs() - slack).clamp_min(0.0) / ulp
+        worst = max(worst, float(excess.max()))
+    return worst
 
 
 @dataclass
@@ -82,21 +113,31 @@ def compare_stored(
     mode: EditMode,
     model: torch.nn.Module | None = None,
 ) -> StoredComparison:
-    """Compare every edited tensor on disk with the float32 edit; with `model` (the edited checkpoint, loaded in
-    float32), also replace each edited parameter by the float32 edit where it can be found unambiguously."""
+    """Compare every edited tensor on disk with the float32 edit, piece by piece; with `model` (the edited
+    checkpoint, loaded in float32), also put the float32 edit in place of each edited parameter where it can be
+    found unambiguously."""
     reason = _why_not_placeable(model, targets) if model is not None else "no model given"
     worst, max_ulp = "", 0.0
-    for target, exact in exact_edits(source, plan, targets, mode):
-        stored = edited.read(target.tensor)
-        if stored.shape != exact.shape:
-            raise ValueError(f"'{target.tensor}' is {tuple(stored.shape)} on disk, {tuple(exact.shape)} as edited")
-        ulp = units_in_last_place(stored, exact)
+    stored, stored_name = None, None
+    for target, start, piece in exact_pieces(source, plan, targets, mode):
+        if stored_name != target.tensor:
+            stored, stored_name = edited.read(target.tensor), target.tensor
+            if stored.shape != edited_shape(source, target):
+                raise ValueError(f"'{target.tensor}' is {tuple(stored.shape)} on disk, not the source's shape")
+        rows = slice(start, start + piece.shape[0]) if piece.ndim else slice(None)
+        ulp = units_in_last_place(stored[rows], piece)
         if ulp >= max_ulp:
             worst, max_ulp = target.tensor, ulp
         if not reason:
             parameter = _parameter(model, target)
-            parameter.data.copy_(exact.to(parameter.device, parameter.dtype))
+            parameter.data[rows].copy_(piece.to(parameter.device, parameter.dtype))
     return StoredComparison(len(targets), max_ulp, worst, placed=not reason, not_placed=reason)
+
+
+def edited_shape(source: Checkpoint, target: EditTarget) -> torch.Size:
+    """The shape of the float tensor `apply` writes for a target (a quantized source's dequantized shape)."""
+    quantized = source.quantized.get(target.tensor)
+    return torch.Size(quantized.shape if quantized is not None else source.info(target.tensor).shape)
 
 
 def _parameter(model: torch.nn.Module, target: EditTarget) -> torch.nn.Parameter:
