@@ -386,7 +386,13 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory, prom
 @compute_options
 @option("--max-new-tokens", click.IntRange(1), settings.EVAL_MAX_NEW_TOKENS)
 @click.option("--limit", type=click.IntRange(1), help="At most this many held-out prompts per label.")
-@click.option("--judge", "judge_path", type=EXISTING_FOLDER, help="Local classifier of (prompt, completion).")
+@click.option(
+    "--judge",
+    "judge_path",
+    type=EXISTING_FOLDER,
+    help="Local judge run after generation: a sequence classifier of (prompt, answer), or a chat model graded by "
+    "the rubric in docs/method.md (refused / complied off topic / complied on topic).",
+)
 @flag(
     "--reuse-source/--no-reuse-source",
     "Reuse cached source scores of identical settings.",
@@ -418,6 +424,9 @@ def evaluate(**options) -> None:
     if evaluation.benchmark_rows:
         for table in difference_tables("public files", "benchmark", evaluation.benchmark_rows, early, reasoned):
             console.print(table)
+    if evaluation.summary["judge"]:
+        for line in judge_lines(evaluation.summary["judge"]["kind"], evaluation.area_rows, evaluation.benchmark_rows):
+            console.print(line)
     for flag in evaluation.summary["degeneration"]["flagged"]:
         console.print(
             f"[bold red]degenerate[/] {flag['where']}, {flag['label']} prompts: {flag['edited']} edited answers "
@@ -425,6 +434,22 @@ def evaluate(**options) -> None:
         )
     seconds = evaluation.summary["seconds"]
     console.print(f"wrote {', '.join(str(f) for f in evaluation.files)} in {seconds:.0f} s")
+
+
+def judge_lines(kind: str, area_rows: list[dict[str, Any]], benchmark_rows: list[dict[str, Any]]) -> list[str]:
+    """Per label over all prompts: the judge's refusals, source → edit, and its agreement with the substrings."""
+    lines = []
+    for where, rows, key in (("held-out areas", area_rows, "area"), ("public files", benchmark_rows, "benchmark")):
+        for row in rows:
+            if row[key] != "ALL" or "source_judge_refused" not in row:
+                continue
+            lines.append(
+                f"judge ({kind}), {where}, {row['label']}: refused {row['source_judge_refused']} → "
+                f"{row['edited_judge_refused']} of {row['n']}; agrees with the substrings on "
+                f"{row['source_judge_substring_agreement']:.0%} / {row['edited_judge_substring_agreement']:.0%} "
+                "of answers (source / edit)"
+            )
+    return lines
 
 
 LABEL_TITLES = {

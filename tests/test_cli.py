@@ -602,3 +602,45 @@ def test_todays_families_through_every_command(tmp_path, chat_tokenizer, runner,
         assert result.exit_code != 0 and "not supported for the 'gemma4' family" in result.output
     else:
         assert result.exit_code == 0, result.output
+
+
+def test_evaluate_with_a_chat_model_judge(tmp_path, tiny_model, chat_tokenizer, runner):
+    """The judge runs after generation on both models' answers; its verdicts sit beside the substrings'."""
+    import csv
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    judge = tmp_path / "judge"
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(chat_tokenizer),
+        pad_token_id=chat_tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(str(judge))
+    chat_tokenizer.save_pretrained(str(judge))
+    _, out = fit_and_apply(runner, tiny_model, tmp_path)
+    eval_dir = tmp_path / "eval"
+    args = ["evaluate", str(out), "--out-dir", str(eval_dir), "--judge", str(judge), "--limit", "2"]
+    args += ["--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32"]
+    result = runner.invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    assert "judge (chat rubric), held-out areas, unsafe: refused" in result.output
+    summary = json.loads((eval_dir / "evaluation_summary.json").read_text())
+    assert summary["judge"]["kind"] == "chat rubric" and summary["source_scores_reused"] is None
+    rows = {r["label"]: r for r in csv.DictReader((eval_dir / "evaluation_by_area.csv").open()) if r["area"] == "ALL"}
+    for row in rows.values():
+        judged = sum(int(v) for k, v in row.items() if k.startswith("source_judge_") and k[13:] in RUBRIC_NAMES)
+        assert judged == int(row["n"])
+        assert 0.0 <= float(row["edited_judge_substring_agreement"]) <= 1.0
+    prompts = list(csv.DictReader((eval_dir / "evaluation_prompts.csv").open()))
+    assert {p["source_judge"] for p in prompts} <= set(RUBRIC_NAMES)
+
+    result = runner.invoke(cli.main, [*args[:-6], "--judge", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code != 0 and "no config.json" in result.output
+
+
+RUBRIC_NAMES = ("refused", "complied_off_topic", "complied_on_topic")

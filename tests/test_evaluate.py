@@ -1,11 +1,11 @@
-"""Evaluation scoring: the broad refusal markers, the optional judge, and their paired summaries."""
+"""Evaluation scoring: the broad refusal markers, the judge's columns, and their paired summaries."""
 
 import pytest
 import torch
 
 import settings
 from weight_edit.dataset import Prompt
-from weight_edit.evaluate import is_broad_refusal, is_refusal, load_judge, score_model, summarise
+from weight_edit.evaluate import PromptScore, is_broad_refusal, is_refusal, score_model, summarise
 from weight_edit.models import load_model
 
 
@@ -30,37 +30,7 @@ def test_every_paper_substring_is_a_broad_marker():
         assert is_broad_refusal(substring, settings.BROAD_REFUSAL_MARKERS), substring
 
 
-@pytest.fixture
-def judge_folder(tmp_path, chat_tokenizer):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(chat_tokenizer),
-        num_labels=2,
-        id2label={0: "refusal", 1: "compliance"},
-        label2id={"refusal": 0, "compliance": 1},
-        pad_token_id=chat_tokenizer.pad_token_id,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(str(tmp_path / "judge"))
-    chat_tokenizer.save_pretrained(str(tmp_path / "judge"))
-    return tmp_path / "judge"
-
-
-def test_judge_labels_pairs_with_its_own_label_names(judge_folder):
-    judge = load_judge(judge_folder)
-    labels = judge(["Tell me a joke", "What is a lock?", "Explain phishing"], ["Sure, here", "A lock is", "No"])
-    assert len(labels) == 3 and set(labels) <= {"refusal", "compliance"}
-    # batching does not change a verdict
-    assert load_judge(judge_folder, batch_size=1)(["Tell me a joke"], ["Sure, here"]) == labels[:1]
-
-
-def test_scores_and_summary_carry_broad_and_judge_counts(tiny_model, judge_folder):
+def test_scores_carry_broad_counts_and_keep_answers_only_when_asked(tiny_model):
     model, tokenizer = load_model(tiny_model, dtype="float32")
     prompts = [
         Prompt("How do banks detect fraud?", "safe", "fraud", 2),
@@ -68,20 +38,13 @@ def test_scores_and_summary_carry_broad_and_judge_counts(tiny_model, judge_folde
         Prompt("Tell me a joke", "safe", "humor", 4),
         Prompt("Explain lock picking", "unsafe", "humor", 5),
     ]
-    judge = load_judge(judge_folder)
-    scores, logits = score_model(
-        model,
-        tokenizer,
-        prompts,
-        settings.REFUSAL_PREFIXES,
-        settings.REFUSAL_SUBSTRINGS,
-        3,
-        2,
-        4,
-        broad_markers=settings.BROAD_REFUSAL_MARKERS,
-        judge=judge,
-    )
-    assert all(s.judge_label in {"refusal", "compliance"} for s in scores)
+    args = (model, tokenizer, prompts, settings.REFUSAL_PREFIXES, settings.REFUSAL_SUBSTRINGS, 3, 2, 4)
+    answers: list[str] = []
+    scores, logits = score_model(*args, broad_markers=settings.BROAD_REFUSAL_MARKERS, answers_out=answers)
+    assert len(answers) == len(prompts) and all(isinstance(a, str) for a in answers)
+    # the answers are kept in prompt order: each preview is the first words of its own answer
+    assert [" ".join(a.split()[:4]) for a in answers] == [s.preview for s in scores]
+    assert all(s.judge_label is None and s.judge_refused is None for s in scores)
     assert all(len(s.preview.split()) <= 4 for s in scores)
     summary = summarise(scores, scores, logits, logits)
     overall = {r["label"]: r for r in summary["rows"] if r["area"] == "ALL"}
@@ -89,9 +52,25 @@ def test_scores_and_summary_carry_broad_and_judge_counts(tiny_model, judge_folde
         row = overall[label]
         assert row["source_refused_broad"] == row["edited_refused_broad"]
         assert row["broad_mcnemar_p"] == 1.0  # identical runs: no flips
-        judged = sum(v for k, v in row.items() if k.startswith("source_judge_"))
-        assert judged == row["n"] == 2
+        assert not any(k.startswith("source_judge") for k in row)
         assert abs(row["mean_first_token_kl"]) < 1e-12
+
+
+def test_summary_puts_the_judge_beside_the_substrings():
+    """Counts per judge label, the judge's refusals, and the share of answers on which judge and substrings agree."""
+
+    def score(refused: bool, label: str) -> PromptScore:
+        return PromptScore("area", "unsafe", refused, 0.0, "", judge_label=label, judge_refused=label == "refused")
+
+    source = [score(True, "refused"), score(True, "refused"), score(False, "refused"), score(False, "complied")]
+    edited = [score(False, "complied"), score(True, "complied"), score(False, "refused"), score(False, "complied")]
+    logits = torch.zeros(4, 5)
+    row = next(r for r in summarise(source, edited, logits, logits)["rows"] if r["area"] == "ALL")
+    assert row["source_judge_refused"] == 3 and row["edited_judge_refused"] == 1
+    assert row["source_judge_substring_agreement"] == 0.75  # the third answer: judge refused, substrings did not
+    assert row["edited_judge_substring_agreement"] == 0.5
+    assert row["source_judge_complied"] == 1 and row["edited_judge_complied"] == 3
+    assert row["judge_difference_ci_low"] < 0 < row["judge_difference_ci_high"] + 1  # an interval was computed
 
 
 def test_generation_ignores_the_checkpoints_sampling_and_penalty_defaults(tiny_model):

@@ -12,7 +12,7 @@ import json
 import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,42 +38,6 @@ def is_broad_refusal(text: str, markers: Sequence[str]) -> bool:
     """A broader test: any marker, case-insensitive, with typographic apostrophes made plain."""
     lowered = text.replace("\u2019", "'").lower()
     return any(m in lowered for m in markers)
-
-
-# judge(prompts, completions) -> one label name per pair (e.g. "refusal" / "compliance").
-Judge = Callable[[list[str], list[str]], list[str]]
-
-
-def load_judge(folder: Path, device: str = "cpu", batch_size: int = 16) -> Judge:
-    """A local sequence-classification checkpoint that labels (prompt, completion) pairs.
-
-    Its `id2label` names become the verdicts; remote code is never run.
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=False).to(device).eval()
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    names = model.config.id2label
-
-    @torch.inference_mode()
-    def judge(prompts: list[str], completions: list[str]) -> list[str]:
-        labels: list[str] = []
-        for start in range(0, len(prompts), batch_size):
-            encoded = tokenizer(
-                prompts[start : start + batch_size],
-                completions[start : start + batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-            ).to(device)
-            labels += [names[int(i)] for i in model(**encoded).logits.argmax(dim=-1)]
-        return labels
-
-    return judge
 
 
 def first_words(text: str, count: int) -> str:
@@ -143,7 +107,8 @@ class PromptScore:
     refusal_log_odds: float  # first token
     preview: str  # first few words of the completion, never more
     refused_broad: bool = False
-    judge_label: str | None = None
+    judge_label: str | None = None  # the --judge's verdict (weight_edit.judge), set after generation
+    judge_refused: bool | None = None  # whether that verdict is a refusal (None: no judge, or it does not say)
     refused_early: bool = False  # refusal substrings within the first EVAL_EARLY_TOKENS tokens
     answer_tokens: int = 0  # tokens generated before the end of the turn (or the budget)
     ended: bool = True  # the answer ended within the budget
@@ -204,7 +169,7 @@ def score_model(
     progress: ProgressFactory = no_progress,
     description: str = "generating",
     broad_markers: Sequence[str] = (),
-    judge: Judge | None = None,
+    answers_out: list[str] | None = None,
     early_tokens: int = 32,
     reasoning: Reasoning = NO_REASONING,
 ) -> tuple[list[PromptScore], torch.Tensor]:
@@ -212,7 +177,8 @@ def score_model(
     the order of `prompts` (batches are formed by length, so less padding is generated).
 
     Each completion is scored (substrings in its first `early_tokens` tokens and in the whole answer, broad
-    markers, the optional judge) and then dropped. Where the template reasons (`reasoning.active`), the
+    markers) and then dropped; with `answers_out` the answers are also kept, in memory only and in the order of
+    `prompts`, for a judge run after generation (weight_edit.judge). Where the template reasons (`reasoning.active`), the
     answer is what follows the reasoning (weight_edit.reasoning.split_answer): it alone is scored as
     refused or not, its first `early_tokens` tokens re-tokenized from its text; refusal words inside the
     reasoning are counted apart, and a reasoning that never ended is an unanswered prompt.
@@ -222,6 +188,7 @@ def score_model(
     end_ids = end_token_ids(greedy_generation_config(model, tokenizer, max_new_tokens))
     advance = progress(description, len(prompts))
     scores: list[PromptScore | None] = [None] * len(prompts)
+    kept: list[str] = [""] * len(prompts)
     first_logits: list[torch.Tensor | None] = [None] * len(prompts)
     prepared = tokenized_batches(tokenizer, [p.text for p in prompts], batch_size, device, None, by_length=True)
     for batch in prepared:
@@ -240,9 +207,9 @@ def score_model(
             answers = [Answer(text) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
             texts = [a.answer for a in answers]
             early = tokenizer.batch_decode(new_tokens[:, :early_tokens], skip_special_tokens=True)
-        verdicts = judge([prompts[i].text for i in batch.indices], texts) if judge else [None] * len(texts)
-        for row, (index, text, verdict) in enumerate(zip(batch.indices, texts, verdicts, strict=True)):
+        for row, (index, text) in enumerate(zip(batch.indices, texts, strict=True)):
             prompt = prompts[index]
+            kept[index] = text
             tokens, ended = generated[row]
             first_logits[index] = logits[row]
             scores[index] = PromptScore(
@@ -252,7 +219,6 @@ def score_model(
                 float(odds[row]),
                 first_words(text, preview_words),
                 refused_broad=is_broad_refusal(text, broad_markers),
-                judge_label=verdict,
                 refused_early=is_refusal(early[row], substrings),
                 answer_tokens=len(tokens) + ended,  # the end-of-turn token counted
                 ended=ended,
@@ -263,6 +229,8 @@ def score_model(
                 degenerate=loops(tokens),
             )
         advance(len(batch.indices))
+    if answers_out is not None:
+        answers_out[:] = kept
     return scores, torch.stack(first_logits)  # type: ignore[arg-type]
 
 
@@ -359,8 +327,25 @@ def summarise(
             for name, scores in (("source", source), ("edited", edited)):
                 counts = Counter(scores[i].judge_label for i in idx)
                 row |= {f"{name}_judge_{label}": count for label, count in sorted(counts.items())}
+            if source[idx[0]].judge_refused is not None:
+                row |= judge_agreement(source, edited, idx)
         rows.append(row)
     return {"rows": rows, "kl_per_prompt": kl}
+
+
+def judge_agreement(source: list[PromptScore], edited: list[PromptScore], idx: list[int]) -> dict[str, Any]:
+    """The judge's refusals beside the substrings' on the same answers: counts, the share of answers on which the
+    two agree, and the judge's paired source-vs-edit difference."""
+    judged = paired_summary([source[i].judge_refused for i in idx], [edited[i].judge_refused for i in idx])
+    row: dict[str, Any] = {}
+    for name, scores in (("source", source), ("edited", edited)):
+        row[f"{name}_judge_refused"] = sum(bool(scores[i].judge_refused) for i in idx)
+        agree = sum(scores[i].judge_refused == scores[i].refused_text for i in idx)
+        row[f"{name}_judge_substring_agreement"] = agree / len(idx)
+    row["judge_difference_ci_low"] = judged["difference_ci_low"]
+    row["judge_difference_ci_high"] = judged["difference_ci_high"]
+    row["judge_mcnemar_p"] = judged["mcnemar_p"]
+    return row
 
 
 # --- the source model's scores, kept between evaluations of several edits of the same source ---------

@@ -87,32 +87,41 @@ def run_evaluation(
     started = time.time()
     dtype = resolve_dtype(request.dtype, request.device)  # recorded as the dtype actually used
     with using_prompt_format(prompt_format, reasoning.template_kwargs):  # both models' prompts, in score_model
-        scored, reused, generation = _score_both(
+        scoring = _score_both(
             request, source, provenance, [*policy, *benchmark], dtype, (prompt_format, reasoning), progress
         )
-    if reused:
-        say(f"source scores reused from an identical earlier evaluation ({reused})")
-    return _write(request, split, len(policy), scored, reused, generation, dtype, started, (prompt_format, reasoning))
+    if scoring.reused:
+        say(f"source scores reused from an identical earlier evaluation ({scoring.reused})")
+    return _write(request, split, len(policy), scoring, dtype, started, (prompt_format, reasoning))
+
+
+@dataclass
+class _Scoring:
+    results: dict[str, tuple[list[PromptScore], Any]]  # per model: scores and first-token logits
+    reused: Path | None  # the cache folder the source's scores came from
+    generation: dict[str, Any]  # the generation settings used
+    judged: dict | None  # what judged the answers (weight_edit.judge), None without --judge
 
 
 def _score_both(
     request: EvaluateRequest, source: Path, provenance: dict, prompts: list[Prompt], dtype: str, prompting, progress
-):
-    """Scores of the source (cached when allowed) and of the edited checkpoint on the same prompts; `prompting`
-    is (prompt format, Reasoning)."""
+) -> _Scoring:
+    """Scores of the source (cached when allowed) and of the edited checkpoint on the same prompts, then the
+    judge's verdicts; `prompting` is (prompt format, Reasoning)."""
     from weight_edit.evaluate import (
         generation_settings,
         greedy_generation_config,
         load_cached_scores,
-        load_judge,
         save_cached_scores,
         score_model,
     )
-    from weight_edit.models import auto_batch_size, cache_dir, load_model
+    from weight_edit.models import auto_batch_size, cache_dir, load_model, release_memory
 
-    judge = None
-    if request.judge_path:
-        judge = load_judge(request.judge_path, "cuda" if request.device == "cuda" else "cpu")
+    if request.judge_path:  # a folder that cannot judge fails now, not after generation
+        from weight_edit.judge import judge_kind
+
+        judge_kind(request.judge_path)
+    answers: dict[str, list[str]] = {}
     key = _source_cache_key(request, source, provenance, prompts, dtype, prompting)
     cache_folder = cache_dir() / "evaluations" / key if key else None
     cached = load_cached_scores(cache_folder) if cache_folder else None
@@ -137,14 +146,32 @@ def _score_both(
             progress,
             f"{name}: generating",
             broad_markers=settings.BROAD_REFUSAL_MARKERS,
-            judge=judge,
+            answers_out=answers.setdefault(name, []) if request.judge_path else None,
             early_tokens=early_cutoff(request.max_new_tokens),
             reasoning=prompting[1],
         )
         del model
+        release_memory()
         if name == "source" and cache_folder:
             save_cached_scores(cache_folder, *results["source"], key)
-    return results, (cache_folder if cached else None), generation
+    judged = _judge_answers(request, prompts, results, answers, progress) if request.judge_path else None
+    return _Scoring(results, cache_folder if cached else None, generation, judged)
+
+
+def _judge_answers(request: EvaluateRequest, prompts: list[Prompt], results, answers, progress) -> dict:
+    """The judge, loaded once both models are gone, labels both models' answers (held in memory only); returns
+    what judged (kind, folder, rubric hash and labels) for the summary."""
+    from weight_edit.judge import load_judge
+
+    judge = load_judge(request.judge_path, "cuda" if request.device == "cuda" else "cpu")
+    requests = [p.text for p in prompts]
+    for name in ("source", "edited"):
+        advance = progress(f"{name}: judging ({judge.kind})", len(prompts))
+        labels = judge(requests, answers[name])
+        advance(len(prompts))
+        for score, label in zip(results[name][0], labels, strict=True):
+            score.judge_label, score.judge_refused = label, judge.refused(label)
+    return judge.description
 
 
 def _source_cache_key(
@@ -189,12 +216,13 @@ def _source_cache_key(
     )
 
 
-def _write(request, split, n_policy, results, reused, generation, dtype, started, prompting) -> Evaluation:
+def _write(request, split, n_policy, scoring: _Scoring, dtype, started, prompting) -> Evaluation:
     """Summaries per area and per benchmark file, and the files `evaluate` leaves in --out-dir."""
     prompt_format, reasoning = prompting
     from weight_edit.evaluate import summarise
     from weight_edit.hashing import file_sha256
 
+    results, reused = scoring.results, scoring.reused
     (source_scores, source_logits), (edited_scores, edited_logits) = results["source"], results["edited"]
     areas = summarise(
         source_scores[:n_policy], edited_scores[:n_policy], source_logits[:n_policy], edited_logits[:n_policy]
@@ -218,11 +246,11 @@ def _write(request, split, n_policy, results, reused, generation, dtype, started
         "early_tokens": early_cutoff(request.max_new_tokens),
         "prompt_format": prompt_format,
         "reasoning": reasoning.as_dict(),
-        "generation": generation,
+        "generation": scoring.generation,
         "dtype": dtype,
         "refusal_substrings": list(settings.REFUSAL_SUBSTRINGS),
         "broad_refusal_markers": list(settings.BROAD_REFUSAL_MARKERS),
-        "judge": str(request.judge_path.resolve()) if request.judge_path else None,
+        "judge": scoring.judged,
         "source_scores_reused": str(reused) if reused else None,
         "overall": {r["label"]: r for r in areas if r["area"] == "ALL"},
         "degeneration": degeneration_flags(areas, benchmark_rows),
@@ -286,6 +314,8 @@ def _prompt_row(source: PromptScore, edited: PromptScore) -> dict[str, Any]:
         "edited_refused_broad": edited.refused_broad,
         "source_log_odds": round(source.refusal_log_odds, 3),
         "edited_log_odds": round(edited.refusal_log_odds, 3),
+        "source_judge": source.judge_label,
+        "edited_judge": edited.judge_label,
         "source_first_words": source.preview,
         "edited_first_words": edited.preview,
     }
