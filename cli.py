@@ -234,6 +234,8 @@ def main() -> None:
 @option("--validation-prompts", click.IntRange(1), settings.MAX_VALIDATION_PROMPTS, "Per label, for stage-2 scores.")
 @option("--contrast", click.Choice(CONTRASTS), settings.DEFAULT_CONTRAST, "Unsafe minus harmless or safe prompts.")
 @option("--selection", click.Choice(SELECTIONS), settings.SELECTION_RULE, "Rule that picks the candidate.")
+@click.option("--remove", metavar="AREA[,AREA…]", help="Remove refusal for these policy areas only (default: all).")
+@click.option("--keep", metavar="AREA[,AREA…]", help="With --remove: policy areas whose refusal the edit must keep.")
 @prompt_format_option
 @reasoning_option
 def fit(**options) -> None:
@@ -244,6 +246,9 @@ def fit(**options) -> None:
     paper: the first releases' direction). --selection refusal-then-kl (default) takes the lowest KL among
     candidates leaving ≤ 5 % of unsafe validation prompts refused; paper, the lowest bypass score.
     --prompt-format plain (a base model without a chat template) reads the instruction's last token only.
+    --remove A,B [--keep C,D] (area names from the dataset's category column) fits a selective edit: the named
+    areas' prompts are split within each area, candidates come from the removed areas and lose their component
+    along the kept areas' own directions, and the chosen one must keep 80 % of the kept areas' validation refusal.
     """
     from weight_edit.workflow.fit import FitRequest, run_fit
 
@@ -263,6 +268,11 @@ def fit(**options) -> None:
         f"{chosen.kl:.4f}" if chosen.kl is not None else "–",
     )
     console.print(table)
+    if chosen.kept_refusal_rate is not None:
+        console.print(
+            f"kept areas ({', '.join(run.sidecar['areas']['keep'])}): validation refusal "
+            f"{result.baseline['kept_refusal_rate']:.0%} → {chosen.kept_refusal_rate:.0%} under the ablation"
+        )
     console.print(
         f"baseline refusal log-odds: unsafe {result.baseline['unsafe_refusal_log_odds']:.2f}, "
         f"{request.contrast} {result.baseline[f'{request.contrast}_refusal_log_odds']:.2f}; {result.selection_note}"

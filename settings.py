@@ -34,6 +34,11 @@ UNSAFE_LABEL = "unsafe"
 HELD_OUT_AREAS = 4  # policy areas kept out of fitting and selection, used only by `evaluate`
 MIN_FIT_AREAS = 2
 VALIDATION_FRACTION = 0.25  # of each fit area's prompts per label, used for direction selection
+# Selective edits (fit --remove/--keep): each named area's prompts per label, split within the area
+AREA_VALIDATION_FRACTION = 0.25
+AREA_HELD_OUT_FRACTION = 0.25
+# ... and the candidate must keep at least this share of the kept areas' validation refusal rate under ablation
+SELECTIVE_MIN_KEPT_REFUSAL = 0.8
 # Harmless instructions get a seeded split of their own: validation (selection, tune) and held-out
 # (evaluate) fractions; the rest is the direction's contrast.
 HARMLESS_VALIDATION_FRACTION = 0.25

@@ -644,3 +644,37 @@ def test_evaluate_with_a_chat_model_judge(tmp_path, tiny_model, chat_tokenizer, 
 
 
 RUBRIC_NAMES = ("refused", "complied_off_topic", "complied_on_topic")
+
+
+def test_selective_fit_removes_some_areas_and_keeps_others(tmp_path, tiny_model, runner):
+    """fit --remove/--keep: a within-area split recorded with the areas and the rule; the chosen direction has no
+    component along the kept area's own mean difference at its layer and position; the kept areas' refusal
+    under the ablation is scored for every fully scored candidate. Commands that take only area-disjoint fits
+    say so in one line."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    fit_dir = tmp_path / "fit"
+    args = ["fit", "--model", str(tiny_model), "--out-dir", str(fit_dir), *FAST_FIT]
+    result = runner.invoke(cli.main, [*args, "--remove", "cybercrime,weapons", "--keep", "hate_speech"])
+    assert result.exit_code == 0, result.output
+    assert "removing cybercrime, weapons; keeping hate_speech" in result.output
+    assert "kept areas (hate_speech): validation refusal" in result.output
+    sidecar = json.loads((fit_dir / "direction.json").read_text())
+    assert sidecar["areas"]["remove"] == ["cybercrime", "weapons"] and sidecar["areas"]["keep"] == ["hate_speech"]
+    assert "span of each kept area" in sidecar["areas"]["rule"]
+    assert sidecar["split"]["design"] == "within-area" and sidecar["split"]["held_out_areas"] == []
+    assert "kept_refusal_rate" in sidecar["scores"] and "kept_refusal_rate" in sidecar["baseline"]
+    rows = list(csv.DictReader((fit_dir / "candidates.csv").open()))
+    assert any(r["kept_refusal_rate"] for r in rows) and all(r["kept_refusal_rate"] == "" or r["bypass"] for r in rows)
+    means = load_file(str(fit_dir / "activation_means.safetensors"))
+    layer, position = sidecar["layer"], sidecar["position"]
+    kept = (means["keep:hate_speech"] - means["harmless"])[layer, position]
+    direction = load_file(str(fit_dir / "direction.safetensors"))["direction"]
+    assert abs(float(kept @ direction)) < 1e-4 * float(kept.norm() * direction.norm())
+
+    result = runner.invoke(cli.main, ["tune", "--fit-dir", str(fit_dir), "--trials", "2"])
+    assert result.exit_code == 2 and "is a selective fit" in result.output
+    result = runner.invoke(cli.main, [*args, "--remove", "cybercrim", "--out-dir", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "did you mean cybercrime?" in result.output

@@ -69,6 +69,8 @@ class Split:
     train: tuple[Prompt, ...]
     validation: tuple[Prompt, ...]
     held_out: tuple[Prompt, ...]
+    # "area-disjoint" (held-out areas) or "within-area" (weight_edit.areas: the named areas' own prompts held out)
+    design: str = "area-disjoint"
 
     def select(self, part: str, label: str) -> list[Prompt]:
         return [p for p in getattr(self, part) if p.label == label]
@@ -85,7 +87,7 @@ class Split:
         """One row per area: its role and prompt counts per part and label."""
         rows = []
         for area in sorted(self.fit_areas + self.held_out_areas):
-            role = "fit" if area in self.fit_areas else "held_out"
+            role = "within-area" if self.design == "within-area" else "fit" if area in self.fit_areas else "held_out"
             row: dict[str, object] = {"category": area, "role": role}
             for part in PARTS:
                 for label in LABELS:
@@ -104,6 +106,7 @@ class Split:
     def as_dict(self) -> dict[str, object]:
         return {
             "seed": self.seed,
+            **({"design": self.design} if self.design != "area-disjoint" else {}),  # area-disjoint: as before
             "fit_areas": list(self.fit_areas),
             "held_out_areas": list(self.held_out_areas),
             "counts": {part: {label: len(self.select(part, label)) for label in LABELS} for part in PARTS},

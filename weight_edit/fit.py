@@ -30,6 +30,7 @@ import torch
 
 from weight_edit.activations import forward, kl_divergence, last_logits, mean_residuals, tokenized_batches
 from weight_edit.architecture import Architecture
+from weight_edit.areas import project_off_span
 from weight_edit.chat import (
     post_instruction_ids,
     read_positions,
@@ -83,6 +84,7 @@ class FitSettings:
     refusal_prefixes: tuple[str, ...] = ("I", "As", "Sorry")
     selection: str = "refusal-then-kl"  # or "paper": lowest bypass among candidates passing the filters
     max_refusal: float = 0.05  # refusal-then-kl: highest share of unsafe validation prompts still refused
+    min_kept_refusal: float = 0.8  # selective fits: share of the kept areas' baseline refusal rate to keep
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTION_RULES:
@@ -105,6 +107,7 @@ class FitSettings:
                 "refusal_prefixes": settings.REFUSAL_PREFIXES,
                 "selection": settings.SELECTION_RULE,
                 "max_refusal": settings.SELECTION_MAX_REFUSAL,
+                "min_kept_refusal": settings.SELECTIVE_MIN_KEPT_REFUSAL,
                 **overrides,
             }
         )
@@ -120,6 +123,7 @@ class CandidateScore:
     screen_kl: float | None = None
     bypass: float | None = None
     refusal_rate: float | None = None  # share of unsafe validation prompts with refusal log-odds > 0 under ablation
+    kept_refusal_rate: float | None = None  # selective fits: the same share on the kept areas' unsafe prompts
     induce: float | None = None
     kl: float | None = None
     passes_filters: bool = False
@@ -204,8 +208,15 @@ def fit_direction(
     settings: FitSettings,
     progress: ProgressFactory = no_progress,
     contrast_name: str = "contrast",
+    keep_train: dict[str, list[str]] | None = None,
+    keep_validation: list[str] | None = None,
 ) -> FitResult:
-    """Candidates mean(unsafe) − mean(contrast) at every layer × post-instruction position, and the choice."""
+    """Candidates mean(unsafe) − mean(contrast) at every layer × post-instruction position, and the choice.
+
+    A selective fit (weight_edit.areas) passes the kept areas' unsafe train prompts by area (`keep_train`): every
+    candidate then loses its component in the span of those areas' own mean differences at its layer and
+    position, and the choice must keep `settings.min_kept_refusal` of the kept areas' validation refusal rate
+    (`keep_validation`)."""
     device = input_device(model)
     suffix = post_instruction_ids(tokenizer)  # none in the plain prompt format: the instruction's last token
     n_pos = read_positions(suffix)
@@ -230,6 +241,13 @@ def fit_direction(
         progress(f"activations: {contrast_name} train prompts", len(train_contrast)),
     )
     candidates = (mean_unsafe - mean_contrast).float()  # [layers, positions, d]
+    kept_means: dict[str, torch.Tensor] = {}
+    for area, texts in (keep_train or {}).items():
+        kept_means[f"keep:{area}"] = mean_residuals(
+            model, prepare(texts), num_layers, n_pos, progress(f"activations: kept area {area}", len(texts))
+        ).float()
+    if kept_means:
+        candidates = project_off_span(candidates, torch.stack([m - mean_contrast.float() for m in kept_means.values()]))
 
     val_unsafe = val_unsafe[: settings.max_validation_prompts]
     val_contrast = val_contrast[: settings.max_validation_prompts]
@@ -243,6 +261,12 @@ def fit_direction(
         ),
         f"{contrast_name}_refusal_log_odds": float(refusal_log_odds(baseline_contrast_logits, refusal_ids).mean()),
     }
+    keep_batches = None
+    if keep_validation:
+        keep_validation = keep_validation[: settings.max_validation_prompts]
+        keep_batches = prepare(keep_validation)
+        odds = _refusal_odds(model, keep_batches, refusal_ids, progress("baseline: kept areas", len(keep_validation)))
+        baseline["kept_refusal_rate"] = float((odds > 0).double().mean())
 
     scores = _candidate_scores(candidates, settings.max_layer_fraction * num_layers)
     eligible = [s for s in scores if s.eligible]
@@ -250,7 +274,8 @@ def fit_direction(
     def vector(score: CandidateScore) -> torch.Tensor:
         return candidates[score.layer, score.position + n_pos]
 
-    scorer = _Scorer(model, arch, num_layers, vector, refusal_ids, settings, progress)
+    min_kept = settings.min_kept_refusal * baseline["kept_refusal_rate"] if keep_batches else None
+    scorer = _Scorer(model, arch, num_layers, vector, refusal_ids, settings, progress, keep_batches, min_kept)
     if settings.screen_keep <= 0 or settings.screen_keep >= len(eligible):
         kept = eligible
     else:
@@ -265,7 +290,7 @@ def fit_direction(
     chosen.selected = True
     return FitResult(
         direction=vector(chosen).clone(),
-        means={"unsafe": mean_unsafe.float(), contrast_name: mean_contrast.float()},
+        means={"unsafe": mean_unsafe.float(), contrast_name: mean_contrast.float(), **kept_means},
         layer=chosen.layer,
         position=chosen.position,
         scores=scores,
@@ -282,6 +307,7 @@ def fit_direction(
             "train_contrast": len(train_contrast),
             "validation_unsafe": len(val_unsafe),
             "validation_contrast": len(val_contrast),
+            **({"validation_kept": len(keep_validation)} if keep_validation else {}),
         },
     )
 
@@ -297,6 +323,12 @@ class _Scorer:
     refusal_ids: list[int]
     settings: FitSettings
     progress: ProgressFactory
+    keep_batches: list | None = None  # selective fits: the kept areas' unsafe validation prompts
+    min_kept: float | None = None  # ... and the refusal rate on them a candidate must keep
+
+    def keeps(self, score: CandidateScore) -> bool:
+        """A selective fit's constraint (always true otherwise): the kept areas stay refused."""
+        return self.min_kept is None or (score.kept_refusal_rate or 0.0) >= self.min_kept
 
     def screen(self, eligible, unsafe_ids, contrast_ids, reference, device) -> list[CandidateScore]:
         """Stage 1: every eligible candidate's bypass on a few prompts; then their screened KL in order of
@@ -350,6 +382,10 @@ class _Scorer:
             with residual_ablation(self.model, self.arch, self.num_layers, self.vector(score)):
                 odds = _refusal_odds(self.model, unsafe_batches, self.refusal_ids, advance)
             score.bypass, score.refusal_rate = float(odds.mean()), float((odds > 0).double().mean())
+            if self.keep_batches:
+                with residual_ablation(self.model, self.arch, self.num_layers, self.vector(score)):
+                    kept_odds = _refusal_odds(self.model, self.keep_batches, self.refusal_ids, lambda n: None)
+                score.kept_refusal_rate = float((kept_odds > 0).double().mean())
 
         def kl_of(score: CandidateScore) -> float:
             if score.kl is None:
@@ -369,6 +405,19 @@ class _Scorer:
 
         s = self.settings
         advance = self.progress("stage 2: KL and induce", 2 * n_contrast * len(kept))
+        keeping = [k for k in kept if self.keeps(k)]
+        kept_note = (
+            f"keep at least {self.min_kept:.0%} of the kept areas' validation prompts refused"
+            if self.min_kept is not None
+            else ""
+        )
+        if self.min_kept is not None and not keeping:
+            best = max(kept, key=lambda k: (k.kept_refusal_rate, -k.bypass))
+            return best, (
+                f"no candidate kept {self.min_kept:.0%} of the kept areas' validation prompts refused (selectivity "
+                f"not reached); the one that kept most ({best.kept_refusal_rate:.0%}) taken"
+            )
+        kept = keeping
         if s.selection == "refusal-then-kl":
             bypassing = [k for k in kept if k.refusal_rate <= s.max_refusal]
             # KL of every bypassing candidate, then induce in order of KL until one passes.
@@ -376,7 +425,8 @@ class _Scorer:
                 if passes(score):
                     return score, (
                         f"lowest KL among the {len(bypassing)} of {len(kept)} fully scored candidates that leave at "
-                        f"most {s.max_refusal:.0%} of unsafe validation prompts refused and pass the filters"
+                        f"most {s.max_refusal:.0%} of unsafe validation prompts refused{', ' + kept_note if kept_note else ''} "
+                        "and pass the filters"
                     )
         for score in sorted(kept, key=lambda k: k.bypass):  # the paper's rule: lowest bypass that passes
             if passes(score):
@@ -386,7 +436,8 @@ class _Scorer:
                     else ""
                 )
                 return score, (
-                    f"{fallback}lowest bypass among the {len(kept)} fully scored candidates that passes the filters"
+                    f"{fallback}lowest bypass that passes the filters among the {len(kept)} fully scored candidates"
+                    f"{' that ' + kept_note if kept_note else ''}"
                 )
         return min(kept, key=lambda k: k.bypass), (
             f"no candidate passed induce > {s.min_induce} and KL < {s.max_kl}; lowest bypass taken"

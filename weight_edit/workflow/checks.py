@@ -67,6 +67,11 @@ def same_split(sidecar: dict, data: Dataset, split: Split, sidecar_path: Path) -
     from weight_edit.direction_file import DirectionError
 
     fitted = sidecar.get("split") or {}
+    if fitted.get("design", "area-disjoint") != split.design:
+        raise DirectionError(
+            f"{sidecar_path} is a selective fit (fit --remove/--keep, split within each area): this command takes "
+            "only fits of the area-disjoint split so far"
+        )
     recorded_sha = (sidecar.get("dataset") or {}).get("sha256")
     differences = [
         f"{name} {', '.join(fitted[key])} there, {', '.join(getattr(split, key))} here"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import settings
+from weight_edit.areas import area_texts, parse_area_choice, within_area_split
 from weight_edit.chat import using_prompt_format
 from weight_edit.dataset import HARMLESS_LABEL
 from weight_edit.fit import FitResult, FitSettings, ProgressFactory, fit_direction, no_progress
@@ -36,6 +37,8 @@ class FitRequest:
     selection: str = settings.SELECTION_RULE
     prompt_format: str = "auto"  # chat.PROMPT_FORMATS; recorded as the format actually used
     reasoning: str = "auto"  # reasoning.REASONING_MODES; recorded with the template's style
+    remove: str | None = None  # comma-separated policy areas whose refusal a selective edit removes
+    keep: str | None = None  # ... and those whose refusal it must keep (weight_edit.areas)
 
 
 @dataclass
@@ -61,6 +64,16 @@ def run_fit(
 
     checks.writable(request.out_dir, "--out-dir")
     data, split = load_split(request.dataset, request.seed)
+    choice = parse_area_choice(request.remove, request.keep, data.categories)
+    if choice:
+        split = within_area_split(
+            data,
+            choice.remove + choice.keep,
+            request.seed,
+            settings.AREA_VALIDATION_FRACTION,
+            settings.AREA_HELD_OUT_FRACTION,
+            (settings.HARMLESS_VALIDATION_FRACTION, settings.HARMLESS_HELD_OUT_FRACTION),
+        )
     if request.contrast == HARMLESS_LABEL:
         checks.require_harmless(split, request.dataset, "--contrast harmless")
     folder = resolve_model(request.model_spec, model_progress)
@@ -72,7 +85,12 @@ def run_fit(
     say(
         f"model {folder} ({checkpoint.config.get('model_type')}, edited as the {arch.family} family; "
         f"{num_layers} layers); prompts: {prompt_format}{_reasoning_note(reasoning)}; contrast: {request.contrast}; "
-        f"fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}"
+        + (
+            f"fit areas: {', '.join(split.fit_areas)}; held out: {', '.join(split.held_out_areas)}"
+            if choice is None
+            else f"removing {', '.join(choice.remove)}; keeping {', '.join(choice.keep) or 'nothing named'} "
+            "(split within each area)"
+        )
     )
     started = time.time()
     dtype = resolve_dtype(request.dtype, request.device)  # recorded as the dtype actually used
@@ -85,6 +103,8 @@ def run_fit(
         selection=request.selection,
     )
     contrast = request.contrast
+    areas = choice.remove if choice else split.fit_areas
+    keep = choice.keep if choice else ()
     # every prompt fit_direction tokenizes, with the reasoning switch the model will see in use
     with using_prompt_format(prompt_format, reasoning.template_kwargs):
         result = fit_direction(
@@ -92,13 +112,15 @@ def run_fit(
             tokenizer,
             arch,
             num_layers,
-            split.texts("train", "unsafe"),
-            split.texts("train", contrast),
-            split.texts("validation", "unsafe"),
-            split.texts("validation", contrast),
+            area_texts(split, "train", "unsafe", areas),
+            area_texts(split, "train", contrast, areas),
+            area_texts(split, "validation", "unsafe", areas),
+            area_texts(split, "validation", contrast, areas),
             fit_settings,
             progress,
             contrast_name=contrast,
+            keep_train={area: area_texts(split, "train", "unsafe", (area,)) for area in keep},
+            keep_validation=area_texts(split, "validation", "unsafe", keep),
         )
     chosen = result.chosen()
     sidecar = {
@@ -115,6 +137,7 @@ def run_fit(
         "scores": {
             "bypass": chosen.bypass,
             "refusal_rate": chosen.refusal_rate,
+            **({"kept_refusal_rate": chosen.kept_refusal_rate} if choice else {}),
             "induce": chosen.induce,
             "kl": chosen.kl,
             "norm": chosen.norm,
@@ -127,6 +150,7 @@ def run_fit(
         "refusal_tokens": result.refusal_tokens,
         "dataset": {"path": str(request.dataset), "sha256": data.sha256},
         "split": split.as_dict(),
+        **({"areas": _areas_record(choice, fit_settings)} if choice else {}),
         "settings": {**fit_settings.__dict__, "dtype": dtype, "seed": request.seed},
         "stats": result.stats,
         "fit_seconds": round(time.time() - started, 1),
@@ -138,6 +162,20 @@ def run_fit(
     files += [write_csv(out / CANDIDATES_FILE, result.table()), write_csv(out / SPLIT_FILE, split.table())]
     files.append(out / sidecar["activation_means"]["file"])
     return FitRun(result, sidecar, [f for f in files if f], round(time.time() - started, 1))
+
+
+def _areas_record(choice, fit_settings: FitSettings) -> dict[str, Any]:
+    """What a selective fit removes and keeps, how, and the rule its choice followed."""
+    return {
+        **choice.as_dict(),
+        "split": "within-area (each named area's prompts per label: train / validation / held out, seeded)",
+        "rule": (
+            "candidates: mean(removed areas' unsafe) - mean(contrast) at each layer and position, minus their "
+            "component in the span of each kept area's mean(unsafe) - mean(contrast) there; chosen by "
+            f"{fit_settings.selection} among candidates that keep at least {fit_settings.min_kept_refusal:.0%} of "
+            "the kept areas' validation refusal rate under the ablation"
+        ),
+    }
 
 
 def _reasoning_note(reasoning) -> str:
