@@ -221,6 +221,22 @@ def private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WEIGHT_EDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+def tiny_llama_config(tokenizer, **extra):
+    """A one-layer Llama config over `tokenizer` (judges, classifiers: models that are not edited)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
 @pytest.fixture
 def tiny_model(tmp_path, chat_tokenizer) -> Path:
     return build_tiny_model(tmp_path / "tiny", chat_tokenizer)

@@ -33,14 +33,18 @@ def float64_edit(weight: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tens
     return (moved - (moved @ r).unsqueeze(-1) * r).movedim(-1, axis)
 
 
-def test_exact_edits_are_the_float64_projection_and_the_stored_ones_their_rounding(tmp_path, chat_tokenizer):
-    source_dir = build_tiny_model(tmp_path / "src", chat_tokenizer, dtype=torch.bfloat16, tie=False)
-    source = Checkpoint(source_dir)
-    direction = torch.randn(32, generator=torch.Generator().manual_seed(3))
-    apply_direction(source, direction, tmp_path / "out", mode="project")
+def edited_tiny(tmp_path, tokenizer, mode: str, seed: int, tie: bool = False):
+    """A bfloat16 tiny model edited by `apply`: the source, its edit targets and plan, and the output folder."""
+    source = Checkpoint(build_tiny_model(tmp_path / "src", tokenizer, dtype=torch.bfloat16, tie=tie))
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(seed))
+    out = apply_direction(source, direction, tmp_path / "out", mode=mode).out
     arch = architecture_for(source.config)
     targets = arch.targets(source.config, source.tensor_names, shapes=source.shapes)
-    plan = EditPlan.build(direction, arch.num_layers(source.config))
+    return source, direction, targets, EditPlan.build(direction, arch.num_layers(source.config)), out
+
+
+def test_exact_edits_are_the_float64_projection_and_the_stored_ones_their_rounding(tmp_path, chat_tokenizer):
+    source, direction, targets, plan, _ = edited_tiny(tmp_path, chat_tokenizer, "project", 3)
     for target, exact in exact_edits(source, plan, targets, "project"):
         assert exact.dtype == torch.float32
         reference = float64_edit(source.read(target.tensor), direction, target.residual_axis)
@@ -56,14 +60,8 @@ def test_exact_edits_are_the_float64_projection_and_the_stored_ones_their_roundi
 
 def test_a_tied_parameter_is_not_overwritten(tmp_path, chat_tokenizer):
     """With embeddings tied in memory, writing the edited embedding would edit the unembedding too."""
-    source_dir = build_tiny_model(tmp_path / "src", chat_tokenizer, dtype=torch.bfloat16, tie=True)
-    source = Checkpoint(source_dir)
-    direction = torch.randn(32)
-    arch = architecture_for(source.config)
-    targets = arch.targets(source.config, source.tensor_names, shapes=source.shapes)
-    plan = EditPlan.build(direction, arch.num_layers(source.config))
-    apply_direction(source, direction, tmp_path / "out")
-    model, _ = load_model(source_dir, dtype="float32")  # the source: tied in memory
+    source, _, targets, plan, _ = edited_tiny(tmp_path, chat_tokenizer, "norm-preserving", 5, tie=True)
+    model, _ = load_model(source.folder, dtype="float32")  # the source: tied in memory
     before = model.get_output_embeddings().weight.detach().clone()
     comparison = compare_stored(source, Checkpoint(tmp_path / "out"), plan, targets, "norm-preserving", model)
     assert not comparison.placed and "tied to the output embedding" in comparison.not_placed
@@ -78,13 +76,7 @@ def test_pieces_and_chunks_give_the_whole_tensor_result(tmp_path, chat_tokenizer
     import weight_edit.exact_edit as exact_edit
     from weight_edit.edit_math import edited_pieces
 
-    source_dir = build_tiny_model(tmp_path / "src", chat_tokenizer, dtype=torch.bfloat16, tie=False)
-    source = Checkpoint(source_dir)
-    direction = torch.randn(32, generator=torch.Generator().manual_seed(4))
-    apply_direction(source, direction, tmp_path / "out", mode="norm-preserving")
-    arch = architecture_for(source.config)
-    targets = arch.targets(source.config, source.tensor_names, shapes=source.shapes)
-    plan = EditPlan.build(direction, arch.num_layers(source.config))
+    source, _, targets, plan, _ = edited_tiny(tmp_path, chat_tokenizer, "norm-preserving", 4)
     whole = {t.tensor: e for t, e in exact_edits(source, plan, targets, "norm-preserving")}
     monkeypatch.setattr(exact_edit, "edited_pieces", functools.partial(edited_pieces, max_elements=100))
     monkeypatch.setattr(exact_edit, "CHUNK", 37)

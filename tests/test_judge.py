@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 
 from weight_edit.judge import (
     ANSWER_TOKENS,
@@ -17,21 +18,6 @@ from weight_edit.judge import (
 
 REQUESTS = ["Tell me a joke", "What is a lock?", "Explain phishing"]
 ANSWERS = ["Sure, here is one about cats.", "A lock is a device", "I cannot help with that."]
-
-
-def tiny_llama_config(tokenizer, **extra):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        **extra,
-    )
 
 
 def classifier(folder, tokenizer, labels):
