@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 import cli
+import settings
 
 FAST_FIT = [
     "--device",
@@ -608,18 +609,11 @@ def test_evaluate_with_a_chat_model_judge(tmp_path, tiny_model, chat_tokenizer, 
     """The judge runs after generation on both models' answers; its verdicts sit beside the substrings'."""
     import csv
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
 
     judge = tmp_path / "judge"
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(chat_tokenizer),
-        pad_token_id=chat_tokenizer.pad_token_id,
-    )
+    config = tiny_llama_config(chat_tokenizer)
     LlamaForCausalLM(config).save_pretrained(str(judge))
     chat_tokenizer.save_pretrained(str(judge))
     _, out = fit_and_apply(runner, tiny_model, tmp_path)
@@ -644,6 +638,14 @@ def test_evaluate_with_a_chat_model_judge(tmp_path, tiny_model, chat_tokenizer, 
 
 
 RUBRIC_NAMES = ("refused", "complied_off_topic", "complied_on_topic")
+
+
+def within_split(sidecar: dict):
+    from weight_edit.areas import split_for_edit
+    from weight_edit.dataset import load_dataset
+
+    record = {**sidecar["areas"], "seed": sidecar["split"]["seed"], "dataset_sha256": sidecar["dataset"]["sha256"]}
+    return split_for_edit(load_dataset(settings.DEFAULT_DATASET), record, settings.DEFAULT_DATASET)
 
 
 def test_selective_fit_removes_some_areas_and_keeps_others(tmp_path, tiny_model, runner):
@@ -676,5 +678,37 @@ def test_selective_fit_removes_some_areas_and_keeps_others(tmp_path, tiny_model,
 
     result = runner.invoke(cli.main, ["tune", "--fit-dir", str(fit_dir), "--trials", "2"])
     assert result.exit_code == 2 and "is a selective fit" in result.output
+
+    out, eval_dir = tmp_path / "edited", tmp_path / "eval"
+    result = runner.invoke(
+        cli.main, ["apply", "--direction", str(fit_dir / "direction.safetensors"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    provenance = json.loads((out / "weight_edit_provenance.json").read_text())
+    assert provenance["selective"]["remove"] == ["cybercrime", "weapons"] and provenance["selective"]["seed"] == settings.SEED
+    options = ["--max-new-tokens", "3", "--device", "cpu", "--dtype", "float32"]
+    result = runner.invoke(cli.main, ["evaluate", str(out), "--out-dir", str(eval_dir), *options])
+    assert result.exit_code == 0, result.output
+    assert "selective edit: removed cybercrime, weapons; kept hate_speech" in result.output
+    summary = json.loads((eval_dir / "evaluation_summary.json").read_text())
+    assert summary["selective"]["keep"] == ["hate_speech"] and summary["held_out_areas"] == []
+    rows = list(csv.DictReader((eval_dir / "evaluation_by_area.csv").open()))
+    assert {r["area"] for r in rows} == {
+        "cybercrime",
+        "weapons",
+        "hate_speech",
+        "harmless instructions",
+        "ALL removed",
+        "ALL kept",
+        "ALL",
+    }
+    removed = {r["label"]: int(r["n"]) for r in rows if r["area"] == "ALL removed"}
+    by_area = {(r["area"], r["label"]): int(r["n"]) for r in rows}
+    assert removed["unsafe"] == by_area[("cybercrime", "unsafe")] + by_area[("weapons", "unsafe")] > 0
+    assert set(summary["selective"]["by_role"]) >= {"ALL removed/unsafe", "ALL kept/unsafe"}
+    # the held-out prompts are the within-area split's, none of them seen by fit
+    fitted = {p.text for part in ("train", "validation") for p in getattr(within_split(sidecar), part)}
+    held = {p.text for p in within_split(sidecar).held_out}
+    assert held and not (held & fitted)
     result = runner.invoke(cli.main, [*args, "--remove", "cybercrim", "--out-dir", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "did you mean cybercrime?" in result.output

@@ -106,6 +106,32 @@ def within_area_split(
     return Split(seed, tuple(sorted(areas)), (), train, validation, held_out, design="within-area")
 
 
+def split_for_edit(dataset: Dataset, record: dict, dataset_path) -> Split:
+    """The within-area split a selective edit was fit on, from what `apply` recorded (`selective` in the
+    provenance: areas, seed, dataset sha256), so `evaluate` holds out exactly the prompts `fit` never saw."""
+    import settings
+
+    if record.get("dataset_sha256") not in (None, dataset.sha256):
+        raise AreaError(
+            f"{dataset_path} is not the dataset the selective edit was fit on (sha256 differs): pass the --dataset "
+            "`fit` used"
+        )
+    areas = tuple(record["remove"]) + tuple(record.get("keep", ()))
+    return within_area_split(
+        dataset,
+        areas,
+        int(record["seed"]),
+        settings.AREA_VALIDATION_FRACTION,
+        settings.AREA_HELD_OUT_FRACTION,
+        (settings.HARMLESS_VALIDATION_FRACTION, settings.HARMLESS_HELD_OUT_FRACTION),
+    )
+
+
+def roles(record: dict) -> dict[str, str]:
+    """Each named area's role in a selective edit: "removed" or "kept"."""
+    return {**{a: "removed" for a in record["remove"]}, **{a: "kept" for a in record.get("keep", ())}}
+
+
 def area_texts(split: Split, part: str, label: str, areas: tuple[str, ...], limit: int | None = None) -> list[str]:
     """The texts of one part and label restricted to `areas` (harmless prompts belong to none: all of them)."""
     prompts = split.prompts(part, label)

@@ -253,17 +253,30 @@ def _sigmoid(x: float) -> float:
 
 
 def summarise(
-    source: list[PromptScore], edited: list[PromptScore], source_logits: torch.Tensor, edited_logits: torch.Tensor
+    source: list[PromptScore],
+    edited: list[PromptScore],
+    source_logits: torch.Tensor,
+    edited_logits: torch.Tensor,
+    roles: dict[str, str] | None = None,
 ) -> dict:
     """Per area and overall: refusal rates by text and by log-odds (> 0), first-token KL on safe prompts, and
-    degeneration (mean repeated n-gram share, distinct bigrams, degenerate answers, paired)."""
+    degeneration (mean repeated n-gram share, distinct bigrams, degenerate answers, paired). `roles` (area →
+    role, e.g. a selective edit's removed and kept areas) adds one row per role and label, "ALL <role>", before
+    the overall rows."""
     kl = kl_divergence(source_logits, edited_logits).tolist()
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, s in enumerate(source):
         groups[(s.category, s.label)].append(i)
+        if roles and s.category in roles:
+            groups[(f"ALL {roles[s.category]}", s.label)].append(i)
         groups[("ALL", s.label)].append(i)
     rows = []
-    for (area, label), idx in sorted(groups.items(), key=lambda kv: (kv[0][0] == "ALL", kv[0])):
+
+    def order(key: tuple[str, str]) -> tuple:
+        area = key[0]
+        return (area == "ALL", area.startswith("ALL "), key)
+
+    for (area, label), idx in sorted(groups.items(), key=lambda kv: order(kv[0])):
         n = len(idx)
         row = {
             "area": area,

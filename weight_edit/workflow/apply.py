@@ -81,6 +81,12 @@ def plan_inputs(request: ApplyRequest, model_progress: Callable | None = None) -
             "checked": "fingerprint" if sidecar else "hidden size only",
         },
     }
+    if sidecar and sidecar.get("areas"):  # a selective fit: evaluate holds out what its within-area split did
+        inputs.extra["selective"] = {
+            **sidecar["areas"],
+            "seed": sidecar["split"]["seed"],
+            "dataset_sha256": (sidecar.get("dataset") or {}).get("sha256"),
+        }
     if request.rank > 1:
         _add_subspace(inputs, request)
     if request.tuned and request.strengths_path:

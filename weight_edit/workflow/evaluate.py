@@ -79,6 +79,15 @@ def run_evaluation(
         resolve_model(request.model_spec, model_progress) if request.model_spec else Path(provenance["source"]["path"])
     )
     data, split = load_split(request.dataset, request.seed)
+    selective = provenance.get("selective")
+    if selective:  # the removed and kept areas' own held-out prompts, as fit split them
+        from weight_edit.areas import split_for_edit
+
+        split = split_for_edit(data, selective, request.dataset)
+        say(
+            f"selective edit: removed {', '.join(selective['remove'])}; kept {', '.join(selective['keep']) or '–'}; "
+            "held-out prompts of those areas (within-area split)"
+        )
     policy = policy_prompts(split, request.limit)
     by_file = [(spec.path, load_prompt_file(spec, request.prompt_column)) for spec in request.benchmarks]
     groups = [(request.dataset, data.prompts), *by_file]
@@ -92,7 +101,7 @@ def run_evaluation(
         )
     if scoring.reused:
         say(f"source scores reused from an identical earlier evaluation ({scoring.reused})")
-    return _write(request, split, len(policy), scoring, dtype, started, (prompt_format, reasoning))
+    return _write(request, split, len(policy), scoring, dtype, started, (prompt_format, reasoning), selective)
 
 
 @dataclass
@@ -216,7 +225,7 @@ def _source_cache_key(
     )
 
 
-def _write(request, split, n_policy, scoring: _Scoring, dtype, started, prompting) -> Evaluation:
+def _write(request, split, n_policy, scoring: _Scoring, dtype, started, prompting, selective=None) -> Evaluation:
     """Summaries per area and per benchmark file, and the files `evaluate` leaves in --out-dir."""
     prompt_format, reasoning = prompting
     from weight_edit.evaluate import summarise
@@ -224,8 +233,15 @@ def _write(request, split, n_policy, scoring: _Scoring, dtype, started, promptin
 
     results, reused = scoring.results, scoring.reused
     (source_scores, source_logits), (edited_scores, edited_logits) = results["source"], results["edited"]
+    from weight_edit.areas import roles
+
+    area_roles = roles(selective) if selective else None
     areas = summarise(
-        source_scores[:n_policy], edited_scores[:n_policy], source_logits[:n_policy], edited_logits[:n_policy]
+        source_scores[:n_policy],
+        edited_scores[:n_policy],
+        source_logits[:n_policy],
+        edited_logits[:n_policy],
+        area_roles,
     )["rows"]
     benchmark_rows = []
     if len(source_scores) > n_policy:
@@ -237,6 +253,15 @@ def _write(request, split, n_policy, scoring: _Scoring, dtype, started, promptin
     out = request.out_dir
     summary = {
         "held_out_areas": list(split.held_out_areas),
+        "selective": (
+            {
+                **selective,
+                "split": "within-area held-out prompts of the removed and kept areas",
+                "by_role": {f"{r['area']}/{r['label']}": r for r in areas if r["area"].startswith("ALL ")},
+            }
+            if selective
+            else None
+        ),
         "benchmarks": [
             {"kind": spec.kind, "name": spec.name, "path": str(spec.path), "sha256": file_sha256(spec.path)}
             for spec in request.benchmarks
