@@ -95,3 +95,23 @@ def test_project_off_span_against_a_float64_reference():
             torch.testing.assert_close(projected[i, j].double(), reference, atol=1e-5, rtol=1e-5)
             assert (others[:, i, j].double() @ projected[i, j].double()).abs().max() < 1e-4
     assert torch.equal(project_off_span(vectors, others[:0]), vectors)
+
+
+def test_evaluate_rebuilds_the_fit_split_and_refuses_another_dataset(tmp_path):
+    from weight_edit.areas import roles, split_for_edit
+
+    data = load_dataset(settings.DEFAULT_DATASET)
+    record = {"remove": ["weapons"], "keep": ["hate_speech"], "seed": 3, "dataset_sha256": data.sha256}
+    fractions = (settings.HARMLESS_VALIDATION_FRACTION, settings.HARMLESS_HELD_OUT_FRACTION)
+    expected = within_area_split(
+        data,
+        ("weapons", "hate_speech"),
+        3,
+        settings.AREA_VALIDATION_FRACTION,
+        settings.AREA_HELD_OUT_FRACTION,
+        fractions,
+    )
+    assert split_for_edit(data, record, settings.DEFAULT_DATASET) == expected
+    assert roles(record) == {"weapons": "removed", "hate_speech": "kept"}
+    with pytest.raises(AreaError, match="not the dataset the selective edit was fit on"):
+        split_for_edit(data, {**record, "dataset_sha256": "0" * 64}, tmp_path / "other.csv")
