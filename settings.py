@@ -29,6 +29,8 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "weight-edit"
 
 # --- dataset and split -------------------------------------------------------------------------
 DEFAULT_DATASET = Path(__file__).resolve().parent / "weight_edit" / "data" / "policy_prompts.csv"
+# public refusal sets' categories -> the dataset's policy areas (evaluate's per-category tables)
+PUBLIC_CATEGORY_AREAS = Path(__file__).resolve().parent / "weight_edit" / "data" / "public_categories.json"
 SAFE_LABEL = "safe"
 UNSAFE_LABEL = "unsafe"
 HELD_OUT_AREAS = 4  # policy areas kept out of fitting and selection, used only by `evaluate`

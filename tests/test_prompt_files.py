@@ -274,3 +274,36 @@ def test_public_refusal_sets_load_with_the_stated_counts():
         count = len(prompts)
         labelled = sum(1 for p in prompts if p.label == kind and p.category == stem and p.text)
         assert (stem, count, labelled) == (stem, expected, expected)
+
+
+def test_public_category_mapping_names_real_areas_and_covers_the_shared_files():
+    """Every area the mapping names is one of the dataset's; every category in the shared public files (when this
+    checkout sits beside them) has an entry, so none is grouped silently without its areas."""
+    import csv
+
+    import settings
+    from weight_edit.dataset import load_dataset
+    from weight_edit.prompt_files import public_category_areas
+
+    mapping = public_category_areas(settings.PUBLIC_CATEGORY_AREAS)
+    areas = set(load_dataset(settings.DEFAULT_DATASET).categories)
+    assert all(set(named) <= areas for named in mapping.values())
+    shared = Path(settings.__file__).resolve().parent.parent / "shared" / "benchmarks" / "refusal"
+    if not shared.is_dir():
+        pytest.skip(f"{shared} is not beside this checkout")
+    for path in shared.glob("*.csv"):
+        for row in csv.DictReader(path.open(encoding="utf-8")):
+            if row.get("category"):
+                assert row["category"] in mapping, (path.name, row["category"])
+
+
+def test_prompt_categories_follow_the_rows(tmp_path):
+    from weight_edit.prompt_files import BenchmarkSpec, load_prompt_file, prompt_categories
+
+    path = tmp_path / "cats.jsonl"
+    path.write_text('{"prompt": "a", "Category": "x"}\n"b"\n{"prompt": "c", "category": "y"}\n')
+    spec = BenchmarkSpec("harmful", "cats", path)
+    assert len(load_prompt_file(spec)) == 3 and prompt_categories(spec) == ["x", "", "y"]
+    plain = tmp_path / "plain.csv"
+    plain.write_text("prompt\na\nb\n")
+    assert prompt_categories(BenchmarkSpec("harmful", "plain", plain)) is None

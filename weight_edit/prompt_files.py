@@ -85,6 +85,34 @@ def load_prompt_file(spec: BenchmarkSpec, prompt_column: str | None = None) -> l
     return [Prompt(_prompt_text(path, row, value, column), spec.kind, spec.name, row) for row, value in records]
 
 
+CATEGORY_COLUMN = "category"  # a benchmark file's own grouping (HarmBench, StrongREJECT), matched in any case
+
+
+def prompt_categories(spec: BenchmarkSpec) -> list[str] | None:
+    """Each row's value in the file's category column, in the order of `load_prompt_file` ("" where a row has
+    none); None when the file has no such column or every value is empty."""
+    path = spec.path
+    text = _read_text(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        _, records = _csv_records(path, text)
+    else:
+        records = _json_records(path, text) if suffix == ".json" else _jsonl_records(path, text)
+    values = []
+    for _, value in records:
+        found = ""
+        if isinstance(value, dict):
+            found = next((str(v or "").strip() for k, v in value.items() if k.casefold() == CATEGORY_COLUMN), "")
+        values.append(found)
+    return values if any(values) else None
+
+
+def public_category_areas(path: Path) -> dict[str, tuple[str, ...]]:
+    """The documented mapping from public categories to the dataset's policy areas (settings.PUBLIC_CATEGORY_AREAS)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {name: tuple(areas) for name, areas in data["categories"].items()}
+
+
 def prompt_key(text: str) -> str:
     """The normalised form used to compare prompts across files: whitespace collapsed, case folded."""
     return " ".join(text.split()).casefold()

@@ -19,6 +19,7 @@ from weight_edit.workflow import checks
 
 AREA_TABLE = "evaluation_by_area.csv"
 BENCHMARK_TABLE = "evaluation_by_benchmark.csv"
+CATEGORY_TABLE = "evaluation_by_category.csv"  # public files with a category column, one row per category
 SUMMARY = "evaluation_summary.json"
 PROMPT_TABLE = "evaluation_prompts.csv"  # per-prompt flags and scores, at most a few first words: no completions
 
@@ -70,7 +71,7 @@ def run_evaluation(
 ) -> Evaluation:
     from weight_edit.dataset import load_split
     from weight_edit.models import resolve_dtype, resolve_model
-    from weight_edit.prompt_files import load_prompt_file
+    from weight_edit.prompt_files import load_prompt_file, prompt_categories
     from weight_edit.verify import read_provenance
 
     provenance = read_provenance(Path(request.edited))
@@ -93,6 +94,11 @@ def run_evaluation(
     groups = [(request.dataset, data.prompts), *by_file]
     prompt_format, reasoning = checks.prompt_setup(source, groups, request.prompt_format, request.reasoning)
     benchmark = [p for _, prompts in by_file for p in prompts]
+    categories = [  # each benchmark prompt's category in its own file ("" where the file has none)
+        c
+        for spec, (_, prompts) in zip(request.benchmarks, by_file, strict=True)
+        for c in (prompt_categories(spec) or [""] * len(prompts))
+    ]
     started = time.time()
     dtype = resolve_dtype(request.dtype, request.device)  # recorded as the dtype actually used
     with using_prompt_format(prompt_format, reasoning.template_kwargs):  # both models' prompts, in score_model
@@ -101,7 +107,9 @@ def run_evaluation(
         )
     if scoring.reused:
         say(f"source scores reused from an identical earlier evaluation ({scoring.reused})")
-    return _write(request, split, len(policy), scoring, dtype, started, (prompt_format, reasoning), selective)
+    return _write(
+        request, split, len(policy), scoring, dtype, started, (prompt_format, reasoning), selective, categories
+    )
 
 
 @dataclass
@@ -225,7 +233,9 @@ def _source_cache_key(
     )
 
 
-def _write(request, split, n_policy, scoring: _Scoring, dtype, started, prompting, selective=None) -> Evaluation:
+def _write(
+    request, split, n_policy, scoring: _Scoring, dtype, started, prompting, selective=None, categories=()
+) -> Evaluation:
     """Summaries per area and per benchmark file, and the files `evaluate` leaves in --out-dir."""
     prompt_format, reasoning = prompting
     from weight_edit.evaluate import summarise
@@ -250,6 +260,7 @@ def _write(request, split, n_policy, scoring: _Scoring, dtype, started, promptin
         )["rows"]
         for row in benchmark_rows:
             row["benchmark"] = row.pop("area")
+    category_rows = _category_rows(scoring, n_policy, list(categories), selective)
     out = request.out_dir
     summary = {
         "held_out_areas": list(split.held_out_areas),
@@ -267,6 +278,7 @@ def _write(request, split, n_policy, scoring: _Scoring, dtype, started, promptin
             for spec in request.benchmarks
         ],
         "benchmark_overall": {r["label"]: r for r in benchmark_rows if r["benchmark"] == "ALL"},
+        "category_areas": str(settings.PUBLIC_CATEGORY_AREAS.name) if category_rows else None,
         "max_new_tokens": request.max_new_tokens,
         "early_tokens": early_cutoff(request.max_new_tokens),
         "prompt_format": prompt_format,
@@ -284,10 +296,51 @@ def _write(request, split, n_policy, scoring: _Scoring, dtype, started, promptin
     files = [
         write_csv(out / AREA_TABLE, areas),
         write_csv(out / BENCHMARK_TABLE, benchmark_rows),
+        write_csv(out / CATEGORY_TABLE, category_rows),
         write_json(out / SUMMARY, summary),
         write_csv(out / PROMPT_TABLE, [_prompt_row(s, e) for s, e in zip(source_scores, edited_scores, strict=True)]),
     ]
     return Evaluation(areas, benchmark_rows, summary, reused, [f for f in files if f])
+
+
+def _category_rows(scoring: _Scoring, n_policy: int, categories: list[str], selective) -> list[dict[str, Any]]:
+    """Public-file results per (file, category) for files with a category column, each row with the policy areas
+    the category maps to (settings.PUBLIC_CATEGORY_AREAS) and, for a selective edit, its role: removed or kept when
+    every area it maps to is, with a row per role (ALL removed, ALL kept)."""
+    from dataclasses import replace
+
+    from weight_edit.evaluate import summarise
+    from weight_edit.prompt_files import public_category_areas
+
+    if not any(categories):
+        return []
+    mapping = public_category_areas(settings.PUBLIC_CATEGORY_AREAS)
+    (source, source_logits), (edited, edited_logits) = scoring.results["source"], scoring.results["edited"]
+    idx = [i for i, c in enumerate(categories) if c]
+    label = {i: f"{source[n_policy + i].category}: {categories[i]}" for i in idx}
+    roles: dict[str, str] = {}
+    if selective:
+        for i in idx:
+            areas = set(mapping.get(categories[i], ()))
+            for role, named in (("removed", selective["remove"]), ("kept", selective.get("keep", ()))):
+                if areas and areas <= set(named):
+                    roles[label[i]] = role
+    rows = summarise(
+        [replace(source[n_policy + i], category=label[i]) for i in idx],
+        [replace(edited[n_policy + i], category=label[i]) for i in idx],
+        source_logits[[n_policy + i for i in idx]],
+        edited_logits[[n_policy + i for i in idx]],
+        roles or None,
+    )["rows"]
+    by_label = {label[i]: categories[i] for i in idx}
+    for row in rows:
+        name = by_label.get(row["area"])
+        row["public_category"] = name or ""
+        row["policy_areas"] = "+".join(mapping.get(name, ())) if name else ""
+        if selective:
+            row["role"] = roles.get(row["area"], "") if name else row["area"].removeprefix("ALL").strip()
+        row["category"] = row.pop("area")
+    return rows
 
 
 def degeneration_flags(areas: list[dict[str, Any]], benchmark_rows: list[dict[str, Any]]) -> dict[str, Any]:
