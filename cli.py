@@ -411,6 +411,7 @@ def verify(out, dataset, seed, num_prompts, new_tokens, device, max_memory, prom
 )
 @benchmark_option
 @click.option("--prompt-column", help="Prompt column of --benchmark files (default: found by name).")
+@flag("--operator", "Also the embedded system-prompt rules: requests breaking them declined, following them answered.")
 @prompt_format_option
 @reasoning_option
 def evaluate(**options) -> None:
@@ -434,6 +435,11 @@ def evaluate(**options) -> None:
     if evaluation.benchmark_rows:
         for table in difference_tables("public files", "benchmark", evaluation.benchmark_rows, early, reasoned):
             console.print(table)
+    for row in (evaluation.summary["operator"] or {}).get("rows", {}).values():
+        console.print(
+            f"operator rules, requests {row['requests']}: declined {row['source_declined']} → "
+            f"{row['edited_declined']} of {row['n']} (source → edit)"
+        )
     if evaluation.summary["judge"]:
         for line in judge_lines(evaluation.summary["judge"]["kind"], evaluation.area_rows, evaluation.benchmark_rows):
             console.print(line)

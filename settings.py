@@ -31,6 +31,8 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "weight-edit"
 DEFAULT_DATASET = Path(__file__).resolve().parent / "weight_edit" / "data" / "policy_prompts.csv"
 # public refusal sets' categories -> the dataset's policy areas (evaluate's per-category tables)
 PUBLIC_CATEGORY_AREAS = Path(__file__).resolve().parent / "weight_edit" / "data" / "public_categories.json"
+# system-prompt rules with requests that break and follow them (evaluate --operator; weight_edit/operator.py)
+OPERATOR_RULES = Path(__file__).resolve().parent / "weight_edit" / "data" / "operator_rules.csv"
 SAFE_LABEL = "safe"
 UNSAFE_LABEL = "unsafe"
 HELD_OUT_AREAS = 4  # policy areas kept out of fitting and selection, used only by `evaluate`

@@ -733,3 +733,27 @@ def test_selective_fit_removes_some_areas_and_keeps_others(tmp_path, tiny_model,
     assert held and not (held & fitted)
     result = runner.invoke(cli.main, [*args, "--remove", "cybercrim", "--out-dir", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "did you mean cybercrime?" in result.output
+
+
+def test_evaluate_operator_rules(tmp_path, tiny_model, runner, monkeypatch):
+    """--operator: each model answers the rules' requests with the rule as its system prompt; declines per kind of
+    request, source vs edit, in evaluation_operator.csv and the summary; the source's scores are not reused."""
+    import csv
+
+    from test_operator import RULES
+
+    rules = tmp_path / "rules.csv"
+    rules.write_text(RULES, encoding="utf-8")
+    monkeypatch.setattr(settings, "OPERATOR_RULES", rules)
+    _, out = fit_and_apply(runner, tiny_model, tmp_path)
+    eval_dir = tmp_path / "eval"
+    args = ["evaluate", str(out), "--out-dir", str(eval_dir), "--operator", "--limit", "2", "--max-new-tokens", "3"]
+    result = runner.invoke(cli.main, [*args, "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "operator rules, requests breaking the rule (should decline): declined" in result.output
+    summary = json.loads((eval_dir / "evaluation_summary.json").read_text())
+    operator = summary["operator"]
+    assert operator["rules"] == 2 and operator["system_role"] == "system" and len(operator["sha256"]) == 64
+    rows = {r["expects"]: r for r in csv.DictReader((eval_dir / "evaluation_operator.csv").open())}
+    assert rows["decline"]["n"] == rows["answer"]["n"] == "2"
+    assert summary["source_scores_reused"] is None

@@ -115,11 +115,14 @@ def format_instruction(tokenizer, instruction: str, prompt_format: str | None = 
     prompt, or the instruction after the tokenizer's BOS text (plain)."""
     if resolve_prompt_format(tokenizer, prompt_format) == "plain":
         return _bos_text(tokenizer) + instruction
+    return format_conversation(tokenizer, [{"role": "user", "content": instruction}])
+
+
+def format_conversation(tokenizer, messages: list[dict[str, str]]) -> str:
+    """Messages through the chat template with the generation prompt and the current template arguments (the
+    reasoning switch, see `using_prompt_format`)."""
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": instruction}],
-        tokenize=False,
-        add_generation_prompt=True,
-        **dict(_CURRENT_TEMPLATE_KWARGS.get()),
+        messages, tokenize=False, add_generation_prompt=True, **dict(_CURRENT_TEMPLATE_KWARGS.get())
     )
 
 

@@ -19,7 +19,8 @@ from weight_edit.workflow import checks
 
 AREA_TABLE = "evaluation_by_area.csv"
 BENCHMARK_TABLE = "evaluation_by_benchmark.csv"
-CATEGORY_TABLE = "evaluation_by_category.csv"  # public files with a category column, one row per category
+CATEGORY_TABLE = "evaluation_by_category.csv"
+OPERATOR_TABLE = "evaluation_operator.csv"  # --operator: system-prompt rules declined, source vs edit  # public files with a category column, one row per category
 SUMMARY = "evaluation_summary.json"
 PROMPT_TABLE = "evaluation_prompts.csv"  # per-prompt flags and scores, at most a few first words: no completions
 
@@ -43,6 +44,7 @@ class EvaluateRequest:
     prompt_column: str | None = None
     prompt_format: str = "auto"  # chat.PROMPT_FORMATS; recorded as the format actually used
     reasoning: str = "auto"  # reasoning.REASONING_MODES; answers are scored after the reasoning
+    operator: bool = False  # also the embedded operator rules (weight_edit.operator)
 
 
 @dataclass
@@ -93,6 +95,10 @@ def run_evaluation(
     by_file = [(spec.path, load_prompt_file(spec, request.prompt_column)) for spec in request.benchmarks]
     groups = [(request.dataset, data.prompts), *by_file]
     prompt_format, reasoning = checks.prompt_setup(source, groups, request.prompt_format, request.reasoning)
+    if request.operator and prompt_format != "chat":
+        from weight_edit.chat import TemplateError
+
+        raise TemplateError("--operator puts each rule in a system prompt: it needs a chat template (chat prompts)")
     benchmark = [p for _, prompts in by_file for p in prompts]
     categories = [  # each benchmark prompt's category in its own file ("" where the file has none)
         c
@@ -118,6 +124,7 @@ class _Scoring:
     reused: Path | None  # the cache folder the source's scores came from
     generation: dict[str, Any]  # the generation settings used
     judged: dict | None  # what judged the answers (weight_edit.judge), None without --judge
+    operator: dict[str, Any] | None = None  # --operator: the cases, each model's declines, whether rules were folded
 
 
 def _score_both(
@@ -139,6 +146,11 @@ def _score_both(
 
         judge_kind(request.judge_path)
     answers: dict[str, list[str]] = {}
+    operator: dict[str, Any] | None = None
+    if request.operator:
+        from weight_edit.operator import load_operator_cases
+
+        operator = {"cases": load_operator_cases(settings.OPERATOR_RULES), "folded": False}
     key = _source_cache_key(request, source, provenance, prompts, dtype, prompting)
     cache_folder = cache_dir() / "evaluations" / key if key else None
     cached = load_cached_scores(cache_folder) if cache_folder else None
@@ -167,12 +179,27 @@ def _score_both(
             early_tokens=early_cutoff(request.max_new_tokens),
             reasoning=prompting[1],
         )
+        if operator is not None:
+            from weight_edit.operator import declined
+
+            operator[name], folded = declined(
+                model,
+                tokenizer,
+                operator["cases"],
+                request.max_new_tokens,
+                batch_size,
+                settings.BROAD_REFUSAL_MARKERS,
+                prompting[1],
+                progress,
+                f"{name}: operator rules",
+            )
+            operator["folded"] |= folded
         del model
         release_memory()
         if name == "source" and cache_folder:
             save_cached_scores(cache_folder, *results["source"], key)
     judged = _judge_answers(request, prompts, results, answers, progress) if request.judge_path else None
-    return _Scoring(results, cache_folder if cached else None, generation, judged)
+    return _Scoring(results, cache_folder if cached else None, generation, judged, operator)
 
 
 def _judge_answers(request: EvaluateRequest, prompts: list[Prompt], results, answers, progress) -> dict:
@@ -194,13 +221,14 @@ def _judge_answers(request: EvaluateRequest, prompts: list[Prompt], results, ans
 def _source_cache_key(
     request: EvaluateRequest, source: Path, provenance: dict, prompts, dtype: str, prompting
 ) -> str | None:
-    """Everything that changes the source's scores (never reused with an explicit --model or a judge)."""
+    """Everything that changes the source's scores (never reused with an explicit --model, a judge or
+    --operator, whose answers are not cached)."""
     import torch
     import transformers
 
     from weight_edit.evaluate import source_cache_key
 
-    if not request.reuse_source or request.model_spec or request.judge_path:
+    if not request.reuse_source or request.model_spec or request.judge_path or request.operator:
         return None
     prompt_format, reasoning = prompting
     cuda = request.device == "cuda" or (request.device == "auto" and torch.cuda.is_available())
@@ -261,6 +289,11 @@ def _write(
         for row in benchmark_rows:
             row["benchmark"] = row.pop("area")
     category_rows = _category_rows(scoring, n_policy, list(categories), selective)
+    operator_rows = []
+    if scoring.operator:
+        from weight_edit.operator import operator_rows as rows_of
+
+        operator_rows = rows_of(scoring.operator["cases"], scoring.operator["source"], scoring.operator["edited"])
     out = request.out_dir
     summary = {
         "held_out_areas": list(split.held_out_areas),
@@ -291,16 +324,33 @@ def _write(
         "source_scores_reused": str(reused) if reused else None,
         "overall": {r["label"]: r for r in areas if r["area"] == "ALL"},
         "degeneration": degeneration_flags(areas, benchmark_rows),
+        "operator": _operator_record(scoring.operator, operator_rows),
         "seconds": round(time.time() - started, 1),
     }
     files = [
         write_csv(out / AREA_TABLE, areas),
         write_csv(out / BENCHMARK_TABLE, benchmark_rows),
         write_csv(out / CATEGORY_TABLE, category_rows),
+        write_csv(out / OPERATOR_TABLE, operator_rows),
         write_json(out / SUMMARY, summary),
         write_csv(out / PROMPT_TABLE, [_prompt_row(s, e) for s, e in zip(source_scores, edited_scores, strict=True)]),
     ]
     return Evaluation(areas, benchmark_rows, summary, reused, [f for f in files if f])
+
+
+def _operator_record(operator: dict[str, Any] | None, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    from weight_edit.hashing import file_sha256
+
+    if not operator:
+        return None
+    return {
+        "file": settings.OPERATOR_RULES.name,
+        "sha256": file_sha256(settings.OPERATOR_RULES),
+        "rules": len({c.rule_id for c in operator["cases"]}),
+        "declined_means": "a broad refusal marker in the answer (settings.BROAD_REFUSAL_MARKERS)",
+        "system_role": "folded into the user turn (the template takes none)" if operator["folded"] else "system",
+        "rows": {r["expects"]: r for r in rows},
+    }
 
 
 def _category_rows(scoring: _Scoring, n_policy: int, categories: list[str], selective) -> list[dict[str, Any]]:
