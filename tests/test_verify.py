@@ -148,11 +148,13 @@ def test_each_half_precision_tolerance_catches_a_wrong_direction(tmp_path, chat_
     assert any("units in the last place" in f for f in report.failures)
 
 
-def test_a_correct_half_precision_edit_is_the_rounded_float32_edit(tmp_path, chat_tokenizer):
+@pytest.mark.parametrize("mode", ["norm-preserving", "project"])
+def test_a_correct_half_precision_edit_is_the_rounded_float32_edit(tmp_path, chat_tokenizer, mode):
     """The stored tensors are the float32 edit rounded once (0 units apart here) and the float32 edit, run in the
-    loaded model, is the hook twin at float32 tolerance; the stored model's distance is reported."""
+    loaded model, is the hook twin (and in project mode the paper's ablation) at float32 tolerance; the stored
+    model's distance is reported."""
     source = build_tiny_model(tmp_path / "src", chat_tokenizer, dtype=torch.bfloat16, seed=1)
-    out = apply_direction(Checkpoint(source), torch.randn(32), tmp_path / "out").out
+    out = apply_direction(Checkpoint(source), torch.randn(32), tmp_path / "out", mode=mode).out
     report = verify_checkpoint(out, PROMPTS, settings.VERIFY_TOLERANCES, new_tokens=4)
     assert report.passed, report.failures
     assert report.metrics["stored_vs_float32_edit_ulp"] == 0.0
@@ -160,6 +162,9 @@ def test_a_correct_half_precision_edit_is_the_rounded_float32_edit(tmp_path, cha
     assert report.metrics["exact_max_abs_logit"] < report.metrics["max_abs_logit"]
     assert report.checks["hook_twin_equality"].startswith("enforced on the float32 edit before rounding")
     assert "exact_kl" in report.tolerances
+    if mode == "project":
+        assert report.checks["paper_ablation"] == "compared (the float32 edit before rounding)"
+        assert report.metrics["paper_ablation_max_abs_logit"] < settings.VERIFY_TOLERANCES["float32"]["max_abs_logit"]
 
 
 def test_verify_detects_a_weight_that_was_not_edited(tmp_path, chat_tokenizer):
