@@ -711,6 +711,11 @@ def test_selective_fit_removes_some_areas_and_keeps_others(tmp_path, tiny_model,
     assert by_category["public: Malware/Hacking"]["policy_areas"] == "cybercrime"
     assert by_category["public: Disinformation"]["role"] == ""  # misinformation is neither removed nor kept
     assert by_category["ALL removed"]["n"] == "2" and by_category["ALL removed"]["role"] == "removed"
+    from weight_edit.report import write_report
+
+    report = write_report(tmp_path / "report", fit_dir, eval_dir, None).read_text()
+    assert "Selective edit: refusal removed for cybercrime, weapons, kept for hate_speech" in report
+    assert (tmp_path / "report" / "figures" / "refusal_by_area.png").is_file()
     summary = json.loads((eval_dir / "evaluation_summary.json").read_text())
     assert summary["selective"]["keep"] == ["hate_speech"] and summary["held_out_areas"] == []
     rows = list(csv.DictReader((eval_dir / "evaluation_by_area.csv").open()))

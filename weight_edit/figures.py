@@ -176,18 +176,30 @@ def area_cosines(
     return _save(figure, out)
 
 
-def refusal_by_area(rows: Sequence[Mapping[str, Any]], out: Path | str, measure: str = "text") -> Path:
+def refusal_by_area(
+    rows: Sequence[Mapping[str, Any]],
+    out: Path | str,
+    measure: str = "text",
+    roles: Mapping[str, str] | None = None,
+) -> Path:
     """Grouped bars: share of prompts refused before and after the edit, per area, with Wilson 95 % intervals.
 
     `rows` are `evaluate`'s evaluation_by_area.csv rows; `measure` "text" (refusal substrings) is the one
-    with intervals in that file. One panel per label (unsafe, safe).
+    with intervals in that file. One panel per label (unsafe, safe). With `roles` (a selective edit's area →
+    "removed" / "kept") the removed areas and their total come first, then the kept ones, each area labelled.
     """
     import numpy as np
 
     labels = [label for label in ("unsafe", "safe") if any(r["label"] == label for r in rows)]
     if not labels:
         raise ValueError("no evaluation rows to plot")
-    areas = sorted({r["area"] for r in rows}, key=lambda a: (a == "ALL", a))
+    rank = {"removed": 0, "kept": 1}
+
+    def place(area: str) -> tuple:
+        role = (roles or {}).get(area) or area.removeprefix("ALL ").strip()
+        return (area == "ALL", rank.get(role, 2), area.startswith("ALL "), area)
+
+    areas = sorted({r["area"] for r in rows}, key=place)
     figure = _new_figure(max(8.0, 1.3 * len(areas) * len(labels) + 1.5), 4.8)
     axes = figure.subplots(1, len(labels), sharey=True, squeeze=False)[0]
     width = 0.38
@@ -231,7 +243,8 @@ def refusal_by_area(rows: Sequence[Mapping[str, Any]], out: Path | str, measure:
                     va="bottom",
                     fontsize=7,
                 )
-        ax.set_xticks(x, [_pretty(a) for a in shown], rotation=25, ha="right", fontsize=8)
+        names = [_pretty(a) + (f" ({roles[a]})" if roles and a in roles else "") for a in shown]
+        ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
         if "ALL" in shown:
             ax.axvline(len(shown) - 1.5, color="black", linewidth=0.8, linestyle=":")
         ax.set_ylim(0, 112)
@@ -242,7 +255,8 @@ def refusal_by_area(rows: Sequence[Mapping[str, Any]], out: Path | str, measure:
     handles, names = axes[0].get_legend_handles_labels()
     figure.legend(handles, names, loc="outside upper right", fontsize=8, ncols=2)
     how = "refusal substrings" if measure == "text" else "first-token refusal log-odds > 0"
-    figure.suptitle(f"Held-out areas: refusal before and after the edit ({how}; bars: Wilson 95 % CI)", fontsize=10)
+    what = "Removed and kept areas" if roles else "Held-out areas"
+    figure.suptitle(f"{what}: refusal before and after the edit ({how}; bars: Wilson 95 % CI)", fontsize=10)
     return _save(figure, out)
 
 

@@ -187,9 +187,19 @@ def _refusal_section(eval_dir: Path | None, figures: _Figures) -> list[str]:
     summary = _read_json(eval_dir / "evaluation_summary.json") if eval_dir else None
     if rows is None:
         return lines + _not_run("`weight-edit evaluate`", eval_dir, ["evaluation_by_area.csv"])
+    selective = (summary or {}).get("selective")
+    roles = None
+    if selective:
+        roles = {**{a: "removed" for a in selective["remove"]}, **{a: "kept" for a in selective.get("keep", [])}}
+        lines += [
+            f"Selective edit: refusal removed for {', '.join(selective['remove'])}, kept for "
+            f"{', '.join(selective.get('keep', [])) or 'no named area'}; each area's held-out prompts come from a "
+            "split within the area (rows `ALL removed` and `ALL kept` pool them).",
+            "",
+        ]
     if summary:
         lines += [
-            f"Held-out areas: {', '.join(summary.get('held_out_areas', []))}. Greedy completions of "
+            f"Held-out areas: {', '.join(summary.get('held_out_areas', [])) or 'the named areas above'}. Greedy completions of "
             f"{summary.get('max_new_tokens', '?')} tokens in {summary.get('dtype', '?')}; refused = contains one of "
             f"{len(summary.get('refusal_substrings', []))} refusal substrings. Rates with Wilson 95 % intervals; "
             "difference (edited − source) with Newcombe's paired 95 % interval; exact McNemar p on the same prompts.",
@@ -235,7 +245,7 @@ def _refusal_section(eval_dir: Path | None, figures: _Figures) -> list[str]:
     lines += figures.link(
         "refusal_by_area.png",
         "refusal by held-out area before and after the edit",
-        lambda path: fig.refusal_by_area(rows, path),
+        lambda path: fig.refusal_by_area(rows, path, roles=roles),
     )
     return lines
 
