@@ -441,4 +441,5 @@ class _Scorer:
                 )
         return min(kept, key=lambda k: k.bypass), (
             f"no candidate passed induce > {s.min_induce} and KL < {s.max_kl}; lowest bypass taken"
+            + (f" among the {len(kept)} that {kept_note}" if kept_note else "")
         )
