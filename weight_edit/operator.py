@@ -10,7 +10,7 @@ and a decline is any broad refusal marker in the answer (settings.BROAD_REFUSAL_
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,16 @@ class OperatorCase:
     system: str
     request: str
     expects: str  # "decline": the request breaks the rule; "answer": it follows it
+
+
+@dataclass
+class OperatorRun:
+    """The cases and, per model ("source", "edited"), whether each answer declined; `folded`: some rule had to go
+    into the user turn (the template takes no system role)."""
+
+    cases: list[OperatorCase]
+    declined: dict[str, list[bool]] = field(default_factory=dict)
+    folded: bool = False
 
 
 def load_operator_cases(path: Path) -> list[OperatorCase]:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import settings
 from weight_edit.chat import using_prompt_format
@@ -17,10 +17,13 @@ from weight_edit.fit import ProgressFactory, no_progress
 from weight_edit.records import write_csv, write_json
 from weight_edit.workflow import checks
 
+if TYPE_CHECKING:
+    from weight_edit.operator import OperatorRun
+
 AREA_TABLE = "evaluation_by_area.csv"
 BENCHMARK_TABLE = "evaluation_by_benchmark.csv"
-CATEGORY_TABLE = "evaluation_by_category.csv"
-OPERATOR_TABLE = "evaluation_operator.csv"  # --operator: system-prompt rules declined, source vs edit  # public files with a category column, one row per category
+CATEGORY_TABLE = "evaluation_by_category.csv"  # public files with a category column, one row per category
+OPERATOR_TABLE = "evaluation_operator.csv"  # --operator: system-prompt rules declined, source vs edit
 SUMMARY = "evaluation_summary.json"
 PROMPT_TABLE = "evaluation_prompts.csv"  # per-prompt flags and scores, at most a few first words: no completions
 
@@ -124,7 +127,7 @@ class _Scoring:
     reused: Path | None  # the cache folder the source's scores came from
     generation: dict[str, Any]  # the generation settings used
     judged: dict | None  # what judged the answers (weight_edit.judge), None without --judge
-    operator: dict[str, Any] | None = None  # --operator: the cases, each model's declines, whether rules were folded
+    operator: OperatorRun | None = None  # --operator: the cases and each model's declines
 
 
 def _score_both(
@@ -146,11 +149,11 @@ def _score_both(
 
         judge_kind(request.judge_path)
     answers: dict[str, list[str]] = {}
-    operator: dict[str, Any] | None = None
+    operator = None
     if request.operator:
-        from weight_edit.operator import load_operator_cases
+        from weight_edit.operator import OperatorRun, load_operator_cases
 
-        operator = {"cases": load_operator_cases(settings.OPERATOR_RULES), "folded": False}
+        operator = OperatorRun(load_operator_cases(settings.OPERATOR_RULES))
     key = _source_cache_key(request, source, provenance, prompts, dtype, prompting)
     cache_folder = cache_dir() / "evaluations" / key if key else None
     cached = load_cached_scores(cache_folder) if cache_folder else None
@@ -182,10 +185,10 @@ def _score_both(
         if operator is not None:
             from weight_edit.operator import declined
 
-            operator[name], folded = declined(
+            operator.declined[name], folded = declined(
                 model,
                 tokenizer,
-                operator["cases"],
+                operator.cases,
                 request.max_new_tokens,
                 batch_size,
                 settings.BROAD_REFUSAL_MARKERS,
@@ -193,7 +196,7 @@ def _score_both(
                 progress,
                 f"{name}: operator rules",
             )
-            operator["folded"] |= folded
+            operator.folded |= folded
         del model
         release_memory()
         if name == "source" and cache_folder:
@@ -293,7 +296,8 @@ def _write(
     if scoring.operator:
         from weight_edit.operator import operator_rows as rows_of
 
-        operator_rows = rows_of(scoring.operator["cases"], scoring.operator["source"], scoring.operator["edited"])
+        run = scoring.operator
+        operator_rows = rows_of(run.cases, run.declined["source"], run.declined["edited"])
     out = request.out_dir
     summary = {
         "held_out_areas": list(split.held_out_areas),
@@ -338,7 +342,7 @@ def _write(
     return Evaluation(areas, benchmark_rows, summary, reused, [f for f in files if f])
 
 
-def _operator_record(operator: dict[str, Any] | None, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _operator_record(operator: OperatorRun | None, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     from weight_edit.hashing import file_sha256
 
     if not operator:
@@ -346,9 +350,9 @@ def _operator_record(operator: dict[str, Any] | None, rows: list[dict[str, Any]]
     return {
         "file": settings.OPERATOR_RULES.name,
         "sha256": file_sha256(settings.OPERATOR_RULES),
-        "rules": len({c.rule_id for c in operator["cases"]}),
+        "rules": len({c.rule_id for c in operator.cases}),
         "declined_means": "a broad refusal marker in the answer (settings.BROAD_REFUSAL_MARKERS)",
-        "system_role": "folded into the user turn (the template takes none)" if operator["folded"] else "system",
+        "system_role": "folded into the user turn (the template takes none)" if operator.folded else "system",
         "rows": {r["expects"]: r for r in rows},
     }
 
