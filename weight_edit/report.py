@@ -190,7 +190,9 @@ def _refusal_section(eval_dir: Path | None, figures: _Figures) -> list[str]:
     selective = (summary or {}).get("selective")
     roles = None
     if selective:
-        roles = {**{a: "removed" for a in selective["remove"]}, **{a: "kept" for a in selective.get("keep", [])}}
+        from weight_edit.areas import roles as area_roles
+
+        roles = area_roles(selective)
         lines += [
             f"Selective edit: refusal removed for {', '.join(selective['remove'])}, kept for "
             f"{', '.join(selective.get('keep', [])) or 'no named area'}; each area's held-out prompts come from a "

@@ -291,7 +291,7 @@ def _write(
         )["rows"]
         for row in benchmark_rows:
             row["benchmark"] = row.pop("area")
-    category_rows = _category_rows(scoring, n_policy, list(categories), selective)
+    category_rows = _category_rows(scoring, n_policy, list(categories), area_roles)
     operator_rows = []
     if scoring.operator:
         from weight_edit.operator import operator_rows as rows_of
@@ -357,7 +357,9 @@ def _operator_record(operator: OperatorRun | None, rows: list[dict[str, Any]]) -
     }
 
 
-def _category_rows(scoring: _Scoring, n_policy: int, categories: list[str], selective) -> list[dict[str, Any]]:
+def _category_rows(
+    scoring: _Scoring, n_policy: int, categories: list[str], area_roles: dict[str, str] | None
+) -> list[dict[str, Any]]:
     """Public-file results per (file, category) for files with a category column, each row with the policy areas
     the category maps to (settings.PUBLIC_CATEGORY_AREAS) and, for a selective edit, its role: removed or kept when
     every area it maps to is, with a row per role (ALL removed, ALL kept)."""
@@ -373,12 +375,11 @@ def _category_rows(scoring: _Scoring, n_policy: int, categories: list[str], sele
     idx = [i for i, c in enumerate(categories) if c]
     label = {i: f"{source[n_policy + i].category}: {categories[i]}" for i in idx}
     roles: dict[str, str] = {}
-    if selective:
-        for i in idx:
-            areas = set(mapping.get(categories[i], ()))
-            for role, named in (("removed", selective["remove"]), ("kept", selective.get("keep", ()))):
-                if areas and areas <= set(named):
-                    roles[label[i]] = role
+    if area_roles:
+        for i in idx:  # a category has a role when every area it maps to has that one
+            found = {area_roles.get(area) for area in mapping.get(categories[i], ())}
+            if len(found) == 1 and None not in found:
+                roles[label[i]] = found.pop()
     rows = summarise(
         [replace(source[n_policy + i], category=label[i]) for i in idx],
         [replace(edited[n_policy + i], category=label[i]) for i in idx],
@@ -391,7 +392,7 @@ def _category_rows(scoring: _Scoring, n_policy: int, categories: list[str], sele
         name = by_label.get(row["area"])
         row["public_category"] = name or ""
         row["policy_areas"] = "+".join(mapping.get(name, ())) if name else ""
-        if selective:
+        if area_roles:
             row["role"] = roles.get(row["area"], "") if name else row["area"].removeprefix("ALL").strip()
         row["category"] = row.pop("area")
     return rows
