@@ -221,6 +221,25 @@ def private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WEIGHT_EDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+def run_variant_script(script: Path, model: Path, tmp_path: Path, files: dict[str, str], variants: list[str]):
+    """Run a scripts/ comparison (public_benchmarks.py, selective_edits.py) on a tiny model with fast fits, short
+    answers and the benchmark `files` (name -> CSV text) written to a folder; returns the process and --out."""
+    import subprocess
+    import sys
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for name, text in files.items():
+        (bench / f"{name}.csv").write_text(text)
+    out = tmp_path / "out"
+    fit_args = ["--batch-size", "64", "--screen-prompts", "2", "--screen-keep", "2", "--validation-prompts", "4"]
+    command = [sys.executable, str(script), "--model", str(model), "--variants", *variants]
+    command += ["--benchmarks", str(bench), "--work", str(tmp_path / "work"), "--out", str(out)]
+    command += ["--device", "cpu", "--dtype", "float32", "--max-new-tokens", "3", "--limit", "2"]
+    command += [f"--fit-arg={a}" for a in fit_args]
+    return subprocess.run(command, capture_output=True, text=True), out
+
+
 def tiny_llama_config(tokenizer, **extra):
     """A one-layer Llama config over `tokenizer` (judges, classifiers: models that are not edited)."""
     from transformers import LlamaConfig

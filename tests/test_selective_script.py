@@ -4,9 +4,9 @@ public files with categories, aggregates read back."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import run_variant_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "selective_edits.py"
 FILES = {
@@ -18,17 +18,7 @@ FILES = {
 
 
 def test_selective_script_on_a_tiny_model(tmp_path, tiny_model):
-    bench = tmp_path / "bench"
-    bench.mkdir()
-    for name, text in FILES.items():
-        (bench / f"{name}.csv").write_text(text)
-    out = tmp_path / "out"
-    fit_args = ["--batch-size", "64", "--screen-prompts", "2", "--screen-keep", "2", "--validation-prompts", "4"]
-    command = [sys.executable, str(SCRIPT), "--model", str(tiny_model), "--variants", "default", "close"]
-    command += ["--benchmarks", str(bench), "--work", str(tmp_path / "work"), "--out", str(out)]
-    command += ["--device", "cpu", "--dtype", "float32", "--max-new-tokens", "3", "--limit", "2"]
-    command += [f"--fit-arg={a}" for a in fit_args]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done, out = run_variant_script(SCRIPT, tiny_model, tmp_path, FILES, ["default", "close"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     default, close = summary["variants"]["default"], summary["variants"]["close"]
