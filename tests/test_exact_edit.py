@@ -5,7 +5,7 @@ from conftest import build_tiny_model
 from weight_edit.architecture import architecture_for
 from weight_edit.checkpoint import Checkpoint
 from weight_edit.edit_plan import EditPlan
-from weight_edit.exact_edit import compare_stored, exact_edits, units_in_last_place
+from weight_edit.exact_edit import compare_stored, exact_pieces, units_in_last_place
 from weight_edit.models import load_model
 from weight_edit.writer import apply_direction
 
@@ -31,6 +31,19 @@ def float64_edit(weight: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tens
     r = (r / r.norm()).double()
     moved = weight.double().movedim(axis, -1)
     return (moved - (moved @ r).unsqueeze(-1) * r).movedim(-1, axis)
+
+
+def exact_edits(source, plan, targets, mode):
+    """Each target's whole float32 edit, joined from `exact_pieces` (verify itself works piece by piece)."""
+    whole: dict[str, list[torch.Tensor]] = {}
+    order = []
+    for target, _, piece in exact_pieces(source, plan, targets, mode):
+        if target.tensor not in whole:
+            order.append(target)
+        whole.setdefault(target.tensor, []).append(piece)
+    for target in order:
+        pieces = whole[target.tensor]
+        yield target, pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def edited_tiny(tmp_path, tokenizer, mode: str, seed: int, tie: bool = False):

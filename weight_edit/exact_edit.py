@@ -54,21 +54,6 @@ def exact_pieces(
             start += piece.shape[0] if piece.ndim else 1
 
 
-def exact_edits(
-    source: Checkpoint, plan: EditPlan, targets: list[EditTarget], mode: EditMode
-) -> Iterator[tuple[EditTarget, torch.Tensor]]:
-    """Each target's whole edited tensor in float32 (small checkpoints and tests; verify uses `exact_pieces`)."""
-    whole: dict[str, list[torch.Tensor]] = {}
-    order: list[EditTarget] = []
-    for target, _, piece in exact_pieces(source, plan, targets, mode):
-        if target.tensor not in whole:
-            order.append(target)
-        whole.setdefault(target.tensor, []).append(piece)
-    for target in order:
-        pieces = whole[target.tensor]
-        yield target, pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
 CHUNK = 1 << 22  # elements compared at a time (each comparison holds a few float32 copies of its chunk)
 
 
